@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Provide pinned Kubernetes control-plane binaries for the test suite and print
+# the directory that holds them (stdout: that path, nothing else).
+#
+# Order of preference, per binary:
+#   1. $KUBEBUILDER_ASSETS/<binary> (controller-runtime envtest's convention);
+#   2. the cache, keyed by version: ${AUTOGLM_CACHE:-~/.cache/autoglm}/k8s/<versions>/bin;
+#   3. a build from the published Go modules with the installed Go toolchain.
+# Nothing is written inside the repository.
+set -euo pipefail
+
+K8S_VERSION=v1.34.4    # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+ETCD_VERSION=v3.6.16
+KWOK_VERSION=v0.7.0
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+
+cache_root=${AUTOGLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoglm}
+bin_dir="$cache_root/k8s/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION/bin"
+log() { echo "k8s-assets: $*" >&2; }
+
+# Builds <pkg...> of module <module>@<version> in a throwaway wrapper module, so
+# that the module's own `replace` directives (which point at its source tree)
+# do not apply; extra `replace` pairs can be given in $REPLACES.
+build() {
+  local module=$1 version=$2 ldflags=$3; shift 3
+  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/autoglm-k8s-build.XXXXXX")
+  trap 'rm -rf "$work"' RETURN
+  (
+    cd "$work"
+    go mod init autoglm.local/k8s-assets >/dev/null 2>&1
+    go mod edit -require="$module@$version"
+    for r in ${REPLACES:-}; do go mod edit -replace="$r"; done
+    export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
+    go build -trimpath -ldflags "-s -w $ldflags" -o "$bin_dir/" "$@"
+  )
+}
+
+mkdir -p "$bin_dir"
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+  for b in "${BINARIES[@]}"; do
+    if [[ -x "$KUBEBUILDER_ASSETS/$b" && ! -e "$bin_dir/$b" ]]; then
+      ln -sf "$KUBEBUILDER_ASSETS/$b" "$bin_dir/$b"
+      log "$b from \$KUBEBUILDER_ASSETS"
+    fi
+  done
+fi
+
+missing() { for b in "$@"; do [[ -x "$bin_dir/$b" ]] || return 0; done; return 1; }
+
+command -v go >/dev/null || { missing "${BINARIES[@]}" && { log "Go toolchain not found; it is needed to build the missing binaries"; exit 1; }; }
+
+if missing kube-apiserver kube-controller-manager kube-scheduler kubectl; then
+  log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); a cold build takes several minutes"
+  start=$SECONDS
+  # k8s.io/kubernetes points its staging modules at ./staging/src; pin each to
+  # its published v0.X.Y instead.
+  modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  staging_version="v0.${K8S_VERSION#v1.}"
+  k8s_replaces=$(sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$modfile" |
+    while read -r m; do echo "$m=$m@$staging_version"; done)
+  minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  v="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+  v="$v -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  REPLACES="$k8s_replaces" build k8s.io/kubernetes "$K8S_VERSION" "$v" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+  log "Kubernetes built in $((SECONDS - start)) s"
+fi
+
+if missing etcd; then
+  log "building etcd $ETCD_VERSION"
+  start=$SECONDS
+  build go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "" go.etcd.io/etcd/server/v3
+  mv "$bin_dir/v3" "$bin_dir/etcd" 2>/dev/null || mv "$bin_dir/server" "$bin_dir/etcd"
+  log "etcd built in $((SECONDS - start)) s"
+fi
+
+if missing kwok; then
+  log "building kwok $KWOK_VERSION"
+  start=$SECONDS
+  build sigs.k8s.io/kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+  log "kwok built in $((SECONDS - start)) s"
+fi
+
+echo "$bin_dir"

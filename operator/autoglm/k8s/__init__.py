@@ -1,0 +1,1 @@
+"""The Kubernetes adapter: CRD, manifest builders, API access and kopf handlers."""

@@ -1,0 +1,268 @@
+"""Pure builders of every Kubernetes object an AutoGLMDeployment owns (DESIGN.md §4).
+
+Each returns a plain manifest dict. Expert Deployments carry ``replicas`` only for creation;
+:data:`AUTOSCALER_OWNED` names the field reconciliation leaves alone afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autoglm import plan as p
+from autoglm.spec import API_VERSION, GROUP, KIND, PLURAL, AutoGLMSpec, Resources, Slot
+
+Manifest = dict[str, Any]
+
+# Paths the reconciler never overwrites on existing objects, per (kind, component).
+AUTOSCALER_OWNED = ("spec", "replicas")
+
+GATEWAY_PORT = 8000
+SHM_LIMIT = "1Gi"  # the Python backend moves tensors through /dev/shm
+
+
+def labels(instance: str, component: p.Component, slot: Slot | None = None,
+           expert: int | None = None, version: int | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "autoglm",
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "autoglm-operator",
+    }
+    if slot is not None:
+        out["autoglm.io/slot"] = slot
+    if expert is not None:
+        out["autoglm.io/expert"] = str(expert)
+    if version is not None:
+        out["autoglm.io/model-version"] = str(version)
+    return out
+
+
+def selector(instance: str, component: p.Component, slot: Slot | None = None,
+             expert: int | None = None) -> dict[str, str]:
+    """Labels that select a workload's pods; never includes the version (it may change)."""
+    out = {"app.kubernetes.io/instance": instance, "app.kubernetes.io/component": component}
+    if slot is not None:
+        out["autoglm.io/slot"] = slot
+    if expert is not None:
+        out["autoglm.io/expert"] = str(expert)
+    return out
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(name: str, namespace: str, owner: dict[str, Any],
+          lbls: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": lbls, "ownerReferences": [owner]}
+
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
+def _deployment(name: str, namespace: str, owner: dict[str, Any], lbls: dict[str, str],
+                sel: dict[str, str], replicas: int, pod_spec: dict[str, Any]) -> Manifest:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, namespace, owner, lbls),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": sel},
+            # Surge, never dip: a changed pod template must not cost serving capacity.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "template": {"metadata": {"labels": lbls}, "spec": pod_spec},
+        },
+    }
+
+
+def _service(name: str, namespace: str, owner: dict[str, Any], lbls: dict[str, str],
+             sel: dict[str, str], ports: list[dict[str, Any]], headless: bool = False,
+             service_type: str = "ClusterIP") -> Manifest:
+    spec: dict[str, Any] = {"selector": sel, "ports": ports, "type": service_type}
+    if headless:
+        # One DNS record per ready pod: the router balances across replicas itself.
+        spec["clusterIP"] = "None"
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(name, namespace, owner, lbls), "spec": spec}
+
+
+TRITON_PORTS = [
+    {"name": "http", "containerPort": p.TRITON_HTTP_PORT, "protocol": "TCP"},
+    {"name": "grpc", "containerPort": p.TRITON_GRPC_PORT, "protocol": "TCP"},
+    {"name": "metrics", "containerPort": p.TRITON_METRICS_PORT, "protocol": "TCP"},
+]
+TRITON_SERVICE_PORTS = [{"name": x["name"], "port": x["containerPort"], "targetPort": x["name"],
+                         "protocol": "TCP"} for x in TRITON_PORTS]
+
+
+def expert_endpoint(instance: str, namespace: str, slot: Slot, expert: int) -> str:
+    """The headless-Service DNS name the router resolves for an expert's replicas."""
+    svc = p.workload_name(instance, slot, "expert", expert)
+    return f"dns:///{svc}.{namespace}.svc:{p.TRITON_GRPC_PORT}"
+
+
+def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
+                    w: p.Workload) -> dict[str, Any]:
+    t, m = spec.triton, spec.model
+    args = [
+        f"--model-repository={m.repository}",
+        "--model-control-mode=explicit",
+        f"--load-model={w.triton_model}",
+        f"--http-port={p.TRITON_HTTP_PORT}",
+        f"--grpc-port={p.TRITON_GRPC_PORT}",
+        f"--metrics-port={p.TRITON_METRICS_PORT}",
+        "--disable-auto-complete-config",
+        "--exit-timeout-secs=10",
+        *t.extra_args,
+    ]
+    env = [
+        {"name": "AUTOGLM_MODEL_VERSION", "value": str(w.version)},
+        {"name": "AUTOGLM_SLOT", "value": w.slot},
+    ]
+    if w.component == "router":
+        endpoints = [expert_endpoint(instance, namespace, w.slot, i)
+                     for i in range(m.num_experts)]
+        env.append({"name": "AUTOGLM_EXPERT_ENDPOINTS", "value": ",".join(endpoints)})
+        resources: Resources = t.resources
+        gpus = 0
+    else:
+        resources, gpus = spec.experts.resources, spec.experts.gpus
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_LIMIT}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if m.volume is not None:
+        mounts.append({"name": "models", "mountPath": m.volume.mount_path, "readOnly": True})
+        volumes.append({"name": "models", "persistentVolumeClaim": {
+            "claimName": m.volume.claim_name, "readOnly": True}})
+    startup_failures = max(1, spec.rollout.ready_timeout_seconds // 10)
+    pod: dict[str, Any] = {
+        "securityContext": POD_SECURITY,
+        # In-flight requests finish before the server goes (the gateway drains first).
+        "terminationGracePeriodSeconds": spec.rollout.drain_timeout_seconds + 30,
+        "containers": [{
+            "name": "triton",
+            "image": t.image,
+            "imagePullPolicy": t.image_pull_policy,
+            "command": ["tritonserver"],
+            "args": args,
+            "env": env,
+            "ports": TRITON_PORTS,
+            "resources": resources.as_k8s(gpus),
+            "securityContext": CONTAINER_SECURITY,
+            "volumeMounts": mounts,
+            # Ready means: this exact model version is loaded and READY in Triton.
+            "readinessProbe": {
+                "httpGet": {"path": f"/v2/models/{w.triton_model}/versions/{w.version}/ready",
+                            "port": "http"},
+                "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 3},
+            "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
+                             "periodSeconds": 10, "failureThreshold": startup_failures},
+            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
+                              "periodSeconds": 10, "failureThreshold": 6, "timeoutSeconds": 5},
+        }],
+        "volumes": volumes,
+        "topologySpreadConstraints": [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector(instance, w.component, w.slot,
+                                                      w.expert)},
+        }],
+    }
+    if gpus:
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                               "effect": "NoSchedule"}]
+    return pod
+
+
+def workload_objects(instance: str, namespace: str, owner: dict[str, Any],
+                     spec: AutoGLMSpec, w: p.Workload) -> list[Manifest]:
+    """The Deployment and Service of a router or an expert."""
+    lbls = labels(instance, w.component, w.slot, w.expert, w.version)
+    sel = selector(instance, w.component, w.slot, w.expert)
+    return [
+        _deployment(w.name, namespace, owner, lbls, sel, w.replicas,
+                    triton_pod_spec(instance, namespace, spec, w)),
+        _service(w.name, namespace, owner, lbls, sel, TRITON_SERVICE_PORTS,
+                 headless=w.component == "expert"),
+    ]
+
+
+def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
+                    spec: AutoGLMSpec) -> list[Manifest]:
+    """The stable entry point, and the identity it watches the routing state with."""
+    g = spec.gateway
+    lbls = labels(instance, "gateway")
+    sel = selector(instance, "gateway")
+    sa = f"{instance}-gateway"
+    pod = {
+        "serviceAccountName": sa,
+        "securityContext": POD_SECURITY,
+        "terminationGracePeriodSeconds": spec.rollout.drain_timeout_seconds + 30,
+        "containers": [{
+            "name": "gateway",
+            "image": g.image,
+            "command": ["autoglm", "gateway"],
+            "args": [f"--deployment={instance}", f"--namespace={namespace}",
+                     f"--port={GATEWAY_PORT}"],
+            "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+            "resources": g.resources.as_k8s(),
+            "securityContext": CONTAINER_SECURITY,
+            "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"},
+                               "periodSeconds": 5},
+            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
+                              "periodSeconds": 10, "failureThreshold": 6},
+        }],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": _meta(sa, namespace, owner, lbls)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(sa, namespace, owner, lbls),
+         "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [instance],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(sa, namespace, owner, lbls),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+         "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]},
+        _deployment(instance, namespace, owner, lbls, sel, g.replicas, pod),
+        _service(instance, namespace, owner, lbls, sel,
+                 [{"name": "http", "port": g.port, "targetPort": "http", "protocol": "TCP"}],
+                 service_type=g.service_type),
+    ]
+
+
+def monitor_objects(instance: str, namespace: str, owner: dict[str, Any]) -> list[Manifest]:
+    """A PodMonitor scraping every Triton and gateway pod (Prometheus Operator)."""
+    return [{
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(instance, namespace, owner, labels(instance, "gateway")),
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": instance,
+                                         "app.kubernetes.io/name": "autoglm"}},
+            "podMetricsEndpoints": [{"port": "metrics", "interval": "5s"},
+                                    {"port": "http", "path": "/metrics", "interval": "5s"}],
+        },
+    }]
+
+
+def desired_objects(instance: str, namespace: str, uid: str, spec: AutoGLMSpec,
+                    topology: p.Topology, monitors: bool) -> list[Manifest]:
+    """Everything the resource should own, in creation order (experts before routers)."""
+    owner = owner_reference(instance, uid)
+    out = gateway_objects(instance, namespace, owner, spec)
+    for slot in topology.slots:
+        for w in (*slot.experts, slot.router):
+            out.extend(workload_objects(instance, namespace, owner, spec, w))
+    if monitors:
+        out.extend(monitor_objects(instance, namespace, owner))
+    return out

@@ -1,0 +1,120 @@
+"""Make the cluster hold the desired objects: get, compare, create or merge-patch, prune.
+
+Idempotent: an object that already holds every desired field (values the API server filled
+in are ignored) is left alone, so a second pass changes nothing. Tolerant: 404 and 409 mean
+someone else got there first. Expert ``replicas`` belong to the autoscaler and are only set
+on creation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kubernetes.client.rest import ApiException
+
+from autoglm.k8s.api import OWNED_KINDS, Api, Manifest
+from autoglm.spec import quantity
+
+
+class ObjectConflict(RuntimeError):
+    """A desired object's name is taken by an object this resource does not own."""
+
+
+@dataclass(frozen=True)
+class Change:
+    action: Literal["created", "updated", "deleted"]
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.kind} {self.name}"
+
+
+def autoscaled(m: Manifest) -> bool:
+    return bool(m["kind"] == "Deployment"
+                and m["metadata"]["labels"].get("app.kubernetes.io/component") == "expert")
+
+
+def managed_fields(m: Manifest) -> Manifest:
+    """The part of a desired manifest reconciliation enforces on an existing object."""
+    out = copy.deepcopy(m)
+    if autoscaled(out):
+        del out["spec"]["replicas"]
+    return out
+
+
+def _same_quantity(a: Any, b: Any) -> bool:
+    try:
+        return quantity(a) == quantity(b)
+    except ValueError:
+        return False
+
+
+def holds(live: Any, want: Any, path: tuple[str, ...] = ()) -> bool:
+    """Whether ``live`` has every field of ``want`` (extra fields in ``live`` are defaults)."""
+    if isinstance(want, dict):
+        return isinstance(live, dict) and all(
+            k in live and holds(live[k], v, (*path, k)) for k, v in want.items())
+    if isinstance(want, list):
+        return (isinstance(live, list) and len(live) == len(want)
+                and all(holds(a, b, path) for a, b in zip(live, want, strict=True)))
+    if live == want:
+        return True
+    # The API server canonicalizes quantities ("1000m" reads back as "1").
+    return "resources" in path and _same_quantity(live, want)
+
+
+def owned_by(live: Manifest, uid: str) -> bool:
+    return any(r.get("uid") == uid for r in live["metadata"].get("ownerReferences", []))
+
+
+def converge(api: Api, uid: str, desired: list[Manifest]) -> list[Change]:
+    changes: list[Change] = []
+    for m in desired:
+        meta = m["metadata"]
+        key = (m["apiVersion"], m["kind"], meta["namespace"], meta["name"])
+        live = api.get(*key)
+        if live is None:
+            try:
+                api.create(m)
+                changes.append(Change("created", m["kind"], meta["name"]))
+                continue
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                live = api.get(*key)
+                if live is None:
+                    raise
+        if not owned_by(live, uid):
+            raise ObjectConflict(f"{m['kind']} {meta['name']} exists and is not owned by this "
+                                 "AutoGLMDeployment; rename or delete it")
+        want = managed_fields(m)
+        if not holds(live, want):
+            api.patch(*key, want)
+            changes.append(Change("updated", m["kind"], meta["name"]))
+    return changes
+
+
+def prune(api: Api, instance: str, namespace: str, uid: str,
+          desired: list[Manifest], kinds: tuple[tuple[str, str], ...] = OWNED_KINDS,
+          ) -> list[Change]:
+    """Delete objects this resource owns that are no longer desired (e.g. fewer experts)."""
+    keep = {(m["kind"], m["metadata"]["name"]) for m in desired}
+    changes: list[Change] = []
+    for api_version, kind in kinds:
+        try:
+            live = api.list(api_version, kind, namespace,
+                            f"app.kubernetes.io/instance={instance},"
+                            "app.kubernetes.io/name=autoglm")
+        except ApiException as e:
+            if e.status == 404:  # an optional kind (PodMonitor) whose CRD is absent
+                continue
+            raise
+        for obj in live:
+            name = obj["metadata"]["name"]
+            if (kind, name) not in keep and owned_by(obj, uid) and api.delete(
+                    api_version, kind, namespace, name):
+                changes.append(Change("deleted", kind, name))
+    return changes

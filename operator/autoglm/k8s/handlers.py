@@ -1,0 +1,87 @@
+"""kopf handlers: thin glue from Kubernetes events to the :class:`Reconciler`.
+
+Run with ``autoglm operator`` (or ``kopf run -m autoglm.k8s.handlers``). kopf keeps its
+bookkeeping in ``autoglm.io/*`` annotations, so the status is ours alone. No finalizer is
+added: children carry owner references and the garbage collector removes them, so deleting
+a resource never waits on the operator being up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+from kubernetes.client.rest import ApiException
+
+from autoglm.k8s.api import Api, error_reason, load_client
+from autoglm.k8s.reconcile import EventSink, Reconciler
+from autoglm.spec import GROUP, KIND, PLURAL, VERSION
+
+RESYNC_SECONDS = float(os.environ.get("AUTOGLM_RESYNC_SECONDS", "30"))
+_reconciler: Reconciler | None = None
+
+
+def reconciler() -> Reconciler:
+    global _reconciler
+    if _reconciler is None:
+        _reconciler = Reconciler(Api(load_client()))
+    return _reconciler
+
+
+def _events(body: kopf.Body) -> EventSink:
+    def emit(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    return emit
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = int(os.environ.get("AUTOGLM_WORKERS", "8"))
+    reconciler()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    try:
+        st = reconciler().reconcile(body, _events(body))
+    except ApiException as e:
+        raise kopf.TemporaryError(f"API error: {error_reason(e)}", delay=5) from e
+    logger.info("reconciled: phase=%s ready=%s", st.phase, st.ready)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def resync(body: kopf.Body, **_: Any) -> None:
+    """Repair drift (a child deleted or edited by hand) and refresh status."""
+    try:
+        reconciler().reconcile(body, _events(body))
+    except ApiException as e:
+        raise kopf.TemporaryError(f"API error: {error_reason(e)}", delay=5) from e
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/name": "autoglm"})
+def child_changed(body: kopf.Body, **_: Any) -> None:
+    """A child Deployment's status moved: refresh the owner's status promptly."""
+    owner = next((r for r in body.metadata.get("ownerReferences", [])
+                  if r.get("kind") == KIND and r.get("controller")), None)
+    if owner is None:
+        return
+    r = reconciler()
+    parent = r.api.get(f"{GROUP}/{VERSION}", KIND, body.metadata.namespace, owner["name"])
+    if parent is None or parent["metadata"]["uid"] != owner["uid"]:
+        return
+    r.refresh(parent)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    reconciler().forget(body.metadata.uid)
+    logger.info("deleted; the garbage collector removes its children")

@@ -1,0 +1,155 @@
+"""One reconciliation of an AutoGLMDeployment: spec → plan → objects → status.
+
+kopf handlers call :meth:`Reconciler.reconcile` (create, update, resume, periodic resync)
+and :meth:`Reconciler.refresh` (a child Deployment changed). Both are idempotent and may
+run concurrently for one resource; a per-resource lock serializes them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from autoglm import plan as p
+from autoglm.k8s import builders, status
+from autoglm.k8s.api import Api, error_reason
+from autoglm.k8s.converge import Change, ObjectConflict, converge, prune
+from autoglm.spec import (
+    API_VERSION,
+    KIND,
+    AutoGLMSpec,
+    AutoGLMStatus,
+    InvalidSpec,
+    parse,
+    parse_status,
+)
+
+# (type "Normal"|"Warning", reason, message) → posted as an Event on the resource.
+EventSink = Callable[[str, str, str], None]
+MONITORING_API = "monitoring.coreos.com/v1"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def routing_state(st: AutoGLMStatus) -> p.RoutingState:
+    slots = {slot: p.SlotState(s.version, tuple(s.expert_replicas))
+             for slot, s in st.slots.items() if slot in ("a", "b")}
+    return p.RoutingState(st.active_slot, slots)  # type: ignore[arg-type]
+
+
+class Reconciler:
+    def __init__(self, api: Api, clock: Callable[[], str] = now_iso,
+                 monitors_ttl: float = 60.0) -> None:
+        self.api = api
+        self.clock = clock
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._monitors: tuple[float, bool] | None = None
+        self._monitors_ttl = monitors_ttl
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(uid, None)
+
+    def monitors_available(self) -> bool:
+        """Whether the Prometheus Operator's CRDs are installed (cached for a minute)."""
+        now = time.monotonic()
+        if self._monitors is None or now - self._monitors[0] > self._monitors_ttl:
+            self._monitors = (now, self.api.has_group_version(MONITORING_API))
+        return self._monitors[1]
+
+    # -- entry points ------------------------------------------------------------------------
+
+    def reconcile(self, body: Mapping[str, Any], emit: EventSink) -> AutoGLMStatus:
+        """Apply the plan and record status. Raises ApiException on transient API errors
+        (after recording them), so the caller can retry."""
+        meta = body["metadata"]
+        with self._lock(meta["uid"]):
+            spec = self._parse(body, emit)
+            if spec is None:
+                return parse_status(body.get("status"))
+            prev = parse_status(body.get("status"))
+            topology = p.plan(meta["name"], spec, routing_state(prev))
+            desired = builders.desired_objects(meta["name"], meta["namespace"], meta["uid"],
+                                               spec, topology, self.monitors_available())
+            error: tuple[str, str] | None = None
+            failure: ApiException | None = None
+            changes: list[Change] = []
+            try:
+                changes = converge(self.api, meta["uid"], desired)
+                changes += prune(self.api, meta["name"], meta["namespace"], meta["uid"],
+                                 desired)
+            except ObjectConflict as e:
+                error = ("ObjectConflict", str(e))
+            except ApiException as e:
+                error, failure = ("ApplyFailed", error_reason(e)), e
+            for c in changes:
+                emit("Normal", c.action.capitalize(), str(c))
+            if error is not None:
+                emit("Warning", error[0], error[1])
+            new = self._observe(body, spec, topology, prev, error)
+            if failure is not None:
+                raise failure
+            return new
+
+    def refresh(self, body: Mapping[str, Any]) -> AutoGLMStatus:
+        """Recompute status only (a child changed); never touches serving objects."""
+        meta = body["metadata"]
+        prev = parse_status(body.get("status"))
+        with self._lock(meta["uid"]):
+            try:
+                spec = parse(body["spec"], meta["name"])
+            except InvalidSpec:
+                return prev
+            topology = p.plan(meta["name"], spec, routing_state(prev))
+            degraded = next((c for c in prev.conditions
+                             if c.type == "Degraded" and c.status == "True"
+                             and c.reason in ("ObjectConflict", "ApplyFailed")), None)
+            error = (degraded.reason, degraded.message) if degraded else None
+            return self._observe(body, spec, topology, prev, error)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _parse(self, body: Mapping[str, Any], emit: EventSink) -> AutoGLMSpec | None:
+        meta = body["metadata"]
+        try:
+            return parse(body.get("spec") or {}, meta["name"])
+        except InvalidSpec as e:
+            prev = parse_status(body.get("status"))
+            new = status.invalid_status(prev, meta.get("generation"), str(e), self.clock())
+            if new != prev:
+                emit("Warning", "InvalidSpec", f"{e}; serving objects left unchanged")
+                self._write(body, new)
+            return None
+
+    def _observe(self, body: Mapping[str, Any], spec: AutoGLMSpec, topology: p.Topology,
+                 prev: AutoGLMStatus, error: tuple[str, str] | None) -> AutoGLMStatus:
+        meta = body["metadata"]
+        live = self.api.list("apps/v1", "Deployment", meta["namespace"],
+                             f"app.kubernetes.io/instance={meta['name']},"
+                             "app.kubernetes.io/name=autoglm")
+        deployments: dict[str, dict[str, Any] | None] = {
+            d["metadata"]["name"]: d for d in live}
+        new = status.observed_status(prev, meta.get("generation"), topology, deployments,
+                                     meta["name"], spec.model.version, error, self.clock())
+        if new != prev:
+            self._write(body, new)
+        return new
+
+    def _write(self, body: Mapping[str, Any], st: AutoGLMStatus) -> None:
+        meta = body["metadata"]
+        self.api.patch(API_VERSION, KIND, meta["namespace"], meta["name"],
+                       {"status": st.model_dump(mode="json", by_alias=True,
+                                                exclude_none=True)},
+                       subresource="status")

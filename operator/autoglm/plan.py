@@ -1,0 +1,127 @@
+"""The desired serving topology: which slots serve which version, with which workloads.
+
+Pure: a typed spec and the routing state kept in the resource's status go in, a
+:class:`Topology` comes out; the Kubernetes and local adapters each turn it into their own
+objects. Expert replica counts here are only the *initial* counts: once a workload exists
+the autoscaler owns them, so adapters never reset them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from autoglm.spec import SLOTS, AutoGLMSpec, Slot
+
+Component = Literal["gateway", "router", "expert"]
+
+TRITON_HTTP_PORT = 8000
+TRITON_GRPC_PORT = 8001
+TRITON_METRICS_PORT = 8002
+
+
+def router_model() -> str:
+    return "router"
+
+
+def expert_model(i: int) -> str:
+    return f"expert_{i}"
+
+
+def workload_name(deployment: str, slot: Slot, component: Component,
+                  expert: int | None = None) -> str:
+    """``<name>-<slot>-router`` or ``<name>-<slot>-expert-<i>`` (DESIGN.md §4)."""
+    base = f"{deployment}-{slot}-{component}"
+    return base if expert is None else f"{base}-{expert}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One independently scaled group of Triton servers serving one Triton model."""
+
+    name: str
+    component: Literal["router", "expert"]
+    slot: Slot
+    version: int
+    triton_model: str
+    replicas: int
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    slot: Slot
+    version: int
+    router: Workload
+    experts: tuple[Workload, ...]
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        return (self.router, *self.experts)
+
+
+@dataclass(frozen=True)
+class SlotState:
+    version: int
+    expert_replicas: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """What is serving, as recorded in the resource's status."""
+
+    active_slot: Slot | None = None
+    slots: Mapping[Slot, SlotState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Topology:
+    active: Slot
+    slots: tuple[SlotPlan, ...]
+
+    @property
+    def active_plan(self) -> SlotPlan:
+        return next(p for p in self.slots if p.slot == self.active)
+
+    def workloads(self) -> tuple[Workload, ...]:
+        return tuple(w for p in self.slots for w in p.workloads)
+
+
+def initial_expert_replicas(spec: AutoGLMSpec) -> tuple[int, ...]:
+    """minReplicas for every expert: the budget rule guarantees this fits."""
+    return (spec.experts.min_replicas,) * spec.model.num_experts
+
+
+def slot_plan(name: str, spec: AutoGLMSpec, slot: Slot, version: int,
+              expert_replicas: tuple[int, ...]) -> SlotPlan:
+    n = spec.model.num_experts
+    replicas = expert_replicas if len(expert_replicas) == n else initial_expert_replicas(spec)
+    lo, hi = spec.experts.min_replicas, spec.experts.max_replicas
+    return SlotPlan(
+        slot=slot,
+        version=version,
+        router=Workload(workload_name(name, slot, "router"), "router", slot, version,
+                        router_model(), spec.router.replicas),
+        experts=tuple(
+            Workload(workload_name(name, slot, "expert", i), "expert", slot, version,
+                     expert_model(i), min(max(replicas[i], lo), hi), expert=i)
+            for i in range(n)
+        ),
+    )
+
+
+def plan(name: str, spec: AutoGLMSpec, state: RoutingState) -> Topology:
+    """The slots to keep. A new deployment serves ``spec.model.version`` in slot ``a``.
+
+    An existing one keeps serving the version its active slot holds: moving to another
+    version is the swap state machine's decision, never a side effect of reconciling.
+    """
+    if state.active_slot is None or state.active_slot not in state.slots:
+        active: Slot = SLOTS[0]
+        current = SlotState(spec.model.version, initial_expert_replicas(spec))
+    else:
+        active = state.active_slot
+        current = state.slots[active]
+    return Topology(active, (slot_plan(name, spec, active, current.version,
+                                       current.expert_replicas),))

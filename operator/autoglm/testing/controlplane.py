@@ -1,0 +1,409 @@
+"""A real Kubernetes control plane on loopback, for tests and benchmarks.
+
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler, as controller-runtime's
+envtest runs them, plus kwok, whose fake nodes turn scheduled pods Running and Ready, so
+Deployments become available and EndpointSlices list their pods.
+
+The apiserver authenticates a static admin token (group ``system:masters``) and
+ServiceAccount tokens it signs itself, and authorizes with ``Node,RBAC``, so RBAC bugs show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+ASSETS_SCRIPT = REPO_ROOT / ".ci" / "k8s-assets.sh"
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+
+# What each fake node advertises: enough for the tiny example and for GPU-requesting pods.
+NODE_CAPACITY = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"}
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be provisioned or started; the message says why."""
+
+
+def provision_assets() -> Path:
+    """The directory holding the pinned binaries, building what is missing.
+
+    ``$AUTOGLM_K8S_ASSETS`` (set by ``make test`` after it ran the script) short-cuts the
+    script; otherwise ``.ci/k8s-assets.sh`` honours ``$KUBEBUILDER_ASSETS`` and its cache.
+    """
+    given = os.environ.get("AUTOGLM_K8S_ASSETS")
+    if given:
+        bin_dir = Path(given)
+    else:
+        if not ASSETS_SCRIPT.exists():
+            raise ControlPlaneError(f"provisioning script not found: {ASSETS_SCRIPT}")
+        proc = subprocess.run(
+            ["bash", str(ASSETS_SCRIPT)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.splitlines()[-30:])
+            raise ControlPlaneError(
+                f"{ASSETS_SCRIPT} failed (exit {proc.returncode}):\n{tail}"
+            )
+        bin_dir = Path(proc.stdout.strip().splitlines()[-1])
+    missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
+    if missing:
+        raise ControlPlaneError(f"missing control-plane binaries in {bin_dir}: {missing}")
+    return bin_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_pki(d: Path) -> None:
+    """A CA, a serving certificate for 127.0.0.1/localhost and a ServiceAccount signing key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(key: Any) -> bytes:
+        return bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autoglm-test-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.DNSName("kubernetes.default.svc"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+    ]
+    srv = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "ca.key").write_bytes(pem_key(ca_key))
+    (d / "apiserver.crt").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    (d / "apiserver.key").write_bytes(pem_key(srv_key))
+    (d / "sa.key").write_bytes(pem_key(sa_key))
+
+
+def kubeconfig_yaml(server: str, ca_file: Path, token: str, user: str = "admin") -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "autoglm-test",
+                 "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [
+                {"name": "autoglm-test", "context": {"cluster": "autoglm-test", "user": user}}
+            ],
+            "current-context": "autoglm-test",
+        },
+        indent=1,
+    )
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+
+@dataclass
+class ControlPlane:
+    """Start with :meth:`start` (or as a context manager); :meth:`stop` leaves nothing behind."""
+
+    bin_dir: Path
+    nodes: int = 2
+    node_capacity: dict[str, str] = field(default_factory=lambda: dict(NODE_CAPACITY))
+    workdir: Path = field(init=False)
+    server: str = field(init=False, default="")
+    token: str = field(init=False, default="")
+    startup_seconds: float = field(init=False, default=0.0)
+    _procs: list[_Proc] = field(init=False, default_factory=list)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "admin.kubeconfig"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "pki" / "ca.crt"
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"kwok-node-{i}" for i in range(self.nodes)]
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90.0) -> None:
+        t0 = time.monotonic()
+        self.workdir = Path(tempfile.mkdtemp(prefix="autoglm-k8s-"))
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+
+    def _start(self, timeout: float) -> None:
+        w = self.workdir
+        pki = w / "pki"
+        pki.mkdir()
+        _write_pki(pki)
+        self.token = secrets.token_hex(16)
+        (w / "tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        self.server = f"https://127.0.0.1:{api_port}"
+        self.kubeconfig.write_text(kubeconfig_yaml(self.server, self.ca_file, self.token))
+        kc = str(self.kubeconfig)
+        deadline = time.monotonic() + timeout
+
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        self._spawn("etcd", [
+            "--name=default", f"--data-dir={w / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=default={peer_url}",
+            "--unsafe-no-fsync", "--log-level=warn",
+        ])
+        self._wait(f"{etcd_url}/health", "etcd", deadline)
+
+        self._spawn("kube-apiserver", [
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", f"--secure-port={api_port}",
+            "--advertise-address=127.0.0.1",
+            # the kubernetes Service would point at loopback, which Endpoints reject
+            "--endpoint-reconciler-type=none",
+            f"--cert-dir={w / 'apiserver-certs'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={w / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.key'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--profiling=false",
+        ])
+        self._wait(f"{self.server}/readyz", "kube-apiserver", deadline, auth=True)
+
+        common = [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+                  f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1",
+                  "--leader-elect=false"]
+        kcm_port, sched_port = free_port(), free_port()
+        self._spawn("kube-controller-manager", [
+            *common, f"--secure-port={kcm_port}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cert-dir={w / 'kcm-certs'}",
+        ])
+        self._spawn("kube-scheduler", [*common, f"--secure-port={sched_port}",
+                                       f"--cert-dir={w / 'scheduler-certs'}"])
+        self._spawn("kwok", [
+            f"--kubeconfig={kc}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--manage-nodes-with-label-selector=",
+            "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1",
+            "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{free_port()}",
+        ])
+        self._wait(f"https://127.0.0.1:{kcm_port}/healthz", "kube-controller-manager", deadline)
+        self._wait(f"https://127.0.0.1:{sched_port}/healthz", "kube-scheduler", deadline)
+        self.kubectl("apply", "-f", "-", input=json.dumps(self._nodes_manifest()))
+        self._until(deadline, "kwok nodes Ready", self._nodes_ready)
+        # Pods can only be admitted once the ServiceAccount controller made `default`.
+        self._until(deadline, "the default ServiceAccount",
+                    lambda: self.kubectl("get", "serviceaccount", "default",
+                                         check=False).returncode == 0)
+
+    def stop(self) -> None:
+        """Stop every process (TERM, then KILL) and remove the working directory."""
+        for p in reversed(self._procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.popen.pid, signal.SIGTERM)
+        for p in reversed(self._procs):
+            try:
+                p.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait(timeout=10)
+            p.log.close()
+        self._procs.clear()
+        if getattr(self, "workdir", None) and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True,
+        kubeconfig: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}",
+               *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, check=False)
+        if check and proc.returncode != 0:
+            raise ControlPlaneError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc
+
+    def write_kubeconfig(self, path: Path, token: str, user: str) -> Path:
+        """A kubeconfig for another identity (e.g. a ServiceAccount token)."""
+        path.write_text(kubeconfig_yaml(self.server, self.ca_file, token, user))
+        return path
+
+    def memory_rss(self) -> dict[str, int]:
+        """Resident memory of each component, in bytes."""
+        out: dict[str, int] = {}
+        for p in self._procs:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{p.popen.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        out[p.name] = int(line.split()[1]) * 1024
+        return out
+
+    def logs(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = (self.workdir / f"{name}.log").open("wb")
+        popen = subprocess.Popen(
+            [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self._procs.append(_Proc(name, popen, log))
+
+    def _check_alive(self) -> None:
+        for p in self._procs:
+            if p.popen.poll() is not None:
+                tail = "\n".join(self.logs(p.name).splitlines()[-20:])
+                raise ControlPlaneError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
+
+    def _until(self, deadline: float, what: str, ok: Callable[[], bool]) -> None:
+        while True:
+            self._check_alive()
+            if ok():
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"timed out waiting for {what} (logs in {self.workdir})")
+            time.sleep(0.2)
+
+    def _wait(self, url: str, what: str, deadline: float, auth: bool = False) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+
+        def healthy() -> bool:
+            try:
+                req = urllib.request.Request(url, headers=headers)
+                with urllib.request.urlopen(req, timeout=2, context=ctx) as r:
+                    return bool(r.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        self._until(deadline, what, healthy)
+
+    def _nodes_manifest(self) -> dict[str, Any]:
+        def node(name: str) -> dict[str, Any]:
+            return {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                    "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                               "kubernetes.io/arch": "amd64", "type": "kwok"},
+                },
+                "status": {"capacity": self.node_capacity, "allocatable": self.node_capacity},
+            }
+
+        return {"apiVersion": "v1", "kind": "List", "items": [node(n) for n in self.node_names]}
+
+    def _nodes_ready(self) -> bool:
+        out = self.kubectl("get", "nodes", "-o", "json", check=False)
+        if out.returncode != 0:
+            return False
+        items = json.loads(out.stdout)["items"]
+        ready = [
+            n for n in items
+            if any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in n.get("status", {}).get("conditions", []))
+        ]
+        return len(ready) >= self.nodes
+
+
+@contextlib.contextmanager
+def running_control_plane(**kwargs: Any) -> Iterator[ControlPlane]:
+    cp = ControlPlane(provision_assets(), **kwargs)
+    with cp:
+        yield cp

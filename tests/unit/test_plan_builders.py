@@ -1,0 +1,142 @@
+"""Topology planning, manifest builders, the CRD and the idempotence of convergence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoglm import plan as p
+from autoglm.k8s import builders, status
+from autoglm.k8s.converge import holds, managed_fields
+from autoglm.k8s.crd import crd
+from autoglm.spec import AutoGLMStatus, parse
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec() -> Any:
+    return parse(yaml.safe_load((ROOT / "examples/tiny.yaml").read_text())["spec"], "tiny")
+
+
+def test_plan_starts_in_slot_a_and_keeps_the_serving_version() -> None:
+    s = spec()
+    topo = p.plan("tiny", s, p.RoutingState())
+    assert topo.active == "a" and topo.active_plan.version == 1
+    assert [w.name for w in topo.active_plan.experts] == [f"tiny-a-expert-{i}" for i in range(4)]
+    assert all(w.replicas == 1 for w in topo.active_plan.experts)
+    # the status says slot b serves version 1 with scaled experts; spec asks for 2
+    bumped = s.model_copy(update={"model": s.model.model_copy(update={"version": 2})})
+    state = p.RoutingState("b", {"b": p.SlotState(1, (3, 1, 2, 9))})
+    topo = p.plan("tiny", bumped, state)
+    assert topo.active == "b" and topo.active_plan.version == 1
+    assert [w.replicas for w in topo.active_plan.experts] == [3, 1, 2, 3], "clamped to max"
+
+
+def test_objects_are_wired_as_designed() -> None:
+    s = spec()
+    objs = builders.desired_objects("tiny", "ns", "uid-1", s,
+                                    p.plan("tiny", s, p.RoutingState()), monitors=False)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    assert ("Deployment", "tiny") in names and ("Service", "tiny") in names
+    assert ("Deployment", "tiny-a-router") in names
+    for i in range(4):
+        assert ("Deployment", f"tiny-a-expert-{i}") in names
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    for o in objs:
+        assert o["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == "tiny"
+    svc = by[("Service", "tiny-a-expert-2")]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": "tiny",
+                                       "app.kubernetes.io/component": "expert",
+                                       "autoglm.io/slot": "a", "autoglm.io/expert": "2"}
+    dep = by[("Deployment", "tiny-a-expert-2")]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "--load-model=expert_2" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/expert_2/versions/1/ready"
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert c["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}
+    assert dep["spec"]["template"]["metadata"]["labels"]["autoglm.io/model-version"] == "1"
+    router = by[("Deployment", "tiny-a-router")]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in router["env"]}
+    assert env["AUTOGLM_EXPERT_ENDPOINTS"].split(",")[3] == "dns:///tiny-a-expert-3.ns.svc:8001"
+    role = by[("Role", "tiny-gateway")]
+    assert role["rules"][0]["resourceNames"] == ["tiny"]
+    assert role["rules"][0]["verbs"] == ["get", "list", "watch"]
+    with_monitors = builders.desired_objects("tiny", "ns", "u", s,
+                                             p.plan("tiny", s, p.RoutingState()), True)
+    assert any(o["kind"] == "PodMonitor" for o in with_monitors)
+
+
+def test_gpu_experts_request_and_tolerate_gpus() -> None:
+    s = spec()
+    s = s.model_copy(update={"experts": s.experts.model_copy(update={"gpus": 2})})
+    w = p.plan("tiny", s, p.RoutingState()).active_plan.experts[0]
+    pod = builders.triton_pod_spec("tiny", "ns", s, w)
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_expert_replicas_are_left_to_the_autoscaler() -> None:
+    s = spec()
+    objs = builders.desired_objects("tiny", "ns", "u", s, p.plan("tiny", s, p.RoutingState()),
+                                    False)
+    expert = next(o for o in objs if o["metadata"]["name"] == "tiny-a-expert-0")
+    router = next(o for o in objs if o["metadata"]["name"] == "tiny-a-router"
+                  and o["kind"] == "Deployment")
+    assert "replicas" not in managed_fields(expert)["spec"]
+    assert managed_fields(router)["spec"]["replicas"] == 1
+
+
+def test_holds_ignores_server_defaults_and_canonical_quantities() -> None:
+    want = {"spec": {"containers": [{"name": "a", "resources": {"requests": {"cpu": "1000m"}}}]}}
+    live = {"spec": {"containers": [{"name": "a", "imagePullPolicy": "IfNotPresent",
+                                     "resources": {"requests": {"cpu": "1"}}}]},
+            "status": {}}
+    assert holds(live, want)
+    live["spec"]["containers"][0]["resources"]["requests"]["cpu"] = "2"
+    assert not holds(live, want)
+    assert not holds({"spec": {"containers": []}}, want)
+
+
+def test_status_conditions() -> None:
+    s = spec()
+    topo = p.plan("tiny", s, p.RoutingState())
+    names = ["tiny", *(w.name for w in topo.active_plan.workloads)]
+
+    def dep(name: str, ready: int) -> dict[str, Any]:
+        return {"metadata": {"name": name, "generation": 1},
+                "spec": {"replicas": 1},
+                "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+                           "availableReplicas": ready}}
+
+    some = {n: dep(n, 0 if n.endswith("expert-3") else 1) for n in names}
+    st = status.observed_status(AutoGLMStatus(), 1, topo, some, "tiny", 1, None, "t0")
+    assert st.phase == "Progressing" and st.ready == "5/6"
+    ready = {c.type: c for c in st.conditions}["Ready"]
+    assert ready.status == "False" and "tiny-a-expert-3" in ready.message
+    st2 = status.observed_status(st, 1, topo, {n: dep(n, 1) for n in names}, "tiny", 1, None,
+                                 "t1")
+    conds = {c.type: c for c in st2.conditions}
+    assert st2.phase == "Ready" and st2.ready == "6/6" and st2.active_slot == "a"
+    assert conds["Ready"].status == "True" and conds["Ready"].last_transition_time == "t1"
+    assert conds["Degraded"].last_transition_time == "t0", "unchanged status keeps its time"
+    assert all(c.observed_generation == 1 for c in st2.conditions)
+    st3 = status.observed_status(st2, 2, topo, {n: dep(n, 1) for n in names}, "tiny", 2, None,
+                                 "t2")
+    assert {c.type: c for c in st3.conditions}["Progressing"].reason == "VersionChangePending"
+    invalid = status.invalid_status(st3, 3, "spec.model.topK: bad", "t3")
+    assert invalid.phase == "Invalid" and invalid.active_version == 1 and invalid.slots
+
+
+def test_crd_file_is_generated_from_the_spec() -> None:
+    on_disk = yaml.safe_load((ROOT / "crds/autoglmdeployments.autoglm.io.yaml").read_text())
+    assert on_disk == crd(), "run `make crd` after changing operator/autoglm/spec.py"
+    schema = on_disk["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = [r["rule"] for r in schema["x-kubernetes-validations"]]
+    assert "self.model.topK <= self.model.numExperts" in rules
+    assert schema["properties"]["experts"]["default"]["minReplicas"] == 1
