@@ -2,10 +2,10 @@
 # Provide pinned Kubernetes control-plane binaries for the test suite and print
 # the directory that holds them (stdout: that path, nothing else).
 #
-# Order of preference, per binary:
-#   1. $KUBEBUILDER_ASSETS/<binary> (controller-runtime envtest's convention);
+# Where they come from:
+#   1. $KUBEBUILDER_ASSETS (controller-runtime envtest's convention), if it holds all six;
 #   2. the cache, keyed by version: ${AUTOGLM_CACHE:-~/.cache/autoglm}/k8s/<versions>/bin;
-#   3. a build from the published Go modules with the installed Go toolchain.
+#   3. a build from the published Go modules with the installed Go toolchain, into (2).
 # Nothing is written inside the repository.
 set -euo pipefail
 
@@ -21,29 +21,29 @@ log() { echo "k8s-assets: $*" >&2; }
 # Builds <pkg...> of module <module>@<version> in a throwaway wrapper module, so
 # that the module's own `replace` directives (which point at its source tree)
 # do not apply; extra `replace` pairs can be given in $REPLACES.
-build() {
-  local module=$1 version=$2 ldflags=$3; shift 3
-  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/autoglm-k8s-build.XXXXXX")
-  trap 'rm -rf "$work"' RETURN
-  (
-    cd "$work"
-    go mod init autoglm.local/k8s-assets >/dev/null 2>&1
-    go mod edit -require="$module@$version"
-    for r in ${REPLACES:-}; do go mod edit -replace="$r"; done
-    export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
-    go build -trimpath -ldflags "-s -w $ldflags" -o "$bin_dir/" "$@"
-  )
-}
+build() (
+  module=$1 version=$2 ldflags=$3; shift 3
+  work=$(mktemp -d "${TMPDIR:-/tmp}/autoglm-k8s-build.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  cd "$work"
+  go mod init autoglm.local/k8s-assets >/dev/null 2>&1
+  go mod edit -require="$module@$version"
+  for r in ${REPLACES:-}; do go mod edit -replace="$r"; done
+  export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
+  go build -trimpath -ldflags "-s -w $ldflags" -o "$bin_dir/" "$@"
+)
 
-mkdir -p "$bin_dir"
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
-  for b in "${BINARIES[@]}"; do
-    if [[ -x "$KUBEBUILDER_ASSETS/$b" && ! -e "$bin_dir/$b" ]]; then
-      ln -sf "$KUBEBUILDER_ASSETS/$b" "$bin_dir/$b"
-      log "$b from \$KUBEBUILDER_ASSETS"
-    fi
-  done
+  ok=1
+  for b in "${BINARIES[@]}"; do [[ -x "$KUBEBUILDER_ASSETS/$b" ]] || ok=0; done
+  if ((ok)); then
+    log "using \$KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
+    echo "$KUBEBUILDER_ASSETS"
+    exit 0
+  fi
+  log "\$KUBEBUILDER_ASSETS lacks some of ${BINARIES[*]}; using the pinned build in $bin_dir"
 fi
+mkdir -p "$bin_dir"
 
 missing() { for b in "$@"; do [[ -x "$bin_dir/$b" ]] || return 0; done; return 1; }
 

@@ -177,7 +177,9 @@ class AutoGLMSpec(_Object):
     triton: TritonSpec = Field(default_factory=TritonSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
-    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=lambda: AutoscalingSpec(enabled=False),
+        description="Off when absent; a block turns it on, with its prometheusUrl.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 

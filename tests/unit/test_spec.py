@@ -25,7 +25,7 @@ def test_example_parses_with_defaults() -> None:
     assert s.autoscaling.tolerance == 0.1 and s.rollout.canary is True
     assert s.gateway.service_type == "ClusterIP"
     minimal = parse({"model": {"name": "m", "version": 1, "repository": "s3://b/m",
-                               "numExperts": 2, "layers": 1}, "autoscaling": {"enabled": False}},
+                               "numExperts": 2, "layers": 1}},
                     "m")
     assert minimal.replica_budget == 2 * 4, "default budget: numExperts x maxReplicas"
 

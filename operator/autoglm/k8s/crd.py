@@ -36,6 +36,11 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if k == "default" and v is None:
             continue
+        if k in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(v, bool):
+            # JSON Schema 2020-12 → OpenAPI 3.0: a bound plus a boolean flag
+            out["minimum" if k == "exclusiveMinimum" else "maximum"] = v
+            out[k] = True
+            continue
         out[k] = v if k in ("default", "enum") else _resolve(v, defs)
     return out
 

@@ -41,7 +41,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
-    settings.posting.level = logging.INFO
+    # Only our own Events (kopf.event) and warnings: not one per handler run.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = int(os.environ.get("AUTOGLM_WORKERS", "8"))
     reconciler()

@@ -1,0 +1,99 @@
+"""The operator as a real process, under the identity the manifests give it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from autoglm.testing.controlplane import ControlPlane, ControlPlaneError, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+NAMESPACE = "autoglm-system"
+SERVICE_ACCOUNT = "autoglm-operator"
+
+
+def install(cp: ControlPlane) -> None:
+    """``kubectl apply -k manifests/`` and wait for the CRD to be served."""
+    cp.kubectl("apply", "-k", str(REPO_ROOT / "manifests"))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+               "crd/autoglmdeployments.autoglm.io")
+
+
+def service_account_kubeconfig(cp: ControlPlane, path: Path) -> Path:
+    """A kubeconfig holding a token of the operator's own ServiceAccount."""
+    token = cp.kubectl("create", "token", SERVICE_ACCOUNT, "-n", NAMESPACE,
+                       "--duration=2h").stdout.strip()
+    return cp.write_kubeconfig(path, token, f"system:serviceaccount:{NAMESPACE}:"
+                                            f"{SERVICE_ACCOUNT}")
+
+
+class OperatorProcess:
+    """``autoglm operator`` in a subprocess; logs go to ``log_path``."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.resync_seconds = resync_seconds
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.port = free_port()
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
+                   AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds))
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "autoglm.cli", "operator",
+             f"--liveness=http://127.0.0.1:{self.port}/healthz"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise ControlPlaneError(f"operator exited with {self.popen.returncode}:\n"
+                                        f"{self.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz",
+                                            timeout=1) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.2)
+        raise ControlPlaneError(f"operator not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+        self.popen = None
+
+    def kill(self) -> None:
+        """As a crash would: SIGKILL, no cleanup."""
+        self.stop(signal.SIGKILL)
+
+    def rss_bytes(self) -> int:
+        if self.popen is None:
+            return 0
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

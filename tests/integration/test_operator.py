@@ -1,0 +1,312 @@
+"""The operator on the real control plane, running as its own ServiceAccount with the RBAC
+of manifests/: provisioning, status, invalid specs, convergence, deletion, restarts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from autoglm.spec import API_VERSION, KIND
+from autoglm.testing import eventually
+from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.operator import (
+    REPO_ROOT,
+    OperatorProcess,
+    install,
+    service_account_kubeconfig,
+)
+
+pytestmark = pytest.mark.k8s
+
+TINY = yaml.safe_load((REPO_ROOT / "examples" / "tiny.yaml").read_text())
+CHILD_KINDS = "deployments,services,serviceaccounts,roles,rolebindings"
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory,
+             ) -> Iterator[OperatorProcess]:
+    install(control_plane)
+    d = tmp_path_factory.mktemp("operator")
+    op = OperatorProcess(service_account_kubeconfig(control_plane, d / "kubeconfig"),
+                         d / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (tail) ---\n{op.log_tail(60)}")
+
+
+class Cluster:
+    """kubectl in one namespace, as the admin."""
+
+    def __init__(self, cp: ControlPlane, namespace: str) -> None:
+        self.cp, self.ns = cp, namespace
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> Any:
+        return self.cp.kubectl("-n", self.ns, *args, input=input, check=check)
+
+    def apply(self, obj: dict[str, Any], check: bool = True) -> Any:
+        return self.kubectl("apply", "-f", "-", input=json.dumps(obj), check=check)
+
+    def get(self, what: str, name: str | None = None) -> Any:
+        args = ["get", what, *([name] if name else []), "-o", "json"]
+        return json.loads(self.kubectl(*args).stdout)
+
+    def resource(self, name: str) -> dict[str, Any]:
+        return dict(self.get("autoglmdeployments", name))
+
+    def children(self, instance: str) -> list[dict[str, Any]]:
+        items = self.get(CHILD_KINDS + ",podmonitors" if self.has_monitors() else CHILD_KINDS)
+        return [o for o in items["items"]
+                if o["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == instance]
+
+    def has_monitors(self) -> bool:
+        return self.cp.kubectl("get", "crd", "podmonitors.monitoring.coreos.com",
+                               check=False).returncode == 0
+
+    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        st = self.resource(name).get("status", {})
+        return next((c for c in st.get("conditions", []) if c["type"] == type_), None)
+
+    def wait_ready(self, name: str, timeout: float = 90) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            r = self.resource(name)
+            gen = r["metadata"]["generation"]
+            st = r.get("status", {})
+            ok = st.get("phase") == "Ready" and st.get("observedGeneration") == gen
+            return r if ok else None
+        return eventually(ready, f"{name} to be Ready", timeout)
+
+    def serving_snapshot(self, instance: str) -> dict[tuple[str, str], Any]:
+        """What a spec change must not touch: identity, generation and spec of children."""
+        return {(o["kind"], o["metadata"]["name"]):
+                (o["metadata"]["uid"], o["metadata"].get("generation"), o.get("spec"),
+                 o.get("rules"), o.get("roleRef"))
+                for o in self.children(instance)}
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = self.get("events")["items"]
+        return [e for e in items if e["involvedObject"].get("name") == name
+                and e["involvedObject"].get("kind") == KIND]
+
+
+@pytest.fixture
+def cluster(control_plane: ControlPlane, operator: OperatorProcess,
+            namespace: str) -> Cluster:
+    return Cluster(control_plane, namespace)
+
+
+def tiny(name: str = "tiny", **spec_changes: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(TINY)
+    obj["metadata"]["name"] = name
+    for path, value in spec_changes.items():
+        node = obj["spec"]
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return obj
+
+
+EXPECTED = {
+    ("Deployment", "tiny"), ("Service", "tiny"), ("ServiceAccount", "tiny-gateway"),
+    ("Role", "tiny-gateway"), ("RoleBinding", "tiny-gateway"),
+    ("Deployment", "tiny-a-router"), ("Service", "tiny-a-router"),
+    *{(k, f"tiny-a-expert-{i}") for i in range(4) for k in ("Deployment", "Service")},
+}
+
+
+def test_manifests_and_crd_apply_cleanly(control_plane: ControlPlane,
+                                         operator: OperatorProcess) -> None:
+    again = control_plane.kubectl("apply", "-k", str(REPO_ROOT / "manifests"),
+                                  "--dry-run=server")
+    assert "customresourcedefinition.apiextensions.k8s.io/autoglmdeployments.autoglm.io" in (
+        again.stdout)
+    crd = json.loads(control_plane.kubectl("get", "crd", "autoglmdeployments.autoglm.io",
+                                           "-o", "json").stdout)
+    assert crd["spec"]["names"]["shortNames"] == ["autoglm", "agd"]
+    # the operator runs as its ServiceAccount: it may not do what the ClusterRole omits
+    sa = f"system:serviceaccount:autoglm-system:autoglm-operator"
+    can = control_plane.kubectl("auth", "can-i", "--as", sa, "delete", "secrets", "-A",
+                                check=False)
+    assert can.stdout.strip() == "no"
+    can = control_plane.kubectl("auth", "can-i", "--as", sa, "patch", "deployments", "-A",
+                                check=False)
+    assert can.stdout.strip() == "yes"
+
+
+def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
+                                                     control_plane: ControlPlane) -> None:
+    cluster.kubectl("apply", "-f", str(REPO_ROOT / "examples" / "tiny.yaml"))
+    r = cluster.wait_ready("tiny")
+    st = r["status"]
+    assert st["activeSlot"] == "a" and st["activeVersion"] == 1 and st["ready"] == "6/6"
+    assert st["slots"]["a"]["expertReplicas"] == [1, 1, 1, 1]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "True"
+    assert conds["Progressing"]["status"] == "False"
+    assert conds["Degraded"]["status"] == "False"
+    assert all(c["observedGeneration"] == r["metadata"]["generation"] for c in conds.values())
+
+    kids = cluster.children("tiny")
+    assert {(o["kind"], o["metadata"]["name"]) for o in kids} == EXPECTED
+    for o in kids:
+        (ref,) = o["metadata"]["ownerReferences"]
+        assert ref["uid"] == r["metadata"]["uid"] and ref["controller"] is True
+    # pods of every workload run Ready on kwok nodes, selected by the Services
+    pods = cluster.get("pods", None)["items"]
+    assert len(pods) == 6
+    assert all(any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in p["status"]["conditions"]) for p in pods)
+    expert2 = [p for p in pods if p["metadata"]["labels"].get("autoglm.io/expert") == "2"]
+    assert len(expert2) == 1
+    assert expert2[0]["metadata"]["labels"]["autoglm.io/model-version"] == "1"
+
+    def expert2_endpoints() -> set[str]:
+        slices = cluster.get("endpointslices")["items"]
+        return {a for s in slices
+                if s["metadata"]["labels"].get("kubernetes.io/service-name") == "tiny-a-expert-2"
+                for e in s.get("endpoints") or [] for a in e["addresses"]}
+
+    eventually(lambda: expert2_endpoints() == {expert2[0]["status"]["podIP"]},
+               "the expert-2 headless Service to list its pod")
+    # printer columns
+    out = cluster.kubectl("get", "autoglm", "tiny").stdout
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "MODEL", "VERSION", "SERVING", "SLOT", "PHASE", "READY",
+                              "AGE"]
+    assert row.split()[:7] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "6/6"]
+    reasons = {e["reason"] for e in cluster.events("tiny")}
+    assert "Created" in reasons
+
+
+INVALID_BY_API = [
+    ("model.topK must not exceed model.numExperts", {"model__topK": 8}),
+    ("maxReplicas must be at least minReplicas",
+     {"experts__minReplicas": 3, "experts__maxReplicas": 2}),
+    ("experts.replicaBudget must hold minReplicas for every expert",
+     {"experts__replicaBudget": 3}),
+    ("spec.model.numExperts", {"model__numExperts": 0}),
+    ("spec.autoscaling.signal", {"autoscaling__signal": "cpu"}),
+    ("spec.model.version", {"model__version": 0}),
+    ("unknown field \"spec.experts.replicas\"", {"experts__replicas": 2}),
+]
+INVALID_BY_OPERATOR = [
+    ("spec.experts.resources.requests.memory",
+     {"experts__resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}),
+    ("spec.experts.resources.limits.nvidia.com/gpu",
+     {"experts__resources": {"limits": {"nvidia.com/gpu": 1}}}),
+    ("spec.triton.extraArgs[0]", {"triton__extraArgs": ["--model-repository=/elsewhere"]}),
+    ("spec.model.repository", {"model__repository": "models/relative"}),
+]
+
+
+def test_invalid_specs_are_refused_or_reported_and_serving_is_untouched(
+        cluster: Cluster) -> None:
+    cluster.apply(tiny())
+    cluster.wait_ready("tiny")
+    before = cluster.serving_snapshot("tiny")
+    assert len(before) == len(EXPECTED)
+
+    for message, change in INVALID_BY_API:
+        out = cluster.apply(tiny(**change), check=False)
+        assert out.returncode != 0, change
+        assert message in out.stderr, (message, out.stderr)
+
+    for field, change in INVALID_BY_OPERATOR:
+        cluster.apply(tiny(**change))
+
+        def reported(field: str = field) -> bool:
+            c = cluster.condition("tiny", "Ready")
+            return bool(c and c["reason"] == "InvalidSpec" and c["message"].startswith(field))
+
+        eventually(reported, f"Ready=False/InvalidSpec naming {field}")
+        r = cluster.resource("tiny")
+        assert r["status"]["phase"] == "Invalid"
+        assert r["status"]["activeVersion"] == 1, "what serves is still reported"
+        warnings = [e for e in cluster.events("tiny")
+                    if e["type"] == "Warning" and e["reason"] == "InvalidSpec"]
+        assert any(field in e["message"] for e in warnings)
+        assert cluster.serving_snapshot("tiny") == before, f"{field} disturbed serving"
+
+    cluster.apply(tiny())
+    cluster.wait_ready("tiny")
+    assert cluster.serving_snapshot("tiny") == before
+
+
+def test_non_version_changes_converge_and_leave_expert_replicas_alone(
+        cluster: Cluster) -> None:
+    cluster.apply(tiny())
+    cluster.wait_ready("tiny")
+    # the autoscaler's decision, which reconciliation must not undo
+    cluster.kubectl("scale", "deployment/tiny-a-expert-1", "--replicas=3")
+    cluster.apply(tiny(router__replicas=2,
+                       triton__extraArgs=["--log-verbose=1"],
+                       triton__resources={"requests": {"cpu": "750m", "memory": "1Gi"}}))
+    r = cluster.wait_ready("tiny")
+    assert r["status"]["ready"] == "6/6"
+    router = cluster.get("deployment", "tiny-a-router")
+    c = router["spec"]["template"]["spec"]["containers"][0]
+    assert router["spec"]["replicas"] == 2
+    assert c["args"][-1] == "--log-verbose=1"
+    assert c["resources"] == {"requests": {"cpu": "750m", "memory": "1Gi"}}
+    assert router["status"]["availableReplicas"] == 2
+    assert cluster.get("deployment", "tiny-a-expert-1")["spec"]["replicas"] == 3
+    assert r["status"]["slots"]["a"]["expertReplicas"] == [1, 3, 1, 1]
+
+    # a version change does not disturb serving: it waits for the swap machinery
+    before = cluster.serving_snapshot("tiny")
+    cluster.apply(tiny(router__replicas=2, triton__extraArgs=["--log-verbose=1"],
+                       triton__resources={"requests": {"cpu": "750m", "memory": "1Gi"}},
+                       model__version=2))
+    eventually(lambda: (cluster.condition("tiny", "Progressing") or {}).get("reason")
+               == "VersionChangePending", "VersionChangePending")
+    assert cluster.resource("tiny")["status"]["activeVersion"] == 1
+    assert cluster.serving_snapshot("tiny") == before
+
+    # drift is repaired: a deleted child comes back
+    cluster.kubectl("delete", "service", "tiny-a-expert-0")
+    eventually(lambda: cluster.kubectl("get", "service", "tiny-a-expert-0",
+                                       check=False).returncode == 0,
+               "the deleted Service to be recreated", timeout=60)
+
+
+def test_deleting_the_resource_removes_every_child(cluster: Cluster) -> None:
+    cluster.apply(tiny())
+    cluster.wait_ready("tiny")
+    assert cluster.children("tiny")
+    cluster.kubectl("delete", "autoglm", "tiny", "--wait=true", "--timeout=60s")
+    eventually(lambda: not cluster.children("tiny"), "every child to be garbage-collected")
+    eventually(lambda: not cluster.get("pods")["items"], "every pod to go")
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(
+        cluster: Cluster, operator: OperatorProcess) -> None:
+    big = tiny("big", model__numExperts=24, model__topK=2,
+               experts__replicaBudget=48)
+    operator.kill()
+    try:
+        cluster.apply(big)
+        operator.start()
+        eventually(lambda: len(cluster.children("big")) >= 3, "the first children")
+        operator.kill()
+        partial = len(cluster.children("big"))
+    finally:
+        operator.start()
+    r = cluster.wait_ready("big", timeout=180)
+    assert r["status"]["ready"] == "26/26"
+    kids = cluster.children("big")
+    names = [(o["kind"], o["metadata"]["name"]) for o in kids]
+    assert len(names) == len(set(names)) == 5 + 2 + 24 * 2, f"partial={partial}"
+    assert all(len(o["metadata"]["ownerReferences"]) == 1 for o in kids)
+    pods = [p for p in cluster.get("pods")["items"]
+            if p["metadata"]["labels"].get("app.kubernetes.io/instance") == "big"]
+    assert len(pods) == 26, "one pod per workload: no duplicate ReplicaSets"
