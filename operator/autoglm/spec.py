@@ -119,7 +119,7 @@ class ExpertsSpec(_Object):
     max_replicas: int = Field(4, ge=1, le=64)
     replica_budget: int | None = Field(
         None, ge=1, le=4096,
-        description="Most expert replicas in all, shared by load; default numExperts × max.")
+        description="Most expert replicas in all, shared by load; default numExperts * max.")
     gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per expert replica.")
     resources: Resources = Field(
         default_factory=lambda: Resources(requests={"cpu": "1", "memory": "2Gi"}))
@@ -257,9 +257,9 @@ def quantity(q: str | int) -> Decimal:
     dec = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
     binary = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
     if suffix in binary:
-        return base * (2 ** binary[suffix])
+        return base * Decimal(2 ** binary[suffix])
     if suffix in dec:
-        return base * Decimal(10) ** dec[suffix]
+        return base.scaleb(dec[suffix])
     raise ValueError(f"not a quantity: {s!r}")
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from autoglm.spec import API_VERSION, KIND
+from autoglm.spec import KIND
 from autoglm.testing import eventually
 from autoglm.testing.controlplane import ControlPlane
 from autoglm.testing.operator import (
@@ -134,7 +132,7 @@ def test_manifests_and_crd_apply_cleanly(control_plane: ControlPlane,
                                            "-o", "json").stdout)
     assert crd["spec"]["names"]["shortNames"] == ["autoglm", "agd"]
     # the operator runs as its ServiceAccount: it may not do what the ClusterRole omits
-    sa = f"system:serviceaccount:autoglm-system:autoglm-operator"
+    sa = "system:serviceaccount:autoglm-system:autoglm-operator"
     can = control_plane.kubectl("auth", "can-i", "--as", sa, "delete", "secrets", "-A",
                                 check=False)
     assert can.stdout.strip() == "no"
@@ -290,8 +288,8 @@ def test_deleting_the_resource_removes_every_child(cluster: Cluster) -> None:
 
 def test_operator_killed_mid_reconcile_converges_without_duplicates(
         cluster: Cluster, operator: OperatorProcess) -> None:
-    big = tiny("big", model__numExperts=24, model__topK=2,
-               experts__replicaBudget=48)
+    experts = 64
+    big = tiny("big", model__numExperts=experts, experts__replicaBudget=2 * experts)
     operator.kill()
     try:
         cluster.apply(big)
@@ -301,12 +299,47 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
         partial = len(cluster.children("big"))
     finally:
         operator.start()
+    total = 5 + 2 + experts * 2
+    assert 0 < partial < total, "the kill must interrupt a reconciliation"
     r = cluster.wait_ready("big", timeout=180)
-    assert r["status"]["ready"] == "26/26"
+    assert r["status"]["ready"] == f"{experts + 2}/{experts + 2}"
     kids = cluster.children("big")
     names = [(o["kind"], o["metadata"]["name"]) for o in kids]
-    assert len(names) == len(set(names)) == 5 + 2 + 24 * 2, f"partial={partial}"
+    assert len(names) == len(set(names)) == total
     assert all(len(o["metadata"]["ownerReferences"]) == 1 for o in kids)
     pods = [p for p in cluster.get("pods")["items"]
             if p["metadata"]["labels"].get("app.kubernetes.io/instance") == "big"]
-    assert len(pods) == 26, "one pod per workload: no duplicate ReplicaSets"
+    assert len(pods) == experts + 2, "one pod per workload: no duplicate ReplicaSets"
+    sets = cluster.get("replicasets")["items"]
+    assert len([s for s in sets if s["metadata"]["name"].startswith("big-")]) == experts + 2
+
+
+PODMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "PodMonitor", "plural": "podmonitors",
+                       "singular": "podmonitor"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
+                 "openAPIV3Schema": {"type": "object",
+                                     "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_pod_monitor_only_where_the_prometheus_operator_is(cluster: Cluster,
+                                                           control_plane: ControlPlane) -> None:
+    """Runs last in this module: it installs the Prometheus Operator's PodMonitor CRD."""
+    cluster.apply(tiny())
+    cluster.wait_ready("tiny")
+    assert not any(o["kind"] == "PodMonitor" for o in cluster.children("tiny"))
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(PODMONITOR_CRD))
+    try:
+        def monitor() -> dict[str, Any] | None:
+            out = cluster.kubectl("get", "podmonitor", "tiny", "-o", "json", check=False)
+            return json.loads(out.stdout) if out.returncode == 0 else None
+
+        pm = eventually(monitor, "the PodMonitor, after the CRD appeared", timeout=60)
+        assert pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "tiny"
+        assert pm["metadata"]["ownerReferences"][0]["kind"] == "AutoGLMDeployment"
+    finally:
+        control_plane.kubectl("delete", "-f", "-", input=json.dumps(PODMONITOR_CRD))

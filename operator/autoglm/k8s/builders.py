@@ -1,7 +1,7 @@
 """Pure builders of every Kubernetes object an AutoGLMDeployment owns (DESIGN.md §4).
 
-Each returns a plain manifest dict. Expert Deployments carry ``replicas`` only for creation;
-:data:`AUTOSCALER_OWNED` names the field reconciliation leaves alone afterwards.
+Each returns a plain manifest dict. Expert Deployments carry ``replicas`` for creation only:
+afterwards the autoscaler owns them (see ``converge.managed_fields``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from autoglm import plan as p
 from autoglm.spec import API_VERSION, GROUP, KIND, PLURAL, AutoGLMSpec, Resources, Slot
 
 Manifest = dict[str, Any]
-
-# Paths the reconciler never overwrites on existing objects, per (kind, component).
-AUTOSCALER_OWNED = ("spec", "replicas")
 
 GATEWAY_PORT = 8000
 SHM_LIMIT = "1Gi"  # the Python backend moves tensors through /dev/shm
@@ -134,7 +131,8 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
         gpus = 0
     else:
         resources, gpus = spec.experts.resources, spec.experts.gpus
-    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"},
+                                    {"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_LIMIT}},
         {"name": "tmp", "emptyDir": {}},
@@ -212,8 +210,11 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
             "image": g.image,
             "command": ["autoglm", "gateway"],
             "args": [f"--deployment={instance}", f"--namespace={namespace}",
-                     f"--port={GATEWAY_PORT}"],
-            "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+                     f"--port={GATEWAY_PORT}", f"--metrics-port={p.TRITON_METRICS_PORT}"],
+            # "metrics" as on Triton pods, so one PodMonitor endpoint scrapes them all
+            "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"},
+                      {"name": "metrics", "containerPort": p.TRITON_METRICS_PORT,
+                       "protocol": "TCP"}],
             "resources": g.resources.as_k8s(),
             "securityContext": CONTAINER_SECURITY,
             "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"},
@@ -241,7 +242,8 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
 
 
 def monitor_objects(instance: str, namespace: str, owner: dict[str, Any]) -> list[Manifest]:
-    """A PodMonitor scraping every Triton and gateway pod (Prometheus Operator)."""
+    """A PodMonitor scraping every Triton and gateway pod (Prometheus Operator); short
+    interval because autoscaling reacts to these metrics."""
     return [{
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -249,8 +251,7 @@ def monitor_objects(instance: str, namespace: str, owner: dict[str, Any]) -> lis
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/instance": instance,
                                          "app.kubernetes.io/name": "autoglm"}},
-            "podMetricsEndpoints": [{"port": "metrics", "interval": "5s"},
-                                    {"port": "http", "path": "/metrics", "interval": "5s"}],
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "5s"}],
         },
     }]
 

@@ -64,7 +64,7 @@ def _decorate(schema: dict[str, Any], cls: type[BaseModel]) -> dict[str, Any]:
         prop = schema["properties"][field.alias or name]
         if field.default_factory is not None:
             value = field.default_factory()  # type: ignore[call-arg]
-            prop["default"] = TypeAdapter(field.annotation).dump_python(
+            prop["default"] = TypeAdapter[Any](field.annotation or Any).dump_python(
                 value, mode="json", by_alias=True, exclude_none=True)
         sub = _model_of(field.annotation)
         if sub is not None:

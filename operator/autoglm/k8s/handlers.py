@@ -20,13 +20,15 @@ from autoglm.k8s.reconcile import EventSink, Reconciler
 from autoglm.spec import GROUP, KIND, PLURAL, VERSION
 
 RESYNC_SECONDS = float(os.environ.get("AUTOGLM_RESYNC_SECONDS", "30"))
+# How long to trust "the Prometheus Operator's CRDs are (not) installed".
+DISCOVERY_SECONDS = float(os.environ.get("AUTOGLM_DISCOVERY_SECONDS", "60"))
 _reconciler: Reconciler | None = None
 
 
 def reconciler() -> Reconciler:
     global _reconciler
     if _reconciler is None:
-        _reconciler = Reconciler(Api(load_client()))
+        _reconciler = Reconciler(Api(load_client()), monitors_ttl=DISCOVERY_SECONDS)
     return _reconciler
 
 
@@ -51,7 +53,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+def reconcile(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     try:
         st = reconciler().reconcile(body, _events(body))
     except ApiException as e:
@@ -83,6 +85,6 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+def deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     reconciler().forget(body.metadata.uid)
     logger.info("deleted; the garbage collector removes its children")

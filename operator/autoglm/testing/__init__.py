@@ -23,8 +23,9 @@ def eventually(probe: Callable[[], T | None], what: str, timeout: float = 60.0,
             if value:
                 return value
             last = value
-        except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+        except Exception as e:
             last = e
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
         time.sleep(interval)

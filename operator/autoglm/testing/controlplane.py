@@ -32,7 +32,8 @@ from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ASSETS_SCRIPT = REPO_ROOT / ".ci" / "k8s-assets.sh"
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
+            "kwok")
 
 # What each fake node advertises: enough for the tiny example and for GPU-requesting pods.
 NODE_CAPACITY = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"}
@@ -67,6 +68,14 @@ def provision_assets() -> Path:
     if missing:
         raise ControlPlaneError(f"missing control-plane binaries in {bin_dir}: {missing}")
     return bin_dir
+
+
+def die_with_parent() -> None:
+    """In the child before exec: be killed if the process that started us dies, so a killed
+    test run leaves no control plane behind (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -338,7 +347,7 @@ class ControlPlane:
         log = (self.workdir / f"{name}.log").open("wb")
         popen = subprocess.Popen(
             [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
         )
         self._procs.append(_Proc(name, popen, log))
 
@@ -380,7 +389,8 @@ class ControlPlane:
                 "kind": "Node",
                 "metadata": {
                     "name": name,
-                    "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                    "annotations": {"kwok.x-k8s.io/node": "fake",
+                                    "node.alpha.kubernetes.io/ttl": "0"},
                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
                                "kubernetes.io/arch": "amd64", "type": "kwok"},
                 },

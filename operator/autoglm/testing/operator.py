@@ -11,7 +11,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from autoglm.testing.controlplane import ControlPlane, ControlPlaneError, free_port
+from autoglm.testing.controlplane import (
+    ControlPlane,
+    ControlPlaneError,
+    die_with_parent,
+    free_port,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 NAMESPACE = "autoglm-system"
@@ -46,24 +51,24 @@ class OperatorProcess:
     def start(self, timeout: float = 60.0) -> None:
         self.port = free_port()
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
-                   AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds))
+                   AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds),
+                   AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds))
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "autoglm.cli", "operator",
              f"--liveness=http://127.0.0.1:{self.port}/healthz"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise ControlPlaneError(f"operator exited with {self.popen.returncode}:\n"
                                         f"{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz",
-                                            timeout=1) as r:
-                    if r.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
             time.sleep(0.2)
         raise ControlPlaneError(f"operator not healthy after {timeout}s:\n{self.log_tail()}")
 
