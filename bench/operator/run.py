@@ -103,7 +103,7 @@ def with_operator(cp: ControlPlane, api: Api, n: int) -> tuple[float, float]:
 
     def ready() -> bool:
         items = api.list(API_VERSION, KIND, ns)
-        return sum(i.get("status", {}).get("phase") == "Ready" for i in items) == n
+        return [i.get("status", {}).get("phase") for i in items].count("Ready") == n
 
     t0 = time.monotonic()
     cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(docs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -190,7 +191,7 @@ def test_deployment_gets_ready_kwok_pods_and_endpoints(api: client.ApiClient,
 
     def available() -> bool:
         d = apps.read_namespaced_deployment("web", namespace)
-        return d.status.available_replicas == 3
+        return bool(d.status.available_replicas == 3)
 
     eventually(available, "Deployment web to have 3 available replicas")
     pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
@@ -258,11 +259,12 @@ def test_service_account_rbac_is_enforced(api: client.ApiClient, control_plane: 
         names = [c.metadata.name for c in sa_core.list_namespaced_config_map(namespace).items]
         assert "visible" in names
         # denied: a verb and a resource the Role does not grant, and another namespace
-        for call in (
+        calls: list[Callable[[], object]] = [
             lambda: sa_core.create_namespaced_config_map(namespace, {"metadata": {"name": "x"}}),
             lambda: sa_core.list_namespaced_secret(namespace),
             lambda: sa_core.list_namespaced_config_map("default"),
-        ):
+        ]
+        for call in calls:
             with pytest.raises(ApiException) as err:
                 call()
             assert err.value.status == 403

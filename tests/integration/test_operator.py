@@ -81,7 +81,7 @@ class Cluster:
             st = r.get("status", {})
             ok = st.get("phase") == "Ready" and st.get("observedGeneration") == gen
             return r if ok else None
-        return eventually(ready, f"{name} to be Ready", timeout)
+        return dict(eventually(ready, f"{name} to be Ready", timeout))
 
     def serving_snapshot(self, instance: str) -> dict[tuple[str, str], Any]:
         """What a spec change must not touch: identity, generation and spec of children."""
@@ -103,7 +103,7 @@ def cluster(control_plane: ControlPlane, operator: OperatorProcess,
 
 
 def tiny(name: str = "tiny", **spec_changes: Any) -> dict[str, Any]:
-    obj = copy.deepcopy(TINY)
+    obj: dict[str, Any] = copy.deepcopy(TINY)
     obj["metadata"]["name"] = name
     for path, value in spec_changes.items():
         node = obj["spec"]
@@ -186,7 +186,7 @@ def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
     assert "Created" in reasons
 
 
-INVALID_BY_API = [
+INVALID_BY_API: list[tuple[str, dict[str, Any]]] = [
     ("model.topK must not exceed model.numExperts", {"model__topK": 8}),
     ("maxReplicas must be at least minReplicas",
      {"experts__minReplicas": 3, "experts__maxReplicas": 2}),
@@ -197,7 +197,7 @@ INVALID_BY_API = [
     ("spec.model.version", {"model__version": 0}),
     ("unknown field \"spec.experts.replicas\"", {"experts__replicas": 2}),
 ]
-INVALID_BY_OPERATOR = [
+INVALID_BY_OPERATOR: list[tuple[str, dict[str, Any]]] = [
     ("spec.experts.resources.requests.memory",
      {"experts__resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}),
     ("spec.experts.resources.limits.nvidia.com/gpu",

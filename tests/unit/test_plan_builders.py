@@ -94,7 +94,7 @@ def test_expert_replicas_are_left_to_the_autoscaler() -> None:
 
 def test_holds_ignores_server_defaults_and_canonical_quantities() -> None:
     want = {"spec": {"containers": [{"name": "a", "resources": {"requests": {"cpu": "1000m"}}}]}}
-    live = {"spec": {"containers": [{"name": "a", "imagePullPolicy": "IfNotPresent",
+    live: dict[str, Any] = {"spec": {"containers": [{"name": "a", "imagePullPolicy": "IfNotPresent",
                                      "resources": {"requests": {"cpu": "1"}}}]},
             "status": {}}
     assert holds(live, want)
