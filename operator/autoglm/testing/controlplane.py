@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from autoglm.procs import die_with_parent, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ASSETS_SCRIPT = REPO_ROOT / ".ci" / "k8s-assets.sh"
@@ -68,20 +69,6 @@ def provision_assets() -> Path:
     if missing:
         raise ControlPlaneError(f"missing control-plane binaries in {bin_dir}: {missing}")
     return bin_dir
-
-
-def die_with_parent() -> None:
-    """In the child before exec: be killed if the process that started us dies, so a killed
-    test run leaves no control plane behind (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _write_pki(d: Path) -> None:

@@ -11,12 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from autoglm.testing.controlplane import (
-    ControlPlane,
-    ControlPlaneError,
-    die_with_parent,
-    free_port,
-)
+from autoglm.procs import die_with_parent, free_port
+from autoglm.testing.controlplane import ControlPlane, ControlPlaneError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 NAMESPACE = "autoglm-system"
