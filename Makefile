@@ -4,8 +4,13 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# Re-install when pyproject.toml changes; pip's cache makes a re-install cheap.
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# The virtualenv (torch with its CUDA libraries: ~7 GB) is built once per set of pinned
+# dependencies in ~/.cache/autoglm/venv/<hash>; each checkout links .venv to it and
+# installs itself in editable mode on top.
+DEPS_HASH := $(shell sed -n '/^dependencies/,/^\[project.scripts\]/p' pyproject.toml | sha1sum | cut -c1-12)
+VENV_HOME ?= $(HOME)/.cache/autoglm/venv
+VENV_CACHED := $(VENV_HOME)/$(DEPS_HASH)
+STAMP := .venv.$(DEPS_HASH).$(shell pwd | sha1sum | cut -c1-8).stamp
 PYTEST_ARGS ?=
 
 .PHONY: help venv k8s-assets lint test test-unit run demo bench crd
@@ -20,10 +25,16 @@ help:
 venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	@rm -f $(VENV)/.installed-* && touch $@
+	@if [ ! -f $(VENV_CACHED)/.complete ]; then \
+	  echo "building the virtualenv $(VENV_CACHED) (first time: several minutes)"; \
+	  rm -rf $(VENV_CACHED) && $(PYTHON) -m venv $(VENV_CACHED) && \
+	  $(VENV_CACHED)/bin/pip install -q --upgrade pip && \
+	  $(VENV_CACHED)/bin/pip install -q -e '.[dev]' && touch $(VENV_CACHED)/.complete; \
+	fi
+	@if [ -d $(VENV) ] && [ ! -L $(VENV) ]; then rm -rf $(VENV); fi
+	ln -sfn $(VENV_CACHED) $(VENV)
+	$(BIN)/pip install -q --no-deps -e .
+	@rm -f .venv.*.stamp && touch $@
 
 # Pinned etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok,
 # built once into ~/.cache/autoglm (see README).
@@ -51,4 +62,5 @@ demo: venv
 	@echo "not yet: the scripted tour arrives with the local-runtime issue"; exit 1
 
 bench: venv k8s-assets
-	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) $(BIN)/python bench/operator/run.py
+	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) $(BIN)/python bench/operator/bench_operator.py
+	$(BIN)/python bench/dataplane/bench_dataplane.py

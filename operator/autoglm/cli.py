@@ -51,6 +51,44 @@ def _validate(args: argparse.Namespace) -> int:
     return status
 
 
+def _model_build(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from autoglm.moe import PRESETS
+    from autoglm.repository import build
+
+    cfg = PRESETS[args.preset]
+    name = args.name
+    if args.spec:
+        from autoglm.spec import parse
+
+        with open(args.spec) as f:
+            doc = yaml.safe_load(f)
+        spec = parse(doc.get("spec") or {}, doc.get("metadata", {}).get("name", "model"))
+        cfg = dataclasses.replace(cfg, num_experts=spec.model.num_experts,
+                                  top_k=spec.model.top_k, layers=spec.model.layers)
+        name = name or spec.model.name
+    overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k),
+                                   ("layers", args.layers)) if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    for version in args.version:
+        built = build(Path(args.repository), name or "tiny-moe", version, cfg,
+                      force=args.force)
+        what = "built" if built.created else "already present"
+        print(f"{args.repository}: {built.name} version {version} {what} "
+              f"({cfg.num_experts} experts, top-{cfg.top_k}, {cfg.layers} layers)")
+    return 0
+
+
+def _triton_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autoglm.triton import serve
+
+    return serve(Path(args.repository), args.model, args.version, args.extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoglm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="check AutoGLMDeployment files offline")
     val.add_argument("files", nargs="+")
     val.set_defaults(fn=_validate)
+    model = sub.add_parser("model", help="model repository tools").add_subparsers(
+        dest="model_command", required=True)
+    mb = model.add_parser("build", help="write model versions into a Triton repository")
+    mb.add_argument("repository", help="the Triton model repository (created if missing)")
+    mb.add_argument("--version", type=int, action="append", required=True,
+                    help="version to build (repeatable)")
+    mb.add_argument("--name", help="model name (seeds the weights); default tiny-moe")
+    mb.add_argument("--preset", choices=["tiny", "bench"], default="tiny")
+    mb.add_argument("--spec", help="take the MoE shape from an AutoGLMDeployment file")
+    mb.add_argument("--experts", type=int)
+    mb.add_argument("--top-k", type=int)
+    mb.add_argument("--layers", type=int)
+    mb.add_argument("--force", action="store_true", help="rebuild an existing version")
+    mb.set_defaults(fn=_model_build)
+    ts = sub.add_parser("triton-serve",
+                        help="run tritonserver serving one model at one pinned version")
+    ts.add_argument("--repository", required=True)
+    ts.add_argument("--model", required=True)
+    ts.add_argument("--version", type=int, required=True)
+    ts.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
+    ts.set_defaults(fn=_triton_serve)
     args = parser.parse_args(argv)
     return int(args.fn(args))
 

@@ -55,7 +55,7 @@ def test_objects_are_wired_as_designed() -> None:
     dep = by[("Deployment", "tiny-a-expert-2")]
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert "--load-model=expert_2" in c["args"]
+    assert c["args"][:3] == ["--repository=/models", "--model=expert_2", "--version=1"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/expert_2/versions/1/ready"
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"

@@ -108,17 +108,10 @@ def expert_endpoint(instance: str, namespace: str, slot: Slot, expert: int) -> s
 def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
                     w: p.Workload) -> dict[str, Any]:
     t, m = spec.triton, spec.model
-    args = [
-        f"--model-repository={m.repository}",
-        "--model-control-mode=explicit",
-        f"--load-model={w.triton_model}",
-        f"--http-port={p.TRITON_HTTP_PORT}",
-        f"--grpc-port={p.TRITON_GRPC_PORT}",
-        f"--metrics-port={p.TRITON_METRICS_PORT}",
-        "--disable-auto-complete-config",
-        "--exit-timeout-secs=10",
-        *t.extra_args,
-    ]
+    # `autoglm triton-serve` runs tritonserver (explicit model control, ports 8000-8002) and
+    # loads exactly this model at exactly this version (autoglm/triton.py).
+    args = [f"--repository={m.repository}", f"--model={w.triton_model}",
+            f"--version={w.version}", "--", *t.extra_args]
     env = [
         {"name": "AUTOGLM_MODEL_VERSION", "value": str(w.version)},
         {"name": "AUTOGLM_SLOT", "value": w.slot},
@@ -150,7 +143,7 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
             "name": "triton",
             "image": t.image,
             "imagePullPolicy": t.image_pull_policy,
-            "command": ["tritonserver"],
+            "command": ["autoglm", "triton-serve"],
             "args": args,
             "env": env,
             "ports": TRITON_PORTS,

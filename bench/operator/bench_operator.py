@@ -8,7 +8,7 @@ Baseline, measured in the same run: `kubectl apply` of exactly the same child ob
 pre-rendered by the builders (no operator), until their Deployments are available. The
 ratio operator/baseline is the operator's overhead over the API work it cannot avoid.
 
-    make bench      (or: AUTOGLM_K8S_ASSETS=... .venv/bin/python bench/operator/run.py)
+    make bench      (or: AUTOGLM_K8S_ASSETS=... .venv/bin/python bench/operator/bench_operator.py)
 """
 
 from __future__ import annotations

@@ -1,0 +1,192 @@
+"""``router``: embedding, per-layer top-k gates, expert fan-out over gRPC, combine, head.
+
+Each selected expert gets only its tokens, every expert of a layer at once, on the replica
+with the fewest calls in flight (:mod:`autoglm.endpoints`). A failed call is retried once
+on the next replica; an expert with no reachable replica fails the request with a clear
+error within ``AUTOGLM_EXPERT_TIMEOUT_SECONDS``, and the router recovers by itself when a
+replica is back. Every answer carries the model version that computed it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
+
+from autoglm.endpoints import Balancer, NoReplica, Resolver
+from autoglm.moe import MoEConfig, Router, disaggregated_forward
+from autoglm.plan import expert_model
+
+MAX_TOKENS_PER_CALL = 4096  # the expert models' max_batch_size
+
+
+class ExpertUnavailable(RuntimeError):
+    pass
+
+
+# A replica that comes back is reconnected within a second or two, not gRPC's default
+# backoff of up to two minutes.
+CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def _connect(address: str) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(url=address, channel_args=CHANNEL_ARGS)
+
+
+def _close(client: grpcclient.InferenceServerClient) -> None:
+    client.close()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        d = Path(args["model_repository"]) / args["model_version"]
+        meta = json.loads((d / "moe.json").read_text())
+        self.version = int(args["model_version"])
+        self.cfg = MoEConfig(**meta["config"])
+        self.router = Router(self.cfg)
+        self.router.load_state_dict(torch.load(d / "weights.pt", weights_only=True))
+        self.router.eval()
+        self.timeout = float(os.environ.get("AUTOGLM_EXPERT_TIMEOUT_SECONDS", "10"))
+        self.resolver = Resolver.from_env()
+        self.balancer: Balancer[grpcclient.InferenceServerClient] = Balancer(_connect, _close)
+        self.pool = ThreadPoolExecutor(max_workers=2 * self.cfg.num_experts,
+                                       thread_name_prefix="fanout")
+        self._metrics()
+        self._refresh()
+        self._stop = threading.Event()
+        period = float(os.environ.get("AUTOGLM_RESOLVE_SECONDS", "2"))
+        self._resolver_thread = threading.Thread(target=self._resolve_loop, args=(period,),
+                                                 daemon=True)
+        self._resolver_thread.start()
+
+    def _metrics(self) -> None:
+        def family(name: str, doc: str, kind: Any) -> Any:
+            return pb_utils.MetricFamily(name=name, description=doc, kind=kind)
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        fams = {
+            "tokens": family("autoglm_expert_tokens_total",
+                             "Tokens the gate routed to each expert", counter),
+            "calls": family("autoglm_expert_calls_total", "Calls to each expert", counter),
+            "failures": family("autoglm_expert_call_failures_total",
+                               "Failed calls to each expert replica", counter),
+            "seconds": family("autoglm_expert_call_seconds_total",
+                              "Time spent in calls to each expert", counter),
+            "replicas": family("autoglm_expert_replicas",
+                               "Replicas of each expert the router knows", gauge),
+        }
+        self.m = {key: [fam.Metric(labels={"expert": str(i)})
+                        for i in range(self.cfg.num_experts)]
+                  for key, fam in fams.items()}
+        self._families = fams  # kept alive with their metrics
+
+    def _refresh(self) -> None:
+        self.balancer.update(self.resolver.resolve())
+        for i in range(self.cfg.num_experts):
+            self.m["replicas"][i].set(float(len(self.balancer.addresses(i))))
+
+    def _resolve_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                self._refresh()
+            except Exception as e:
+                pb_utils.Logger.log_warn(f"endpoint refresh failed: {e}")
+
+    # -- one expert call ---------------------------------------------------------------
+
+    def _call_replica(self, client: grpcclient.InferenceServerClient, expert: int, layer: int,
+                      h: NDArray[Any], timeout: float) -> NDArray[Any]:
+        outs = []
+        for start in range(0, h.shape[0], MAX_TOKENS_PER_CALL):
+            chunk = h[start:start + MAX_TOKENS_PER_CALL]
+            lay = grpcclient.InferInput("LAYER", [chunk.shape[0], 1], "INT32")
+            lay.set_data_from_numpy(np.full((chunk.shape[0], 1), layer, dtype=np.int32))
+            hid = grpcclient.InferInput("HIDDEN", list(chunk.shape), "FP32")
+            hid.set_data_from_numpy(chunk)
+            res = client.infer(expert_model(expert), [lay, hid],
+                               outputs=[grpcclient.InferRequestedOutput("OUTPUT")],
+                               client_timeout=timeout)
+            outs.append(res.as_numpy("OUTPUT"))
+        return np.concatenate(outs)
+
+    def _call(self, expert: int, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Try the replicas, least busy first, each at most once, within one timeout: a
+        dead replica refuses at once, so the next one still has time."""
+        arr = np.ascontiguousarray(h.numpy(), dtype=np.float32)
+        deadline = time.monotonic() + self.timeout
+        tried: list[str] = []
+        errors: list[str] = []
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                replica = self.balancer.acquire(expert, exclude=tried)
+            except NoReplica as e:
+                if not tried:
+                    errors.append(str(e))
+                break
+            t0 = time.monotonic()
+            try:
+                out = self._call_replica(replica.channel, expert, layer, arr, left)
+            except InferenceServerException as e:
+                self.balancer.release(replica, failed=True)
+                self.m["failures"][expert].increment(1.0)
+                tried.append(replica.address)
+                errors.append(f"{replica.address}: {e.message() or e}")
+                continue
+            finally:
+                self.m["seconds"][expert].increment(time.monotonic() - t0)
+            self.balancer.release(replica)
+            self.m["calls"][expert].increment(1.0)
+            return torch.from_numpy(out)
+        if not errors:
+            errors.append(f"no answer within {self.timeout:g} s")
+        raise ExpertUnavailable(f"expert {expert} unavailable: " + "; ".join(errors))
+
+    def _fanout(self, layer: int, sends: Mapping[int, torch.Tensor],
+                ) -> dict[int, torch.Tensor]:
+        futures = {e: self.pool.submit(self._call, e, layer, h) for e, h in sends.items()}
+        return {e: f.result() for e, f in futures.items()}
+
+    # -- Triton entry points -----------------------------------------------------------
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for r in requests:
+            ids = pb_utils.get_input_tensor_by_name(r, "INPUT_IDS").as_numpy()
+            try:
+                if ids.ndim != 2 or ids.shape[1] > self.cfg.max_seq:
+                    raise ValueError(f"INPUT_IDS must be [batch, seq<={self.cfg.max_seq}]")
+                if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+                    raise ValueError(f"INPUT_IDS must lie in [0, {self.cfg.vocab_size})")
+                with torch.no_grad():
+                    logits, tokens = disaggregated_forward(
+                        self.router, torch.from_numpy(ids.astype(np.int64)), self._fanout)
+            except (ValueError, ExpertUnavailable) as err:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(err))))
+                continue
+            for e, n in tokens.items():
+                self.m["tokens"][e].increment(float(n))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("LOGITS", logits.numpy().astype(np.float32)),
+                pb_utils.Tensor("MODEL_VERSION", np.array([self.version], dtype=np.int64)),
+            ]))
+        return responses
+
+    def finalize(self) -> None:
+        self._stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.balancer.close()

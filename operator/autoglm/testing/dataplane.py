@@ -1,0 +1,79 @@
+"""A router server and per-expert servers on this machine, wired by an endpoints file.
+
+The shape the local runtime runs, reduced to what tests and benchmarks drive by hand:
+add or kill expert replicas and watch the router follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoglm.plan import expert_model, router_model
+from autoglm.repository import read_meta
+from autoglm.triton import TritonServer
+
+
+@dataclass
+class DataPlane:
+    repository: Path
+    version: int
+    workdir: Path
+    resolve_seconds: float = 0.5
+    expert_timeout_seconds: float = 5.0
+    router: TritonServer | None = field(default=None, init=False)
+    experts: dict[int, list[TritonServer]] = field(default_factory=dict, init=False)
+
+    @property
+    def num_experts(self) -> int:
+        return int(read_meta(self.repository, self.version)["config"]["num_experts"])
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.workdir / "endpoints.json"
+
+    def write_endpoints(self) -> None:
+        """Atomically: the router re-reads the file while we write it."""
+        view = {str(e): [s.grpc_url for s in servers if s.popen is not None]
+                for e, servers in self.experts.items()}
+        tmp = self.endpoints_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(view))
+        os.replace(tmp, self.endpoints_file)
+
+    def add_replica(self, expert: int, grpc_port: int = 0) -> TritonServer:
+        n = len(self.experts.get(expert, []))
+        server = TritonServer(self.repository, {expert_model(expert): self.version},
+                              log_path=self.workdir / f"expert-{expert}-{n}.log",
+                              grpc_port=grpc_port)
+        server.start()
+        self.experts.setdefault(expert, []).append(server)
+        self.write_endpoints()
+        return server
+
+    def start(self, replicas: int = 1) -> DataPlane:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            for e in range(self.num_experts):
+                for _ in range(replicas):
+                    self.add_replica(e)
+            self.router = TritonServer(
+                self.repository, {router_model(): self.version},
+                env={"AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
+                     "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),
+                     "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
+                log_path=self.workdir / "router.log")
+            self.router.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def servers(self) -> list[TritonServer]:
+        return [*(s for ss in self.experts.values() for s in ss),
+                *([self.router] if self.router else [])]
+
+    def stop(self) -> None:
+        for s in self.servers():
+            s.stop()

@@ -1,0 +1,143 @@
+"""The data plane on real tritonserver processes: a router server and per-expert servers."""
+
+from __future__ import annotations
+
+import glob
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
+
+from autoglm.moe import PRESETS
+from autoglm.repository import build, load_reference
+from autoglm.testing import eventually
+from autoglm.testing.dataplane import DataPlane
+from autoglm.triton import SHM_PREFIX, TritonServer
+
+pytestmark = pytest.mark.triton
+VERSION = 1
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("repo")
+    build(path, "tiny-moe", VERSION, PRESETS["tiny"])
+    build(path, "tiny-moe", VERSION + 1, PRESETS["tiny"])  # coexists, never loaded
+    return path
+
+
+@pytest.fixture(scope="module")
+def plane(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPlane]:
+    dp = DataPlane(repo, VERSION, tmp_path_factory.mktemp("plane"))
+    dp.start(replicas=1)
+    try:
+        yield dp
+    finally:
+        dp.stop()
+        assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*"), "shared memory left behind"
+        assert all(s.popen is None for s in dp.servers())
+
+
+def infer(server: TritonServer, ids: NDArray[Any]) -> tuple[NDArray[Any], int]:
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        inp = httpclient.InferInput("INPUT_IDS", list(ids.shape), "INT64")
+        inp.set_data_from_numpy(ids)
+        res = c.infer("router", [inp])
+        return res.as_numpy("LOGITS"), int(res.as_numpy("MODEL_VERSION")[0])
+
+
+def metric(url: str, name: str, expert: int) -> float:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    m = re.search(rf'^{name}{{expert="{expert}"}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def check_against_reference(plane: DataPlane, repo: Path, rounds: int, seed: int) -> None:
+    assert plane.router is not None
+    ref = load_reference(repo, VERSION)
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        b, s = int(rng.integers(1, 4)), int(rng.integers(1, 17))
+        ids = rng.integers(0, ref.cfg.vocab_size, (b, s)).astype(np.int64)
+        logits, version = infer(plane.router, ids)
+        assert version == VERSION
+        expected = ref(torch.from_numpy(ids)).numpy()
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_equal_the_reference_with_1_2_and_3_replicas(plane: DataPlane,
+                                                             repo: Path) -> None:
+    assert plane.router is not None
+    # the server holds exactly the version it was told, though version 2 is on disk
+    base = f"http://{plane.router.http_url}/v2/models/router/versions"
+    assert urllib.request.urlopen(f"{base}/1/ready").status == 200
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{base}/2/ready")
+    check_against_reference(plane, repo, rounds=8, seed=1)
+    for replicas in (2, 3):
+        for e in range(plane.num_experts):
+            plane.add_replica(e)
+        new = [servers[-1] for servers in plane.experts.values()]
+        # within a resolve period the router sends the new replicas their share
+        url, want = plane.router.metrics_url, float(replicas)
+        eventually(lambda: all(metric(url, "autoglm_expert_replicas", e) == want  # noqa: B023
+                               for e in range(plane.num_experts)),
+                   f"the router to see {replicas} replicas per expert", timeout=30)
+        check_against_reference(plane, repo, rounds=12, seed=replicas)
+        for e, server in enumerate(new):
+            served = metric(server.metrics_url, "autoglm_expert_served_tokens_total", e)
+            assert served > 0, f"new replica of expert {e} got no traffic"
+
+
+def test_routed_token_counters_on_the_metrics_endpoint(plane: DataPlane) -> None:
+    assert plane.router is not None
+    url = plane.router.metrics_url
+    cfg = PRESETS["tiny"]
+    before = sum(metric(url, "autoglm_expert_tokens_total", e) for e in range(cfg.num_experts))
+    infer(plane.router, np.zeros((2, 7), dtype=np.int64) + 5)
+    after = sum(metric(url, "autoglm_expert_tokens_total", e) for e in range(cfg.num_experts))
+    assert after - before == cfg.layers * 2 * 7 * cfg.top_k
+    text = urllib.request.urlopen(url).read().decode()
+    for name in ("autoglm_expert_calls_total", "autoglm_expert_call_seconds_total",
+                 "autoglm_expert_replicas", "nv_inference_request_success"):
+        assert name in text
+
+
+def test_killed_replica_does_not_fail_requests(plane: DataPlane, repo: Path) -> None:
+    victim = plane.experts[0][0]
+    victim.kill()  # a crash: the endpoints file still lists it
+    check_against_reference(plane, repo, rounds=10, seed=7)
+    with grpcclient.InferenceServerClient(plane.router.grpc_url if plane.router else "") as c:
+        inp = grpcclient.InferInput("INPUT_IDS", [1, 4], "INT64")
+        inp.set_data_from_numpy(np.arange(4, dtype=np.int64).reshape(1, 4))
+        assert c.infer("router", [inp]).as_numpy("MODEL_VERSION")[0] == VERSION
+
+
+def test_unreachable_expert_fails_clearly_then_recovers(plane: DataPlane, repo: Path) -> None:
+    assert plane.router is not None
+    ports = [s.grpc_port for s in plane.experts[1]]
+    for s in plane.experts[1]:
+        s.kill()
+    ids = np.arange(64, dtype=np.int64).reshape(4, 16) % PRESETS["tiny"].vocab_size
+    with pytest.raises(InferenceServerException) as err:
+        infer(plane.router, ids)
+    assert "expert 1 unavailable" in str(err.value)
+    # back on the same address: no router restart, no endpoint change
+    plane.experts[1] = []
+    plane.add_replica(1, grpc_port=ports[0])
+    router = plane.router
+    eventually(lambda: infer(router, ids)[1] == VERSION, "requests to succeed again",
+               timeout=30)
+    check_against_reference(plane, repo, rounds=4, seed=11)
+    # and once the endpoints say only the new replica exists, the router agrees
+    eventually(lambda: metric(router.metrics_url, "autoglm_expert_replicas", 1) == 1.0,
+               "the router to drop the dead replicas", timeout=10)
