@@ -60,6 +60,8 @@ class TritonPythonModel:
         self.router = Router(self.cfg)
         self.router.load_state_dict(torch.load(d / "weights.pt", weights_only=True))
         self.router.eval()
+        # Instances scale out as processes; intra-op threads would only oversubscribe.
+        torch.set_num_threads(int(os.environ.get("AUTOGLM_TORCH_THREADS", "1")))
         self.timeout = float(os.environ.get("AUTOGLM_EXPERT_TIMEOUT_SECONDS", "10"))
         self.resolver = Resolver.from_env()
         self.balancer: Balancer[grpcclient.InferenceServerClient] = Balancer(_connect, _close)
