@@ -64,3 +64,4 @@ demo: venv
 bench: venv k8s-assets
 	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) $(BIN)/python bench/operator/bench_operator.py
 	$(BIN)/python bench/dataplane/bench_dataplane.py
+	$(BIN)/python bench/gateway/bench_gateway.py

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import tritonclient.http as httpclient
 
+from autoglm.local.dataplane import DataPlane
 from autoglm.moe import PRESETS
 from autoglm.plan import expert_model, router_model
 from autoglm.procs import free_port
 from autoglm.repository import build, load_reference
-from autoglm.testing.dataplane import DataPlane
 from autoglm.triton import TritonServer
 
 Call = Callable[[np.ndarray[Any, Any]], Any]

@@ -89,6 +89,88 @@ def _triton_serve(args: argparse.Namespace) -> int:
     return serve(Path(args.repository), args.model, args.version, args.extra)
 
 
+def _up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from autoglm.local.runtime import LocalError, LocalRuntime, default_home
+
+    rt = LocalRuntime(Path(args.file), gateway_port=args.port,
+                      prometheus_port=args.prometheus_port,
+                      home=Path(args.home) if args.home else default_home(),
+                      say=lambda m: print(m, flush=True))
+    stop = threading.Event()
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # while starting: unwind and clean up
+    try:
+        rt.start()
+    except LocalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; stopped everything", flush=True)
+        return 130
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    port = args.port
+    print(f"""
+  send requests (KServe v2 / Triton HTTP; tritonclient.http works unchanged):
+    curl -s localhost:{port}/v2/models/router
+    curl -s -X POST localhost:{port}/v2/models/router/infer -H 'Content-Type: application/json' \\
+      -d '{{"inputs":[{{"name":"INPUT_IDS","datatype":"INT64","shape":[1,4],"data":[1,2,3,4]}}]}}'
+  see it:   autoglm status      metrics: {rt.prometheus.url if rt.prometheus else ""}
+  roll a version: edit spec.model.version in {args.file} (the file is watched)
+  stop: Ctrl-C
+""", flush=True)
+    try:
+        rt.watch(stop)
+    finally:
+        print("stopping...", flush=True)
+        rt.stop()
+        print("stopped: no process, port or shared memory left", flush=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.parse
+    import urllib.request
+    from pathlib import Path
+
+    from autoglm.local.runtime import default_home
+
+    home = Path(args.home) if args.home else default_home()
+    files = sorted((home / "run").glob(f"{args.name or '*'}/status.json"))
+    if not files:
+        print("nothing is running (start it with: autoglm up examples/tiny.yaml)")
+        return 1
+    for f in files:
+        st = json.loads(f.read_text())
+        active = st["active"] or {}
+        print(f"{st['name']}: gateway {st['gateway']}, serving v{active.get('version')} "
+              f"from slot {active.get('slot')} (spec asks v{st['requested_version']})")
+        loads: dict[str, float] = {}
+        try:
+            q = urllib.parse.urlencode({"query": "sum by (expert) "
+                                        "(rate(autoglm_expert_tokens_total[30s]))"})
+            with urllib.request.urlopen(f"{st['prometheus']}/api/v1/query?{q}",
+                                        timeout=3) as r:
+                for s in json.loads(r.read())["data"]["result"]:
+                    loads[s["metric"]["expert"]] = float(s["value"][1])
+        except OSError:
+            print("  (Prometheus unreachable: no loads)")
+        for slot, s in st["slots"].items():
+            print(f"  slot {slot}: version {s['version']}, router {s['router']}")
+            for e, n in s["expert_replicas"].items():
+                load = f"{loads[e]:.1f} tokens/s" if e in loads else "-"
+                print(f"    expert {e}: {n} replica(s), load {load}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoglm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     ts.add_argument("--version", type=int, required=True)
     ts.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
     ts.set_defaults(fn=_triton_serve)
+    up = sub.add_parser("up", help="serve an AutoGLMDeployment file on this machine")
+    up.add_argument("file")
+    up.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    up.add_argument("--prometheus-port", type=int, default=9090)
+    up.add_argument("--home", help="state, models and logs (default ~/.cache/autoglm)")
+    up.set_defaults(fn=_up)
+    st = sub.add_parser("status", help="what `autoglm up` is serving")
+    st.add_argument("name", nargs="?")
+    st.add_argument("--home")
+    st.set_defaults(fn=_status)
     args = parser.parse_args(argv)
     return int(args.fn(args))
 

@@ -17,10 +17,10 @@ import tritonclient.http as httpclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from autoglm.local.dataplane import DataPlane
 from autoglm.moe import PRESETS
 from autoglm.repository import build, load_reference
 from autoglm.testing import eventually
-from autoglm.testing.dataplane import DataPlane
 from autoglm.triton import SHM_PREFIX, TritonServer
 
 pytestmark = pytest.mark.triton

@@ -1,13 +1,13 @@
-"""A router server and per-expert servers on this machine, wired by an endpoints file.
-
-The shape the local runtime runs, reduced to what tests and benchmarks drive by hand:
-add or kill expert replicas and watch the router follow.
+"""One slot's Triton servers on this machine: a router and servers per expert replica,
+wired by an endpoints file the router re-reads (the local counterpart of a headless
+Service). Replicas can be added and removed while serving.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,17 +58,31 @@ class DataPlane:
             for e in range(self.num_experts):
                 for _ in range(replicas):
                     self.add_replica(e)
-            self.router = TritonServer(
-                self.repository, {router_model(): self.version},
-                env={"AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
-                     "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),
-                     "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
-                log_path=self.workdir / "router.log")
-            self.router.start()
+            self.start_router()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_router(self) -> TritonServer:
+        self.router = TritonServer(
+            self.repository, {router_model(): self.version},
+            env={"AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
+                 "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),
+                 "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
+            log_path=self.workdir / "router.log")
+        self.router.start()
+        return self.router
+
+    def remove_replica(self, expert: int) -> None:
+        """Take the newest replica out of the router's view first, then stop it."""
+        servers = self.experts.get(expert, [])
+        if len(servers) <= 1:
+            return
+        victim = servers.pop()
+        self.write_endpoints()
+        time.sleep(2 * self.resolve_seconds)  # the router has stopped choosing it
+        victim.stop()
 
     def servers(self) -> list[TritonServer]:
         return [*(s for ss in self.experts.values() for s in ss),

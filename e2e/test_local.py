@@ -1,0 +1,179 @@
+"""`autoglm up` end to end: real Triton servers, a real Prometheus, the gateway."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+
+from autoglm.procs import die_with_parent, free_port
+from autoglm.repository import load_reference
+from autoglm.testing import eventually
+from autoglm.triton import SHM_PREFIX
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Up:
+    popen: subprocess.Popen[str]
+    file: Path
+    home: Path
+    port: int
+    prometheus_port: int
+    lines: list[str] = field(default_factory=list)
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+
+def start_up(file: Path, home: Path) -> Up:
+    port, pport = free_port(), free_port()
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
+         f"--prometheus-port={pport}", f"--home={home}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, preexec_fn=die_with_parent)
+    up = Up(popen, file, home, port, pport)
+
+    def read() -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            up.lines.append(line.rstrip())
+
+    threading.Thread(target=read, daemon=True).start()
+    return up
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    home = tmp_path_factory.mktemp("home")
+    file = home / "tiny.yaml"
+    shutil.copy(ROOT / "examples" / "tiny.yaml", file)
+    u = start_up(file, home)
+    try:
+        eventually(lambda: u.said("serving tiny") or u.popen.poll() is not None,
+                   "autoglm up to serve", timeout=300)
+        assert u.popen.poll() is None, "\n".join(u.lines)
+        yield u
+    finally:
+        if u.popen.poll() is None:
+            os.killpg(u.popen.pid, signal.SIGTERM)
+        code = u.popen.wait(timeout=120)
+        print("\n".join(u.lines))
+    # clean shutdown: exit 0, nothing left
+    assert code == 0
+    assert u.said("stopped: no process")
+    assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*")
+    assert not port_open(u.port) and not port_open(u.prometheus_port)
+    out = subprocess.run(["pgrep", "-s", str(u.popen.pid)], capture_output=True, text=True)
+    assert out.stdout == "", "processes of the session are left"
+
+
+def test_thousand_requests_through_the_gateway(up: Up) -> None:
+    ref = load_reference(up.home / "models" / "tiny", 1)
+    rng = np.random.default_rng(0)
+    work = [rng.integers(0, ref.cfg.vocab_size, (int(rng.integers(1, 3)),
+                                                 int(rng.integers(1, 9)))).astype(np.int64)
+            for _ in range(1000)]
+    failures: list[str] = []
+    results: dict[int, tuple[np.ndarray, int]] = {}  # type: ignore[type-arg]
+
+    def client(k: int) -> None:
+        with httpclient.InferenceServerClient(f"127.0.0.1:{up.port}") as c:  # keep-alive
+            for i in range(k, len(work), 4):
+                inp = httpclient.InferInput("INPUT_IDS", list(work[i].shape), "INT64")
+                inp.set_data_from_numpy(work[i])
+                try:
+                    r = c.infer("router", [inp])
+                    results[i] = (r.as_numpy("LOGITS"), int(r.as_numpy("MODEL_VERSION")[0]))
+                except Exception as e:
+                    failures.append(f"{i}: {e}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and len(results) == 1000
+    for i, ids in enumerate(work):
+        logits, version = results[i]
+        assert version == 1
+        np.testing.assert_allclose(logits, ref(torch.from_numpy(ids)).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_prometheus_scrapes_router_experts_and_gateway(up: Up) -> None:
+    def up_targets() -> list[dict[str, object]] | None:
+        q = urllib.parse.urlencode({"query": 'up{job="autoglm"} == 1'})
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{up.prometheus_port}/api/v1/query?{q}") as r:
+            res = json.loads(r.read())["data"]["result"]
+        return res if len(res) == 6 else None  # router, 4 experts, gateway
+
+    eventually(up_targets, "Prometheus to scrape all six targets", timeout=30)
+    q = urllib.parse.urlencode({"query": "sum(autoglm_gateway_requests_total)"})
+    with urllib.request.urlopen(f"http://127.0.0.1:{up.prometheus_port}/api/v1/query?{q}") as r:
+        assert json.loads(r.read())["data"]["result"], "gateway metrics scraped"
+
+
+def test_status_shows_slots_versions_replicas(up: Up) -> None:
+    out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", f"--home={up.home}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "serving v1 from slot a" in out
+    assert "expert 3: 1 replica(s)" in out
+
+
+def test_invalid_change_is_reported_and_changes_nothing(up: Up) -> None:
+    good = up.file.read_text()
+    up.file.write_text(good.replace("topK: 2", "topK: 9"))
+    eventually(lambda: up.said("not applied, still serving as before")
+               and up.said("spec.model.topK"), "the invalid change to be reported")
+    with httpclient.InferenceServerClient(f"127.0.0.1:{up.port}") as c:
+        inp = httpclient.InferInput("INPUT_IDS", [1, 3], "INT64")
+        inp.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.int64))
+        assert c.infer("router", [inp]).as_numpy("MODEL_VERSION")[0] == 1
+    up.file.write_text(good)
+    eventually(lambda: up.said("applied the change"), "the good file to be applied")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("kind: AutoGLMDeployment\nmetadata: {name: x\nspec: [", "not valid YAML"),
+    ((ROOT / "examples" / "tiny.yaml").read_text().replace("topK: 2", "topK: 7"),
+     "spec.model.topK: model.topK must not exceed model.numExperts"),
+])
+def test_bad_files_give_a_clear_error_and_start_nothing(tmp_path: Path, content: str,
+                                                        message: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    u = start_up(bad, tmp_path / "home")
+    t0 = time.monotonic()
+    assert u.popen.wait(timeout=60) == 2
+    time.sleep(0.2)
+    assert any(message in line for line in u.lines), u.lines
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "home" / "run").exists(), "nothing was started"
+    assert not port_open(u.port)

@@ -1,0 +1,1 @@
+"""The L7 gateway in front of the active slot."""

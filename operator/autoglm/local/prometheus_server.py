@@ -1,0 +1,105 @@
+"""A real Prometheus for the local runtime, scraping every server it is told about."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from autoglm.procs import die_with_parent
+
+
+def prometheus_binary() -> Path:
+    """``$AUTOGLM_PROMETHEUS``, ``prometheus`` on PATH, or the copy .ci/prometheus.sh
+    unpacked from Debian's package."""
+    cache = Path(os.environ.get("AUTOGLM_CACHE", Path.home() / ".cache" / "autoglm"))
+    for candidate in (os.environ.get("AUTOGLM_PROMETHEUS"), shutil.which("prometheus"),
+                      str(cache / "prometheus" / "usr" / "bin" / "prometheus")):
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise FileNotFoundError("Prometheus not found: run `bash .ci/prometheus.sh` (make run and "
+                            "make test do) or install Debian's `prometheus` package")
+
+
+class PrometheusServer:
+    def __init__(self, workdir: Path, port: int, scrape_interval: str = "1s") -> None:
+        self.workdir, self.port, self.interval = workdir, port, scrape_interval
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def targets_file(self) -> Path:
+        return self.workdir / "prometheus-targets.json"
+
+    def set_targets(self, groups: dict[str, list[str]]) -> None:
+        """Scrape targets by component (file-based discovery: re-read within a second)."""
+        sd = [{"targets": targets, "labels": {"component": component}}
+              for component, targets in groups.items()]
+        tmp = self.targets_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sd))
+        os.replace(tmp, self.targets_file)
+
+    def start(self, timeout: float = 30.0) -> PrometheusServer:
+        binary = prometheus_binary()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.targets_file.exists():
+            self.set_targets({})
+        config = self.workdir / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
+            "scrape_configs": [{"job_name": "autoglm", "file_sd_configs": [
+                {"files": [str(self.targets_file)], "refresh_interval": "1s"}]}],
+        }))
+        self._log = (self.workdir / "prometheus.log").open("ab")
+        self.popen = subprocess.Popen(
+            [str(binary), f"--config.file={config}",
+             f"--storage.tsdb.path={self.workdir / 'prometheus-data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=die_with_parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.popen.returncode}; see "
+                                   f"{self.workdir / 'prometheus.log'}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"{self.url}/-/ready", timeout=1) as r:
+                if r.status == 200:
+                    return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"prometheus not ready after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def query(self, promql: str) -> list[dict[str, object]]:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return list(json.loads(r.read())["data"]["result"])
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+            self.popen = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
