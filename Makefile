@@ -13,7 +13,7 @@ VENV_CACHED := $(VENV_HOME)/$(DEPS_HASH)
 STAMP := .venv.$(DEPS_HASH).$(shell pwd | sha1sum | cut -c1-8).stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-assets lint test test-unit run demo bench crd
+.PHONY: help venv k8s-assets prometheus lint test test-unit run demo bench crd
 
 help:
 	@echo "make run    - set up, then 'autoglm up examples/tiny.yaml' (the local runtime)"
@@ -48,18 +48,22 @@ lint: venv
 test-unit: venv
 	$(BIN)/pytest -m "not k8s and not triton and not prometheus and not e2e" $(PYTEST_ARGS)
 
-test: lint
+test: lint prometheus
 	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) && export AUTOGLM_K8S_ASSETS && \
 	  $(BIN)/pytest $(PYTEST_ARGS)
 
 crd: venv
 	$(BIN)/autoglm crd > crds/autoglmdeployments.autoglm.io.yaml
 
-run: venv
-	@echo "not yet: 'autoglm up' arrives with the local-runtime issue"; exit 1
+# Debian's Prometheus, unpacked into ~/.cache/autoglm (no service is installed).
+prometheus:
+	@bash .ci/prometheus.sh >/dev/null
 
-demo: venv
-	@echo "not yet: the scripted tour arrives with the local-runtime issue"; exit 1
+run: venv prometheus
+	$(BIN)/autoglm up examples/tiny.yaml
+
+demo: venv prometheus
+	$(BIN)/python examples/demo.py
 
 bench: venv k8s-assets
 	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) $(BIN)/python bench/operator/bench_operator.py
