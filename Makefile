@@ -42,7 +42,7 @@ k8s-assets:
 	@bash .ci/k8s-assets.sh >/dev/null
 
 lint: venv
-	$(BIN)/ruff check operator tests bench e2e
+	$(BIN)/ruff check operator tests bench e2e examples
 	$(BIN)/mypy
 
 test-unit: venv

@@ -171,6 +171,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    from autoglm.gateway.k8s import run
+    from autoglm.k8s.api import load_client
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run(args.deployment, args.namespace, args.port, args.metrics_port, load_client(),
+               host=args.host)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoglm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     ts.add_argument("--version", type=int, required=True)
     ts.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
     ts.set_defaults(fn=_triton_serve)
+    gw = sub.add_parser("gateway", help="run the gateway of one AutoGLMDeployment (in a pod)")
+    gw.add_argument("--deployment", required=True)
+    gw.add_argument("--namespace", required=True)
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--metrics-port", type=int, default=8002)
+    gw.add_argument("--host", default="0.0.0.0")
+    gw.set_defaults(fn=_gateway)
     up = sub.add_parser("up", help="serve an AutoGLMDeployment file on this machine")
     up.add_argument("file")
     up.add_argument("--port", type=int, default=8000, help="the gateway's port")

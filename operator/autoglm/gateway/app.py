@@ -76,6 +76,7 @@ class Gateway:
         app = web.Application(client_max_size=256 * 2**20)
         app.router.add_get("/v2/health/live", self._live)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/routing", self._routing)
         app.router.add_route("*", "/v2{tail:.*}", self._forward)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -92,6 +93,11 @@ class Gateway:
 
     async def _live(self, _: web.Request) -> web.Response:
         return web.Response(text="")
+
+    async def _routing(self, _: web.Request) -> web.Response:
+        t = self.routing.active
+        body = {"slot": t.slot, "version": t.version, "url": t.url} if t else None
+        return web.Response(text=json.dumps(body), content_type="application/json")
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
@@ -145,11 +151,12 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class GatewayServer:
-    """The gateway on its own event loop in a thread, for the local runtime and tests."""
+    """The gateway on its own event loop in a thread; metrics also on ``metrics_port``."""
 
-    def __init__(self, routing: Routing, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, routing: Routing, port: int, host: str = "127.0.0.1",
+                 metrics_port: int | None = None) -> None:
         self.gateway = Gateway(routing)
-        self.host, self.port = host, port
+        self.host, self.port, self.metrics_port = host, port, metrics_port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="gateway")
@@ -165,6 +172,8 @@ class GatewayServer:
             self._runner = web.AppRunner(self.gateway.app(), access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, self.host, self.port).start()
+            if self.metrics_port:
+                await web.TCPSite(self._runner, self.host, self.metrics_port).start()
 
         self._run(up)
         return self

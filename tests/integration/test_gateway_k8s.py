@@ -1,0 +1,103 @@
+"""The gateway on the real control plane: it follows the resource's routing state, under the
+least-privilege identity the operator gives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from autoglm import plan as p
+from autoglm.k8s import builders
+from autoglm.k8s.api import Api
+from autoglm.procs import die_with_parent, free_port
+from autoglm.spec import API_VERSION, KIND, parse
+from autoglm.testing import eventually
+from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.operator import REPO_ROOT, install
+
+pytestmark = pytest.mark.k8s
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_gateway_follows_the_active_slot(control_plane: ControlPlane, api: client.ApiClient,
+                                         namespace: str, tmp_path: Path) -> None:
+    install(control_plane)
+    rest = Api(api)
+    doc = yaml.safe_load((REPO_ROOT / "examples" / "tiny.yaml").read_text())
+    doc["metadata"]["namespace"] = namespace
+    created = rest.create(doc)
+    spec = parse(doc["spec"], "tiny")
+    owner = builders.owner_reference("tiny", created["metadata"]["uid"])
+    for obj in builders.gateway_objects("tiny", namespace, owner, spec)[:3]:  # SA, Role, RB
+        rest.create(obj)
+
+    def set_active(slot: str, version: int) -> None:
+        rest.patch(API_VERSION, KIND, namespace, "tiny",
+                   {"status": {"activeSlot": slot, "activeVersion": version}},
+                   subresource="status")
+
+    set_active("a", 1)
+    token = control_plane.kubectl("create", "token", "tiny-gateway", "-n", namespace
+                                  ).stdout.strip()
+    kc = control_plane.write_kubeconfig(tmp_path / "gw.kubeconfig", token, "gateway")
+    port, metrics = free_port(), free_port()
+    log = (tmp_path / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoglm.cli", "gateway", "--deployment=tiny",
+         f"--namespace={namespace}", f"--port={port}", f"--metrics-port={metrics}",
+         "--host=127.0.0.1"],
+        env=dict(os.environ, KUBECONFIG=str(kc)), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        def routing() -> dict[str, Any] | None:
+            status, body = get(f"http://127.0.0.1:{port}/routing")
+            return json.loads(body) if status == 200 else None
+
+        r = eventually(lambda: (x := routing()) and x["slot"] == "a" and x, "slot a")
+        assert r == {"slot": "a", "version": 1,
+                     "url": f"http://tiny-a-router.{namespace}.svc:{p.TRITON_HTTP_PORT}"}
+        t0 = time.monotonic()
+        set_active("b", 2)
+        eventually(lambda: (routing() or {}).get("slot") == "b", "the flip to slot b",
+                   interval=0.02)
+        print(f"gateway followed the flip in {time.monotonic() - t0:.3f} s")
+        assert (routing() or {})["version"] == 2
+        # the router's name does not resolve here: a clear 502, after one retry
+        status, body = get(f"http://127.0.0.1:{port}/v2/models/router")
+        assert status == 502 and b"slot b unreachable" in body
+        status, body = get(f"http://127.0.0.1:{metrics}/metrics")
+        assert status == 200
+        assert b'autoglm_gateway_requests_total{code="502",slot="b",version="2"} 1.0' in body
+        assert b'autoglm_gateway_retries_total{slot="b"} 1.0' in body
+        # its Role grants reading this resource only
+        sa = f"system:serviceaccount:{namespace}:tiny-gateway"
+        for verb, what, allowed in (("get", "autoglmdeployments/tiny", "yes"),
+                                    ("get", "autoglmdeployments/other", "no"),
+                                    ("patch", "autoglmdeployments/tiny", "no"),
+                                    ("list", "secrets", "no")):
+            out = control_plane.kubectl("auth", "can-i", "--as", sa, "-n", namespace, verb,
+                                        what, check=False).stdout.strip()
+            assert out == allowed, (verb, what)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log.close()
