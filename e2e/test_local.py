@@ -28,7 +28,7 @@ from autoglm.repository import load_reference
 from autoglm.testing import eventually
 from autoglm.triton import SHM_PREFIX
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
 
 
