@@ -143,7 +143,7 @@ def test_prometheus_scrapes_router_experts_and_gateway(up: Up) -> None:
 def test_status_shows_slots_versions_replicas(up: Up) -> None:
     out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", f"--home={up.home}"],
                          capture_output=True, text=True, check=True).stdout
-    assert "serving v1 from slot a" in out
+    assert "serving v1 from slot a (spec asks v1); swap Idle" in out
     assert "expert 3: 1 replica(s)" in out
 
 

@@ -123,7 +123,8 @@ def _up(args: argparse.Namespace) -> int:
     curl -s -X POST localhost:{port}/v2/models/router/infer -H 'Content-Type: application/json' \\
       -d '{{"inputs":[{{"name":"INPUT_IDS","datatype":"INT64","shape":[1,4],"data":[1,2,3,4]}}]}}'
   see it:   autoglm status      metrics: {rt.prometheus.url if rt.prometheus else ""}
-  roll a version: edit spec.model.version in {args.file} (the file is watched)
+  roll a version: edit spec.model.version in {args.file} (the file is watched;
+    the new version loads beside the old one and takes traffic once it answers the canary)
   stop: Ctrl-C
 """, flush=True)
     try:
@@ -152,7 +153,8 @@ def _status(args: argparse.Namespace) -> int:
         st = json.loads(f.read_text())
         active = st["active"] or {}
         print(f"{st['name']}: gateway {st['gateway']}, serving v{active.get('version')} "
-              f"from slot {active.get('slot')} (spec asks v{st['requested_version']})")
+              f"from slot {active.get('slot')} (spec asks v{st['requested_version']}); "
+              f"swap {st['phase']}{': ' + st['reason'] if st['reason'] else ''}")
         loads: dict[str, float] = {}
         try:
             q = urllib.parse.urlencode({"query": "sum by (expert) "
@@ -164,7 +166,7 @@ def _status(args: argparse.Namespace) -> int:
         except OSError:
             print("  (Prometheus unreachable: no loads)")
         for slot, s in st["slots"].items():
-            print(f"  slot {slot}: version {s['version']}, router {s['router']}")
+            print(f"  slot {slot} ({s['role']}): version {s['version']}, router {s['router']}")
             for e, n in s["expert_replicas"].items():
                 load = f"{loads[e]:.1f} tokens/s" if e in loads else "-"
                 print(f"    expert {e}: {n} replica(s), load {load}")

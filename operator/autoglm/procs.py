@@ -1,9 +1,19 @@
-"""Helpers for the processes AutoGLM starts (Triton servers, test control planes)."""
+"""Helpers for the processes AutoGLM starts (Triton servers, Prometheus, test control planes).
+
+Each runs in a session of its own (so its whole process group can be signalled) and dies
+with the process that started it, so a killed parent leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
+import subprocess
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import IO
 
 
 def die_with_parent() -> None:
@@ -18,3 +28,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn(cmd: Sequence[str], log: IO[bytes] | None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session, output to ``log`` (None: our stdout)."""
+    return subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=die_with_parent)
+
+
+def terminate(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+              timeout: float = 15.0) -> None:
+    """Signal the process group, wait, and SIGKILL the group if it lingers or leaves
+    children behind."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait(timeout=10)
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET ``url`` answers 200 (any failure: no)."""
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=timeout) as r:
+        return bool(r.status == 200)
+    return False

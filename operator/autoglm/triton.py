@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from autoglm.procs import die_with_parent, free_port
+from autoglm.procs import free_port, http_ok, spawn, terminate
 from autoglm.repository import pinned_config
 
 SHM_PREFIX = "triton_python_backend_shm_region_autoglm_"
@@ -146,9 +146,7 @@ class TritonServer:
         ]
         # no log file: tritonserver writes to our stdout (a pod's log)
         self._log = self.log_path.open("ab") if self.log_path else None
-        self.popen = subprocess.Popen(cmd, env=server_env(self.env), stdout=self._log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True, preexec_fn=die_with_parent)
+        self.popen = spawn(cmd, self._log, server_env(self.env))
         try:
             deadline = time.monotonic() + timeout
             self._wait("/v2/health/live", deadline)
@@ -183,9 +181,8 @@ class TritonServer:
             if self.popen.poll() is not None:
                 raise TritonError(f"tritonserver exited with {self.popen.returncode}:\n"
                                   f"{self.log_tail()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+            if http_ok(url, timeout=2):
+                return
             if time.monotonic() > deadline:
                 raise TritonError(f"timed out waiting for {url}\n{self.log_tail()}")
             time.sleep(0.1)
@@ -203,25 +200,18 @@ class TritonServer:
         if self.popen is not None and sig == signal.SIGTERM and self.popen.poll() is None:
             self.unload_all()
         if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-            # the Python backend's stubs are in the server's process group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
+            terminate(self.popen, sig)  # the Python backend's stubs are in its group too
             self.popen = None
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._shm:
-            for f in glob.glob(f"/dev/shm/{self._shm}*"):
-                with contextlib.suppress(OSError):
-                    os.unlink(f)
+        for f in self.shm_regions():
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+
+    def shm_regions(self) -> list[str]:
+        """This server's Python-backend shared-memory regions in /dev/shm."""
+        return glob.glob(f"/dev/shm/{self._shm}*") if self._shm else []
 
     def kill(self) -> None:
         """As a crash would."""

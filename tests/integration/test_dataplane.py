@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from autoglm.local.dataplane import DataPlane
 from autoglm.moe import PRESETS
 from autoglm.repository import build, load_reference
 from autoglm.testing import eventually
-from autoglm.triton import SHM_PREFIX, TritonServer
+from autoglm.triton import TritonServer
 
 pytestmark = pytest.mark.triton
 VERSION = 1
@@ -43,7 +42,7 @@ def plane(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Data
         yield dp
     finally:
         dp.stop()
-        assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*"), "shared memory left behind"
+        assert not [f for s in dp.servers() for f in s.shm_regions()], "shared memory left"
         assert all(s.popen is None for s in dp.servers())
 
 

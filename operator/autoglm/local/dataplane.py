@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class DataPlane:
     resolve_seconds: float = 0.5
     expert_timeout_seconds: float = 5.0
     router: TritonServer | None = field(default=None, init=False)
+    closed: bool = field(default=False, init=False)  # stopped: starts nothing more
     experts: dict[int, list[TritonServer]] = field(default_factory=dict, init=False)
 
     @property
@@ -49,14 +51,20 @@ class DataPlane:
                               grpc_port=grpc_port)
         server.start()
         self.experts.setdefault(expert, []).append(server)
+        if self.closed:  # stopped while this replica was starting
+            server.stop()
+            raise RuntimeError("slot stopped")
         self.write_endpoints()
         return server
 
-    def start(self, replicas: int = 1) -> DataPlane:
+    def start(self, replicas: int | Sequence[int] = 1) -> DataPlane:
+        """Expert servers (``replicas`` each, or per expert), then the router."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        counts = ([replicas] * self.num_experts if isinstance(replicas, int)
+                  else list(replicas))
         try:
             for e in range(self.num_experts):
-                for _ in range(replicas):
+                for _ in range(counts[e]):
                     self.add_replica(e)
             self.start_router()
         except BaseException:
@@ -72,6 +80,9 @@ class DataPlane:
                  "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
             log_path=self.workdir / "router.log")
         self.router.start()
+        if self.closed:
+            self.router.stop()
+            raise RuntimeError("slot stopped")
         return self.router
 
     def remove_replica(self, expert: int) -> None:
@@ -84,10 +95,21 @@ class DataPlane:
         time.sleep(2 * self.resolve_seconds)  # the router has stopped choosing it
         victim.stop()
 
+    def failure(self) -> str | None:
+        """A server that died on its own, if any."""
+        for s in self.servers():
+            if s.popen is not None and s.popen.poll() is not None:
+                return f"a server of {s.models} exited with {s.popen.returncode}"
+        return None
+
+    def replica_counts(self) -> list[int]:
+        return [len(self.experts.get(e, [])) for e in range(self.num_experts)]
+
     def servers(self) -> list[TritonServer]:
         return [*(s for ss in self.experts.values() for s in ss),
                 *([self.router] if self.router else [])]
 
     def stop(self) -> None:
+        self.closed = True
         for s in self.servers():
             s.stop()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -16,7 +14,7 @@ from typing import IO
 
 import yaml
 
-from autoglm.procs import die_with_parent
+from autoglm.procs import http_ok, spawn, terminate
 
 
 def prometheus_binary() -> Path:
@@ -65,21 +63,17 @@ class PrometheusServer:
                 {"files": [str(self.targets_file)], "refresh_interval": "1s"}]}],
         }))
         self._log = (self.workdir / "prometheus.log").open("ab")
-        self.popen = subprocess.Popen(
+        self.popen = spawn(
             [str(binary), f"--config.file={config}",
              f"--storage.tsdb.path={self.workdir / 'prometheus-data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent)
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self._log)
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"prometheus exited with {self.popen.returncode}; see "
                                    f"{self.workdir / 'prometheus.log'}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"{self.url}/-/ready", timeout=1) as r:
-                if r.status == 200:
-                    return self
+            if http_ok(f"{self.url}/-/ready"):
+                return self
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"prometheus not ready after {timeout:.0f}s")
@@ -92,13 +86,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+            terminate(self.popen)
             self.popen = None
         if self._log is not None:
             self._log.close()

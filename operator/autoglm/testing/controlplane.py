@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import tempfile
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from autoglm.procs import die_with_parent, free_port
+from autoglm.procs import free_port, spawn, terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ASSETS_SCRIPT = REPO_ROOT / ".ci" / "k8s-assets.sh"
@@ -285,15 +284,7 @@ class ControlPlane:
     def stop(self) -> None:
         """Stop every process (TERM, then KILL) and remove the working directory."""
         for p in reversed(self._procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.popen.pid, signal.SIGTERM)
-        for p in reversed(self._procs):
-            try:
-                p.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.popen.pid, signal.SIGKILL)
-                p.popen.wait(timeout=10)
+            terminate(p.popen, timeout=10)
             p.log.close()
         self._procs.clear()
         if getattr(self, "workdir", None) and self.workdir.exists():
@@ -332,11 +323,7 @@ class ControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("wb")
-        popen = subprocess.Popen(
-            [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
-        )
-        self._procs.append(_Proc(name, popen, log))
+        self._procs.append(_Proc(name, spawn([str(self.bin_dir / name), *args], log), log))
 
     def _check_alive(self) -> None:
         for p in self._procs:

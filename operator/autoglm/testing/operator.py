@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from autoglm.procs import die_with_parent, free_port
+from autoglm.procs import free_port, http_ok, spawn, terminate
 from autoglm.testing.controlplane import ControlPlane, ControlPlaneError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -49,37 +47,23 @@ class OperatorProcess:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
                    AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds),
                    AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds))
-        log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "autoglm.cli", "operator",
-             f"--liveness=http://127.0.0.1:{self.port}/healthz"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent)
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.popen = spawn([sys.executable, "-m", "autoglm.cli", "operator",
+                                f"--liveness=http://127.0.0.1:{self.port}/healthz"], log, env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise ControlPlaneError(f"operator exited with {self.popen.returncode}:\n"
                                         f"{self.log_tail()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
+            if http_ok(f"http://127.0.0.1:{self.port}/healthz"):
+                return
             time.sleep(0.2)
         raise ControlPlaneError(f"operator not healthy after {timeout}s:\n{self.log_tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        if self.popen is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, sig)
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=10)
-        self.popen = None
+        if self.popen is not None:
+            terminate(self.popen, sig, timeout)
+            self.popen = None
 
     def kill(self) -> None:
         """As a crash would: SIGKILL, no cleanup."""
