@@ -1,8 +1,8 @@
 """`make demo`: a scripted tour of the local runtime that exits 0.
 
 Starts `autoglm up` on a copy of examples/tiny.yaml, sends traffic through the gateway
-with the stock Triton client, asks for another version, scales the experts by editing the
-file, and shows `autoglm status` along the way.
+with the stock Triton client, rolls to another version and back (double-buffered), scales
+the experts by editing the file, and shows `autoglm status` along the way.
 """
 
 from __future__ import annotations
@@ -76,10 +76,16 @@ def main() -> int:
         print("demo: 2. traffic through the gateway with the stock tritonclient.http")
         traffic(200)
         status()
-        print("demo: 3. ask for version 2 by editing spec.model.version")
+        print("demo: 3. roll to version 2 by editing spec.model.version: it loads beside v1, "
+              "answers the canary, then takes traffic; v1 stays warm")
         mark = len(lines)
         file.write_text(file.read_text().replace("version: 1", "version: 2"))
-        wait_for("applied the change", since=mark)
+        wait_for("Flipped", since=mark)
+        traffic(50)
+        print("demo:    and back to version 1: the warm slot takes traffic at once")
+        mark = len(lines)
+        file.write_text(file.read_text().replace("version: 2", "version: 1"))
+        wait_for("Flipped", since=mark)
         traffic(50)
         print("demo: 4. more capacity per expert: experts.minReplicas 1 -> 2")
         mark = len(lines)
