@@ -22,7 +22,11 @@ help:
 	@echo "make bench  - every benchmark, printing its figures"
 	@echo "make crd    - regenerate crds/ from the typed spec"
 
+# The shared virtualenv holds one editable install: point it at this checkout if another
+# checkout took it over since.
 venv: $(STAMP)
+	@$(BIN)/python -c "import autoglm, sys; sys.exit(not autoglm.__file__.startswith('$(CURDIR)/'))" \
+	  2>/dev/null || $(BIN)/pip install -q --no-deps -e .
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
 	@if [ ! -f $(VENV_CACHED)/.complete ]; then \
