@@ -170,10 +170,8 @@ def test_bad_files_give_a_clear_error_and_start_nothing(tmp_path: Path, content:
     bad = tmp_path / "bad.yaml"
     bad.write_text(content)
     u = start_up(bad, tmp_path / "home")
-    t0 = time.monotonic()
     assert u.popen.wait(timeout=60) == 2
     time.sleep(0.2)
     assert any(message in line for line in u.lines), u.lines
-    assert time.monotonic() - t0 < 60
     assert not (tmp_path / "home" / "run").exists(), "nothing was started"
     assert not port_open(u.port)
