@@ -126,6 +126,18 @@ def test_thousand_requests_through_the_gateway(up: Up) -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_plain_json_infer_through_the_gateway(up: Up) -> None:
+    """What the README shows with curl: KServe v2 JSON, no client library."""
+    body = json.dumps({"inputs": [{"name": "INPUT_IDS", "datatype": "INT64", "shape": [1, 4],
+                                   "data": [1, 2, 3, 4]}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{up.port}/v2/models/router/infer",
+                                 data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        out = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+    assert out["MODEL_VERSION"]["data"] == [1]
+    assert out["LOGITS"]["shape"] == [1, 4, 256]
+
+
 def test_prometheus_scrapes_router_experts_and_gateway(up: Up) -> None:
     def up_targets() -> list[dict[str, object]] | None:
         q = urllib.parse.urlencode({"query": 'up{job="autoglm"} == 1'})

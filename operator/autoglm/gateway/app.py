@@ -109,6 +109,9 @@ class Gateway:
             return _error(503, "no active slot")
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        # Ask the router for exactly the encoding the client asked for (aiohttp would
+        # otherwise request gzip and hand a client that cannot read it a compressed body).
+        headers.setdefault("Accept-Encoding", "identity")
         slot, version = target.slot, str(target.version)
         self.inflight[slot] = self.inflight.get(slot, 0) + 1
         self.inflight_gauge.labels(slot).set(self.inflight[slot])
