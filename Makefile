@@ -73,3 +73,4 @@ bench: venv k8s-assets
 	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) $(BIN)/python bench/operator/bench_operator.py
 	$(BIN)/python bench/dataplane/bench_dataplane.py
 	$(BIN)/python bench/gateway/bench_gateway.py
+	$(BIN)/python bench/autoscaler/bench_autoscaler.py --png bench/autoscaler/replicas.png

@@ -4,9 +4,10 @@ Each expert's desired replicas follow the tokens the gate routes to it (the rout
 counters: a leading signal, seen before any queue builds), with Triton queue time as a
 guard. As Kubernetes' HPA: a tolerance band, a scale-up rate limit and a scale-down
 stabilization window (the highest recommendation of the window wins). Then, unlike HPA,
-the replica budget is shared across experts: every expert keeps at least ``min_replicas``
-and the rest goes where the load per replica is highest (water-filling), so hot experts
-get capacity from cold ones instead of from a bigger bill.
+the experts' answers only fix the total (within the replica budget), which is placed by
+water-filling: every expert keeps at least ``min_replicas`` and each further replica goes
+where the load per replica is highest, so hot experts get capacity from cold ones instead
+of from a bigger bill, and per-replica load evens out.
 
 Missing or stale metrics hold the current replicas (``metrics_ok`` is False with the
 reason); the policy never scales down on missing data.
@@ -62,16 +63,14 @@ def imbalance(load: Sequence[float], replicas: Sequence[int]) -> float:
     return (max(per) - mean) / mean if mean > 0 else 0.0
 
 
-def apportion(wants: Sequence[int], load: Sequence[float], budget: int,
+def apportion(caps: Sequence[int], load: Sequence[float], total: int,
               floor: int) -> tuple[int, ...]:
-    """At most ``budget`` replicas: ``floor`` each, then one at a time to the expert with
-    the highest load per replica that still wants more."""
-    if sum(wants) <= budget:
-        return tuple(wants)
-    out = [floor] * len(wants)
-    left = budget - floor * len(wants)
+    """``total`` replicas: ``floor`` each, then one at a time to the expert with the highest
+    load per replica that is below its cap (water-filling: equal load per replica)."""
+    out = [floor] * len(caps)
+    left = total - floor * len(caps)
     while left > 0:
-        candidates = [i for i in range(len(out)) if out[i] < wants[i]]
+        candidates = [i for i in range(len(out)) if out[i] < caps[i]]
         if not candidates:
             break
         i = max(candidates, key=lambda j: (load[j] / out[j], -j))
@@ -111,8 +110,12 @@ def decide(state: State, current: Sequence[int], sample: Sample | None, now: flo
             desired.append(r)  # scale up (or stay) at once
         else:  # scale down only as far as the whole window agrees
             desired.append(min(c, max([r, *(w[i] for w in window)])))
-    if policy.budget:
-        desired = list(apportion(desired, load, policy.budget, lo))
+    # The per-expert answers fix how many replicas in all (within the budget); water-filling
+    # then places them where the load per replica is highest, within each expert's
+    # bounds and scale-up limit, so per-replica load evens out across experts.
+    total = sum(desired) if not policy.budget else min(sum(desired), policy.budget)
+    caps = [min(hi, c + policy.scale_up_limit) for c in cur]
+    desired = list(apportion(caps, load, min(total, sum(caps)), lo))
     history = (*((t, r) for t, r in state.history if now - t < policy.stabilization),
                (now, tuple(raw)))
     changes = tuple(

@@ -43,8 +43,8 @@ def test_queue_time_guard_adds_a_replica() -> None:
 
 def test_budget_goes_where_load_per_replica_is_highest() -> None:
     # per replica: 800/5 = 160 and 400/3 = 133; (6, 2) would leave 200 on expert 1
-    assert apportion([8, 8, 1, 1], [800, 400, 10, 10], budget=10, floor=1) == (5, 3, 1, 1)
-    assert apportion([2, 2], [1, 1], budget=10, floor=1) == (2, 2), "under budget: as is"
+    assert apportion([8, 8, 1, 1], [800, 400, 10, 10], total=10, floor=1) == (5, 3, 1, 1)
+    assert apportion([2, 2], [1, 1], total=10, floor=1) == (2, 2), "never above a cap"
     p = Policy(target=100, max_replicas=8, budget=6, scale_up_limit=8)
     _, d = decide(State(), [1, 1, 1], Sample(0, (600.0, 300.0, 10.0)), 0, p)
     assert d.desired == (3, 2, 1), "wants (6, 3, 1) = 10 > budget 6"

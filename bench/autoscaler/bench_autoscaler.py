@@ -1,0 +1,208 @@
+"""bench/autoscaler: three replica policies replayed on synthetic MoE routing traces.
+
+A capacity model, not servers: each replica serves CAPACITY tokens/s; a new replica serves
+after STARTUP seconds; removed replicas stop at once. Traces (fixed seeds): Zipf-skewed
+popularity, a hot expert that rotates, and bursts. Policies, all aiming at 80% utilization:
+
+* fixed: the budget split equally, never changed;
+* hpa: one Kubernetes HPA per expert with the default behaviour (15 s sync, tolerance 0.1,
+  scale up by max(100%, 4 pods) per 15 s, scale down after a 300 s stabilization window),
+  seeing a 30 s average of utilization 15 s late (metrics-server), no budget;
+* ours: `autoglm.autoscale.decide` every 5 s on the router's token rate (10 s rate, 2 s
+  late), budget shared by load.
+
+Printed side by side: replica-seconds, seconds with unmet demand, share of demand unmet,
+mean load imbalance ((max - mean)/mean per replica), and reaction time (from a demand step
+to enough serving capacity). A PNG plots the traces and replica curves.
+
+    .venv/bin/python bench/autoscaler/bench_autoscaler.py [--png bench/autoscaler/replicas.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from autoglm.autoscale import Policy, Sample, State, decide, imbalance
+
+N, T = 8, 1800  # experts, seconds
+CAPACITY = 100.0  # tokens/s per replica
+TARGET = 80.0  # tokens/s per replica the policies aim at
+STARTUP = 20  # seconds before a new replica serves
+BUDGET = 64
+MAX_PER_EXPERT = 24
+Demand = NDArray[np.float64]  # [T, N] tokens/s
+
+
+def zipf(seed: int, total: float = 4000.0, s: float = 1.1) -> Demand:
+    rng = np.random.default_rng(seed)
+    w = 1 / np.arange(1, N + 1) ** s
+    w = w[rng.permutation(N)] / w.sum()
+    noise = rng.normal(1, 0.05, (T, N)).clip(0.8, 1.2)
+    return np.asarray(total * w * noise, dtype=np.float64)
+
+
+def rotating(seed: int, total: float = 4000.0, period: int = 300) -> Demand:
+    rng = np.random.default_rng(seed)
+    d = np.empty((T, N))
+    for t in range(T):
+        hot = (t // period) % N
+        w = np.full(N, 0.6 / (N - 1))
+        w[hot] = 0.4
+        d[t] = total * w
+    return np.asarray(d * rng.normal(1, 0.05, (T, N)).clip(0.8, 1.2), dtype=np.float64)
+
+
+def bursts(seed: int) -> Demand:
+    rng = np.random.default_rng(seed)
+    d = zipf(seed, total=3000.0)
+    for start in range(120, T - 60, 250):
+        e = int(rng.integers(N))
+        d[start:start + 60, e] *= 3.0
+    return d
+
+
+@dataclass
+class Result:
+    replicas: NDArray[np.int64]  # [T, N] replicas that exist (cost)
+    serving: NDArray[np.int64]  # [T, N] replicas that serve
+
+
+Controller = Callable[[int, NDArray[np.int64], Demand], NDArray[np.int64] | None]
+
+
+def simulate(demand: Demand, start: NDArray[np.int64], control: Controller) -> Result:
+    replicas = np.zeros((T, N), dtype=np.int64)
+    serving = np.zeros((T, N), dtype=np.int64)
+    ready_at: list[list[int]] = [[0] * int(start[i]) for i in range(N)]  # per replica
+    for t in range(T):
+        current = np.array([len(r) for r in ready_at], dtype=np.int64)
+        want = control(t, current, demand)
+        if want is not None:
+            for i in range(N):
+                while len(ready_at[i]) < want[i]:
+                    ready_at[i].append(t + STARTUP)
+                while len(ready_at[i]) > want[i]:
+                    ready_at[i].pop()  # the newest goes first
+        replicas[t] = [len(r) for r in ready_at]
+        serving[t] = [sum(1 for x in r if x <= t) for r in ready_at]
+    return Result(replicas, serving)
+
+
+def fixed() -> Controller:
+    return lambda t, cur, d: None
+
+
+def hpa() -> Controller:
+    """Kubernetes' HPA defaults, one per expert, on late averaged utilization."""
+    history: list[tuple[int, NDArray[np.int64]]] = []
+
+    def control(t: int, cur: NDArray[np.int64], d: Demand) -> NDArray[np.int64] | None:
+        if t % 15 or t < 45:
+            return None
+        seen = d[max(0, t - 45):t - 15].mean(axis=0)  # 30 s window, 15 s late
+        util = seen / np.maximum(cur, 1) / TARGET
+        rec = np.where(np.abs(util - 1) <= 0.1, cur,
+                       np.ceil(seen / TARGET)).astype(np.int64)
+        rec = np.clip(rec, 1, MAX_PER_EXPERT)
+        up_limit = np.maximum(cur * 2, cur + 4)
+        history.append((t, rec))
+        window = [r for s, r in history if t - s < 300]
+        stable = np.max(window, axis=0)  # scale down to the highest recommendation
+        return np.where(rec > cur, np.minimum(rec, up_limit), np.minimum(cur, stable))
+
+    return control
+
+
+def ours() -> Controller:
+    policy = Policy(target=TARGET, min_replicas=1, max_replicas=MAX_PER_EXPERT, budget=BUDGET,
+                    tolerance=0.1, scale_up_limit=4, stabilization=120, stale_after=60)
+    state = [State()]
+
+    def control(t: int, cur: NDArray[np.int64], d: Demand) -> NDArray[np.int64] | None:
+        if t % 5 or t < 12:
+            return None
+        rate = d[t - 12:t - 2].mean(axis=0)  # rate() over 10 s, 2 s late
+        state[0], decision = decide(state[0], cur.tolist(),
+                                    Sample(float(t - 2), tuple(rate.tolist())), float(t),
+                                    policy)
+        return np.array(decision.desired, dtype=np.int64)
+
+    return control
+
+
+def reaction_time(demand: Demand, res: Result) -> float:
+    """Mean seconds from a demand step (an expert's need rising by 2+ replicas) until
+    its serving capacity covers it."""
+    need = np.ceil(demand / CAPACITY)
+    delays = []
+    for i in range(N):
+        for t in range(1, T - 1):
+            if need[t, i] - need[t - 1, i] >= 2:
+                covered = next((s for s in range(t, T)
+                                if res.serving[s, i] * CAPACITY >= demand[s, i]), T)
+                delays.append(covered - t)
+    return float(np.mean(delays)) if delays else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--png", default="")
+    args = ap.parse_args()
+    traces = {"zipf": zipf(1), "rotating": rotating(2), "bursts": bursts(3)}
+    policies: dict[str, Callable[[], Controller]] = {"fixed": fixed, "hpa": hpa,
+                                                     "ours": ours}
+    results: dict[tuple[str, str], Result] = {}
+    print(f"{N} experts, {T} s, {CAPACITY:g} tokens/s per replica, target {TARGET:g}, "
+          f"startup {STARTUP} s, budget {BUDGET} (ours, fixed)\n")
+    print(f"{'trace':9} {'policy':6} {'replica-s':>10} {'vs hpa':>7} {'unmet s':>8} "
+          f"{'unmet %':>8} {'imbalance':>9} {'reaction s':>10}")
+    for tname, d in traces.items():
+        for pname, make in policies.items():
+            start = np.full(N, BUDGET // N if pname == "fixed" else
+                            max(1, math.ceil(d[0].sum() / TARGET / N)), dtype=np.int64)
+            results[(tname, pname)] = simulate(d, start, make())
+        base = results[(tname, "hpa")].replicas.sum()
+        for pname in policies:
+            r = results[(tname, pname)]
+            unmet = np.maximum(d - r.serving * CAPACITY, 0)
+            imb = np.mean([imbalance(d[t].tolist(), r.serving[t].tolist())
+                           for t in range(60, T)])
+            print(f"{tname:9} {pname:6} {r.replicas.sum():>10} "
+                  f"{r.replicas.sum() / base:>7.2f} {int((unmet.sum(axis=1) > 0).sum()):>8} "
+                  f"{100 * unmet.sum() / d.sum():>7.2f}% {imb:>9.3f} "
+                  f"{reaction_time(d, r):>10.1f}")
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(traces), 2, figsize=(14, 3.2 * len(traces)),
+                                 sharex=True)
+        for row, (tname, d) in enumerate(traces.items()):
+            axes[row][0].plot(d / CAPACITY)
+            axes[row][0].set_ylabel(f"{tname}\nreplicas needed")
+            for pname, style in (("hpa", ":"), ("ours", "-")):
+                total = results[(tname, pname)].serving.sum(axis=1)
+                axes[row][1].plot(total, style, label=f"{pname} (serving, total)")
+            axes[row][1].plot(np.ceil(d / CAPACITY).sum(axis=1), "k--", lw=0.8,
+                              label="needed")
+            axes[row][1].legend(loc="upper right", fontsize=8)
+        axes[0][0].set_title("demand per expert")
+        axes[0][1].set_title("replicas")
+        axes[-1][0].set_xlabel("seconds")
+        axes[-1][1].set_xlabel("seconds")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=80)
+        print(f"\nplot: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
