@@ -84,9 +84,6 @@ class Topology:
     def active_plan(self) -> SlotPlan:
         return next(p for p in self.slots if p.slot == self.active)
 
-    def workloads(self) -> tuple[Workload, ...]:
-        return tuple(w for p in self.slots for w in p.workloads)
-
 
 def initial_expert_replicas(spec: AutoGLMSpec) -> tuple[int, ...]:
     """minReplicas for every expert: the budget rule guarantees this fits."""

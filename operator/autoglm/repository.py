@@ -78,9 +78,6 @@ class Built:
     config: MoEConfig
     created: bool
 
-    def canary(self) -> tuple[NDArray[Any], NDArray[Any]]:
-        return load_canary(self.repository, self.version)
-
 
 def _write_version(model_dir: Path, version: int, files: dict[str, Any], source: str,
                    config: dict[str, Any]) -> None:

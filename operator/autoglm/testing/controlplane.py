@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -384,10 +384,3 @@ class ControlPlane:
                    for c in n.get("status", {}).get("conditions", []))
         ]
         return len(ready) >= self.nodes
-
-
-@contextlib.contextmanager
-def running_control_plane(**kwargs: Any) -> Iterator[ControlPlane]:
-    cp = ControlPlane(provision_assets(), **kwargs)
-    with cp:
-        yield cp
