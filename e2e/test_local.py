@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +13,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,44 +20,13 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 
-from autoglm.procs import die_with_parent, free_port
 from autoglm.repository import load_reference
 from autoglm.testing import eventually
+from autoglm.testing.up import UpProcess as Up
 from autoglm.triton import SHM_PREFIX
 
 pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Up:
-    popen: subprocess.Popen[str]
-    file: Path
-    home: Path
-    port: int
-    prometheus_port: int
-    lines: list[str] = field(default_factory=list)
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-
-def start_up(file: Path, home: Path) -> Up:
-    port, pport = free_port(), free_port()
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
-         f"--prometheus-port={pport}", f"--home={home}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, preexec_fn=die_with_parent)
-    up = Up(popen, file, home, port, pport)
-
-    def read() -> None:
-        assert popen.stdout is not None
-        for line in popen.stdout:
-            up.lines.append(line.rstrip())
-
-    threading.Thread(target=read, daemon=True).start()
-    return up
 
 
 def port_open(port: int) -> bool:
@@ -73,17 +39,14 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     home = tmp_path_factory.mktemp("home")
     file = home / "tiny.yaml"
     shutil.copy(ROOT / "examples" / "tiny.yaml", file)
-    u = start_up(file, home)
+    u = Up.start(file, home)
     try:
-        eventually(lambda: u.said("serving tiny") or u.popen.poll() is not None,
-                   "autoglm up to serve", timeout=300)
-        assert u.popen.poll() is None, "\n".join(u.lines)
+        u.wait_serving()
+        assert u.said("serving tiny")
         yield u
     finally:
-        if u.popen.poll() is None:
-            os.killpg(u.popen.pid, signal.SIGTERM)
-        code = u.popen.wait(timeout=120)
-        print("\n".join(u.lines))
+        code = u.stop()
+        print("\n".join(u.text))
     # clean shutdown: exit 0, nothing left
     assert code == 0
     assert u.said("stopped: no process")
@@ -181,9 +144,9 @@ def test_bad_files_give_a_clear_error_and_start_nothing(tmp_path: Path, content:
                                                         message: str) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(content)
-    u = start_up(bad, tmp_path / "home")
+    u = Up.start(bad, tmp_path / "home")
     assert u.popen.wait(timeout=60) == 2
     time.sleep(0.2)
-    assert any(message in line for line in u.lines), u.lines
+    assert u.said(message), u.text
     assert not (tmp_path / "home" / "run").exists(), "nothing was started"
     assert not port_open(u.port)

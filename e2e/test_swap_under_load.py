@@ -6,13 +6,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +17,13 @@ import pytest
 import tritonclient.http as httpclient
 
 from autoglm.moe import PRESETS
-from autoglm.procs import die_with_parent, free_port
 from autoglm.repository import build
 from autoglm.testing import eventually
+from autoglm.testing.up import UpProcess as Run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
 FLIPPED = re.compile(r"Flipped: traffic now on slot (\w) \(version (\d+)\)")
-
-
-@dataclass
-class Run:
-    popen: subprocess.Popen[str]
-    file: Path
-    port: int
-    lines: list[tuple[float, str]] = field(default_factory=list)
-
-    def count(self, text: str) -> int:
-        return sum(text in line for _, line in self.lines)
 
 
 @dataclass
@@ -59,30 +45,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     for v in (1, 2, 3):
         build(repo, "tiny-moe", v, PRESETS["tiny"])
     shutil.copy(repo / "expert_0" / "1" / "weights.pt", repo / "expert_0" / "3" / "weights.pt")
-    port = free_port()
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
-         f"--prometheus-port={free_port()}", f"--home={home}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, preexec_fn=die_with_parent)
-    r = Run(popen, file, port)
-
-    def read() -> None:
-        assert popen.stdout is not None
-        for line in popen.stdout:
-            r.lines.append((time.monotonic(), line.rstrip()))
-
-    threading.Thread(target=read, daemon=True).start()
+    r = Run.start(file, home)
     try:
-        eventually(lambda: r.count("serving tiny") or popen.poll() is not None,
-                   "autoglm up to serve", timeout=300)
-        assert popen.poll() is None
+        r.wait_serving()
         yield r
     finally:
-        if popen.poll() is None:
-            os.killpg(popen.pid, signal.SIGTERM)
-        assert popen.wait(timeout=120) == 0
-        print("\n".join(line for _, line in r.lines))
+        assert r.stop() == 0
+        print("\n".join(r.text))
 
 
 def traffic(port: int, stop: threading.Event, out: list[Result]) -> None:

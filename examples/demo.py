@@ -8,18 +8,16 @@ the experts by editing the file, and shows `autoglm status` along the way.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import tritonclient.http as httpclient
 
-from autoglm.procs import die_with_parent, free_port
+from autoglm.testing.up import UpProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,26 +26,13 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="autoglm-demo-"))
     file = home / "tiny.yaml"
     shutil.copy(ROOT / "examples" / "tiny.yaml", file)
-    port, pport = free_port(), free_port()
-    lines: list[str] = []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
-         f"--prometheus-port={pport}", f"--home={home}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, preexec_fn=die_with_parent)
-
-    def echo() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            print(f"  [autoglm up] {line}", end="", flush=True)
-
-    threading.Thread(target=echo, daemon=True).start()
+    up = UpProcess.start(file, home, echo="  [autoglm up] ")
+    port = up.port
 
     def wait_for(text: str, since: int = 0, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
-        while not any(text in x for x in lines[since:]):
-            if proc.poll() is not None or time.monotonic() > deadline:
+        while not up.said(text, since):
+            if up.popen.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"demo: `autoglm up` did not say {text!r}")
             time.sleep(0.2)
 
@@ -78,17 +63,17 @@ def main() -> int:
         status()
         print("demo: 3. roll to version 2 by editing spec.model.version: it loads beside v1, "
               "answers the canary, then takes traffic; v1 stays warm")
-        mark = len(lines)
+        mark = len(up.lines)
         file.write_text(file.read_text().replace("version: 1", "version: 2"))
         wait_for("Flipped", since=mark)
         traffic(50)
         print("demo:    and back to version 1: the warm slot takes traffic at once")
-        mark = len(lines)
+        mark = len(up.lines)
         file.write_text(file.read_text().replace("version: 2", "version: 1"))
         wait_for("Flipped", since=mark)
         traffic(50)
         print("demo: 4. more capacity per expert: experts.minReplicas 1 -> 2")
-        mark = len(lines)
+        mark = len(up.lines)
         file.write_text(file.read_text().replace("minReplicas: 1", "minReplicas: 2"))
         wait_for("applied the change", since=mark)
         traffic(200)
@@ -96,8 +81,7 @@ def main() -> int:
         status()
     finally:
         print("demo: 5. stop (Ctrl-C does the same)")
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
+        code = up.stop()
         shutil.rmtree(home, ignore_errors=True)
     print(f"demo: done (autoglm up exited {code})")
     return code

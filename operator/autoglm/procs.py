@@ -51,6 +51,13 @@ def terminate(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
     popen.wait(timeout=10)
 
 
+def group_rss_bytes(pid: int) -> int:
+    """Resident memory of a process group we started (the process and its children)."""
+    out = subprocess.run(["ps", "-o", "rss=", "-g", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    return sum(int(x) for x in out.split()) * 1024
+
+
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     """Whether GET ``url`` answers 200 (any failure: no)."""
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=timeout) as r:

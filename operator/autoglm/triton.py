@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from autoglm.procs import free_port, http_ok, spawn, terminate
+from autoglm.procs import free_port, group_rss_bytes, http_ok, spawn, terminate
 from autoglm.repository import pinned_config
 
 SHM_PREFIX = "triton_python_backend_shm_region_autoglm_"
@@ -219,11 +219,7 @@ class TritonServer:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its Python-backend stub processes."""
-        if self.popen is None:
-            return 0
-        out = subprocess.run(["ps", "-o", "rss=", "-g", str(self.popen.pid)],
-                             capture_output=True, text=True, check=False).stdout
-        return sum(int(x) for x in out.split()) * 1024
+        return group_rss_bytes(self.popen.pid) if self.popen is not None else 0
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None:

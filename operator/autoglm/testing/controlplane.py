@@ -10,7 +10,6 @@ ServiceAccount tokens it signs itself, and authorizes with ``Node,RBAC``, so RBA
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import json
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from autoglm.procs import free_port, spawn, terminate
+from autoglm.procs import free_port, group_rss_bytes, spawn, terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ASSETS_SCRIPT = REPO_ROOT / ".ci" / "k8s-assets.sh"
@@ -310,13 +309,7 @@ class ControlPlane:
 
     def memory_rss(self) -> dict[str, int]:
         """Resident memory of each component, in bytes."""
-        out: dict[str, int] = {}
-        for p in self._procs:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{p.popen.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        out[p.name] = int(line.split()[1]) * 1024
-        return out
+        return {p.name: group_rss_bytes(p.popen.pid) for p in self._procs}
 
     def logs(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")

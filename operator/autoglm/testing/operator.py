@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoglm.procs import free_port, http_ok, spawn, terminate
+from autoglm.procs import free_port, group_rss_bytes, http_ok, spawn, terminate
 from autoglm.testing.controlplane import ControlPlane, ControlPlaneError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -70,12 +70,7 @@ class OperatorProcess:
         self.stop(signal.SIGKILL)
 
     def rss_bytes(self) -> int:
-        if self.popen is None:
-            return 0
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return group_rss_bytes(self.popen.pid) if self.popen is not None else 0
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -1,0 +1,70 @@
+"""`autoglm up FILE` in a subprocess, as a user runs it, for e2e tests and the demo."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoglm.procs import die_with_parent, free_port
+from autoglm.testing import eventually
+
+
+@dataclass
+class UpProcess:
+    popen: subprocess.Popen[str]
+    file: Path
+    home: Path
+    port: int
+    prometheus_port: int
+    # (monotonic time it arrived, line): what `autoglm up` printed
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, file: Path, home: Path, echo: str | None = None) -> UpProcess:
+        """Start on free ports; ``echo`` prefixes a copy of each line on our stdout."""
+        port, pport = free_port(), free_port()
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
+             f"--prometheus-port={pport}", f"--home={home}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, preexec_fn=die_with_parent)
+        up = cls(popen, file, home, port, pport)
+
+        def read() -> None:
+            assert popen.stdout is not None
+            for line in popen.stdout:
+                up.lines.append((time.monotonic(), line.rstrip()))
+                if echo is not None:
+                    print(f"{echo}{line}", end="", flush=True)
+
+        threading.Thread(target=read, daemon=True).start()
+        return up
+
+    @property
+    def text(self) -> list[str]:
+        return [line for _, line in self.lines]
+
+    def count(self, text: str, since: int = 0) -> int:
+        return sum(text in line for _, line in self.lines[since:])
+
+    def said(self, text: str, since: int = 0) -> bool:
+        return self.count(text, since) > 0
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        eventually(lambda: self.said("serving ") or self.popen.poll() is not None,
+                   "autoglm up to serve", timeout=timeout)
+        assert self.popen.poll() is None, "\n".join(self.text)
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM, as Ctrl-C does; the exit status."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+        return self.popen.wait(timeout=timeout)
