@@ -13,7 +13,7 @@ VENV_CACHED := $(VENV_HOME)/$(DEPS_HASH)
 STAMP := .venv.$(DEPS_HASH).$(shell pwd | sha1sum | cut -c1-8).stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-assets prometheus lint test test-unit run demo bench crd
+.PHONY: help venv k8s-assets prometheus lint test test-unit run demo bench crd dashboard
 
 help:
 	@echo "make run    - set up, then 'autoglm up examples/tiny.yaml' (the local runtime)"
@@ -21,6 +21,7 @@ help:
 	@echo "make demo   - a scripted tour"
 	@echo "make bench  - every benchmark, printing its figures"
 	@echo "make crd    - regenerate crds/ from the typed spec"
+	@echo "make dashboard - regenerate the Grafana dashboard ConfigMap in manifests/grafana/"
 
 # The shared virtualenv holds one editable install: point it at this checkout if another
 # checkout took it over since.
@@ -58,6 +59,9 @@ test: lint prometheus
 
 crd: venv
 	$(BIN)/autoglm crd > crds/autoglmdeployments.autoglm.io.yaml
+
+dashboard: venv
+	$(BIN)/python -m autoglm.dashboard > manifests/grafana/autoglm-dashboard.yaml
 
 # Debian's Prometheus, unpacked into ~/.cache/autoglm (no service is installed).
 prometheus:
