@@ -10,7 +10,10 @@ Layout (one Triton model per part, numeric version folders; versions coexist)::
 
 ``config.json`` is version V's full Triton configuration with ``version_policy`` pinned to
 V: servers load it as an override, so a server serves exactly the version it was told.
-``canary.npz`` holds a canary input and the reference forward's output for it.
+``canary.npz`` holds a canary input and the reference forward's output for it; a request to
+the router without ``INPUT_IDS`` runs that input and also returns the expected output, so
+whoever can reach a router (the operator, in a cluster) can verify a version without
+reading the repository.
 Weights are deterministic in (name, version): building again gives the same bytes.
 """
 
@@ -34,6 +37,7 @@ from autoglm.plan import expert_model, router_model
 MODEL_SOURCE = Path(os.environ.get("AUTOGLM_MODEL_SOURCE",
                                    Path(__file__).resolve().parents[2] / "model_repo"))
 CANARY_SHAPE = (2, 8)
+LAYOUT = 2  # bump when the files of a version change: older builds are then rebuilt
 
 
 def triton_config(model: str, version: int, cfg: MoEConfig, instances: int = 1,
@@ -47,11 +51,15 @@ def triton_config(model: str, version: int, cfg: MoEConfig, instances: int = 1,
     }
     if model == router_model():
         return {**common, "max_batch_size": 0,
-                "input": [{"name": "INPUT_IDS", "data_type": "TYPE_INT64", "dims": [-1, -1]}],
+                # No INPUT_IDS: the version's own canary runs (see CANARY_EXPECTED).
+                "input": [{"name": "INPUT_IDS", "data_type": "TYPE_INT64", "dims": [-1, -1],
+                           "optional": True}],
                 "output": [
                     {"name": "LOGITS", "data_type": "TYPE_FP32",
                      "dims": [-1, -1, cfg.vocab_size]},
                     {"name": "MODEL_VERSION", "data_type": "TYPE_INT64", "dims": [1]},
+                    {"name": "CANARY_EXPECTED", "data_type": "TYPE_FP32",
+                     "dims": [-1, -1, cfg.vocab_size]},
                 ]}
     # Experts batch across requests: every token is one batch item.
     return {**common, "max_batch_size": 4096,
@@ -102,7 +110,7 @@ def _write_version(model_dir: Path, version: int, files: dict[str, Any], source:
 def build(repository: Path, name: str, version: int, cfg: MoEConfig,
           router_instances: int = 2, force: bool = False) -> Built:
     """Write version ``version`` unless it is already there (same name and shape)."""
-    meta = {"name": name, "version": version, "config": cfg.as_dict()}
+    meta = {"name": name, "version": version, "config": cfg.as_dict(), "layout": LAYOUT}
     marker = repository / router_model() / str(version) / "moe.json"
     if not force and marker.exists() and json.loads(marker.read_text()) == meta:
         return Built(repository, name, version, cfg, created=False)

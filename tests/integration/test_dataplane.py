@@ -16,6 +16,7 @@ import tritonclient.http as httpclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from autoglm import canary
 from autoglm.local.dataplane import DataPlane
 from autoglm.moe import PRESETS
 from autoglm.repository import build, load_reference
@@ -140,3 +141,20 @@ def test_unreachable_expert_fails_clearly_then_recovers(plane: DataPlane, repo: 
     # and once the endpoints say only the new replica exists, the router agrees
     eventually(lambda: metric(router.metrics_url, "autoglm_expert_replicas", 1) == 1.0,
                "the router to drop the dead replicas", timeout=10)
+
+
+def test_canary_passes_on_the_router_and_says_why_otherwise(plane: DataPlane) -> None:
+    """The canary needs nothing but the router's HTTP port (the operator's situation)."""
+    assert plane.router is not None
+    url, metrics = f"http://{plane.router.http_url}", plane.router.metrics_url
+    routed = [metric(metrics, "autoglm_expert_tokens_total", e) for e in range(4)]
+    ok, detail = canary.check(url, VERSION)
+    assert ok is True, detail
+    assert f"version {VERSION} answered" in detail
+    # the canary is not user load: the autoscaling signal did not move
+    assert [metric(metrics, "autoglm_expert_tokens_total", e) for e in range(4)] == routed
+    # a version this server does not serve is not an answer: the swap keeps waiting
+    ok, detail = canary.check(url, VERSION + 1)
+    assert ok is None and "answered 404" in detail and "version 2" in detail, detail
+    ok, detail = canary.check("http://127.0.0.1:9", VERSION, timeout=2)
+    assert ok is None and "127.0.0.1:9" in detail
