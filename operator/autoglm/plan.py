@@ -109,16 +109,19 @@ def slot_plan(name: str, spec: AutoGLMSpec, slot: Slot, version: int,
 
 
 def plan(name: str, spec: AutoGLMSpec, state: RoutingState) -> Topology:
-    """The slots to keep. A new deployment serves ``spec.model.version`` in slot ``a``.
+    """The slots to keep: the active one, and any other the routing state holds (a standby
+    being staged, or the previous slot kept warm). A new deployment serves
+    ``spec.model.version`` in slot ``a``.
 
     An existing one keeps serving the version its active slot holds: moving to another
     version is the swap state machine's decision, never a side effect of reconciling.
     """
     if state.active_slot is None or state.active_slot not in state.slots:
         active: Slot = SLOTS[0]
-        current = SlotState(spec.model.version, initial_expert_replicas(spec))
+        slots: Mapping[Slot, SlotState] = {
+            active: SlotState(spec.model.version, initial_expert_replicas(spec))}
     else:
-        active = state.active_slot
-        current = state.slots[active]
-    return Topology(active, (slot_plan(name, spec, active, current.version,
-                                       current.expert_replicas),))
+        active, slots = state.active_slot, state.slots
+    order = [active, *(s for s in SLOTS if s != active and s in slots)]
+    return Topology(active, tuple(slot_plan(name, spec, s, slots[s].version,
+                                            slots[s].expert_replicas) for s in order))

@@ -212,6 +212,28 @@ class SlotStatus(_StatusObject):
                                        description="Replicas per expert, by expert index.")
 
 
+class WarmSlotStatus(_StatusObject):
+    slot: Slot
+    version: int
+    until: str = Field(description="When the warm slot is retired (RFC 3339).")
+
+
+class SwapStatus(_StatusObject):
+    """The double-buffered swap's state (swap.SwapState): kept here so a restarted operator
+    resumes exactly where it was."""
+
+    phase: Literal["Idle", "Staging", "Warming", "Verifying", "Flipping", "Draining",
+                   "Aborting"] = "Idle"
+    since: str | None = Field(None, description="When the phase began (RFC 3339).")
+    target_version: int | None = Field(None, description="The version being staged.")
+    previous: WarmSlotStatus | None = Field(
+        None, description="The slot that served before, kept warm for a rollback.")
+    failed_version: int | None = Field(
+        None, description="The last version that failed; not retried until another is "
+                          "asked for.")
+    reason: str = ""
+
+
 class AutoGLMStatus(_StatusObject):
     observed_generation: int | None = None
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"] | None = None
@@ -219,6 +241,7 @@ class AutoGLMStatus(_StatusObject):
     active_version: int | None = None
     ready: str | None = Field(None, description="Ready workloads / workloads, e.g. 5/5.")
     slots: dict[str, SlotStatus] = Field(default_factory=dict)
+    swap: SwapStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 

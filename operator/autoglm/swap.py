@@ -186,7 +186,8 @@ def step(state: SwapState, obs: Observation, timing: Timing,
             return _abort(state, now, f"canary mismatch: {obs.canary_detail}")
         if obs.canary is None:
             if now - state.since > timing.ready_timeout:
-                return _abort(state, now, "no canary answer in time")
+                last = f" (last: {obs.canary_detail})" if obs.canary_detail else ""
+                return _abort(state, now, f"no canary answer in time{last}")
             return state, []
         assert state.target_version is not None
         return (_to(state, Phase.FLIPPING, now),

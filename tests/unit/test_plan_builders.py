@@ -12,6 +12,7 @@ from autoglm.k8s import builders, status
 from autoglm.k8s.converge import holds, managed_fields
 from autoglm.k8s.crd import crd
 from autoglm.spec import AutoGLMStatus, parse
+from autoglm.swap import Phase, SwapState
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,6 +65,11 @@ def test_objects_are_wired_as_designed() -> None:
     router = by[("Deployment", "tiny-a-router")]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in router["env"]}
     assert env["AUTOGLM_EXPERT_ENDPOINTS"].split(",")[3] == "dns:///tiny-a-expert-3.ns.svc:8001"
+    gateway = by[("Deployment", "tiny")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--grpc-port=8001" in gateway["args"]
+    assert {"name": "grpc", "containerPort": 8001, "protocol": "TCP"} in gateway["ports"]
+    assert [(x["name"], x["port"], x["targetPort"]) for x in by[("Service", "tiny")]["spec"][
+        "ports"]] == [("http", 8000, "http"), ("grpc", 8001, "grpc")]
     role = by[("Role", "tiny-gateway")]
     assert role["rules"][0]["resourceNames"] == ["tiny"]
     assert role["rules"][0]["verbs"] == ["get", "list", "watch"]
@@ -128,7 +134,20 @@ def test_status_conditions() -> None:
     assert all(c.observed_generation == 1 for c in st2.conditions)
     st3 = status.observed_status(st2, 2, topo, {n: dep(n, 1) for n in names}, "tiny", 2, None,
                                  "t2")
-    assert {c.type: c for c in st3.conditions}["Progressing"].reason == "VersionChangePending"
+    assert {c.type: c for c in st3.conditions}["Progressing"].reason == "Converged"
+    warming = SwapState("a", 1, Phase.WARMING, 5.0, target_version=2)
+    st4 = status.observed_status(st3, 2, topo, {n: dep(n, 1) for n in names}, "tiny", 2, None,
+                                 "t3", warming)
+    progressing = {c.type: c for c in st4.conditions}["Progressing"]
+    assert (progressing.status, progressing.reason) == ("True", "Warming")
+    assert "slot b (version 2)" in progressing.message and st4.phase == "Ready"
+    failed = SwapState("a", 1, failed_version=2, reason="canary mismatch: max abs error 0.2")
+    st5 = status.observed_status(st4, 2, topo, {n: dep(n, 1) for n in names}, "tiny", 2, None,
+                                 "t4", failed)
+    degraded = {c.type: c for c in st5.conditions}["Degraded"]
+    assert (degraded.status, degraded.reason) == ("True", "RolloutFailed")
+    assert "canary mismatch" in degraded.message and "version 1 keeps serving" in degraded.message
+    assert st5.phase == "Degraded" and st5.active_version == 1
     invalid = status.invalid_status(st3, 3, "spec.model.topK: bad", "t3")
     assert invalid.phase == "Invalid" and invalid.active_version == 1 and invalid.slots
 

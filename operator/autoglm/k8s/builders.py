@@ -14,6 +14,7 @@ from autoglm.spec import API_VERSION, GROUP, KIND, PLURAL, AutoGLMSpec, Resource
 Manifest = dict[str, Any]
 
 GATEWAY_PORT = 8000
+GATEWAY_GRPC_PORT = p.TRITON_GRPC_PORT  # as on Triton, so clients change only the host
 SHM_LIMIT = "1Gi"  # the Python backend moves tensors through /dev/shm
 
 
@@ -203,9 +204,11 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
             "image": g.image,
             "command": ["autoglm", "gateway"],
             "args": [f"--deployment={instance}", f"--namespace={namespace}",
-                     f"--port={GATEWAY_PORT}", f"--metrics-port={p.TRITON_METRICS_PORT}"],
+                     f"--port={GATEWAY_PORT}", f"--grpc-port={GATEWAY_GRPC_PORT}",
+                     f"--metrics-port={p.TRITON_METRICS_PORT}"],
             # "metrics" as on Triton pods, so one PodMonitor endpoint scrapes them all
             "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"},
+                      {"name": "grpc", "containerPort": GATEWAY_GRPC_PORT, "protocol": "TCP"},
                       {"name": "metrics", "containerPort": p.TRITON_METRICS_PORT,
                        "protocol": "TCP"}],
             "resources": g.resources.as_k8s(),
@@ -229,7 +232,9 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
          "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]},
         _deployment(instance, namespace, owner, lbls, sel, g.replicas, pod),
         _service(instance, namespace, owner, lbls, sel,
-                 [{"name": "http", "port": g.port, "targetPort": "http", "protocol": "TCP"}],
+                 [{"name": "http", "port": g.port, "targetPort": "http", "protocol": "TCP"},
+                  {"name": "grpc", "port": GATEWAY_GRPC_PORT, "targetPort": "grpc",
+                   "protocol": "TCP"}],
                  service_type=g.service_type),
     ]
 

@@ -37,10 +37,16 @@ def autoscaled(m: Manifest) -> bool:
                 and m["metadata"]["labels"].get("app.kubernetes.io/component") == "expert")
 
 
-def managed_fields(m: Manifest) -> Manifest:
-    """The part of a desired manifest reconciliation enforces on an existing object."""
+VERSION_LABEL = "autoglm.io/model-version"
+
+
+def managed_fields(m: Manifest, live: Manifest | None = None) -> Manifest:
+    """The part of a desired manifest reconciliation enforces on an existing object. A slot
+    re-staged at another version starts from the planned replicas, like a new one."""
     out = copy.deepcopy(m)
-    if autoscaled(out):
+    restaged = live is not None and (live["metadata"].get("labels", {}).get(VERSION_LABEL)
+                                     != m["metadata"]["labels"].get(VERSION_LABEL))
+    if autoscaled(out) and not restaged:
         del out["spec"]["replicas"]
     return out
 
@@ -90,7 +96,7 @@ def converge(api: Api, uid: str, desired: list[Manifest]) -> list[Change]:
         if not owned_by(live, uid):
             raise ObjectConflict(f"{m['kind']} {meta['name']} exists and is not owned by this "
                                  "AutoGLMDeployment; rename or delete it")
-        want = managed_fields(m)
+        want = managed_fields(m, live)
         if not holds(live, want):
             api.patch(*key, want)
             changes.append(Change("updated", m["kind"], meta["name"]))

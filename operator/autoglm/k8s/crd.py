@@ -102,6 +102,8 @@ PRINTER_COLUMNS = [
      "description": "The version taking traffic"},
     {"name": "Slot", "type": "string", "jsonPath": ".status.activeSlot"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Swap", "type": "string", "jsonPath": ".status.swap.phase",
+     "description": "Phase of the version swap"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready",
      "description": "Ready workloads of the serving slot"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

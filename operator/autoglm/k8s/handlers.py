@@ -8,9 +8,11 @@ a resource never waits on the operator being up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -20,6 +22,8 @@ from autoglm.k8s.reconcile import EventSink, Reconciler
 from autoglm.spec import GROUP, KIND, PLURAL, VERSION
 
 RESYNC_SECONDS = float(os.environ.get("AUTOGLM_RESYNC_SECONDS", "30"))
+# How often a swap under way is stepped (timeouts, canary retries, drain).
+SWAP_TICK_SECONDS = float(os.environ.get("AUTOGLM_SWAP_TICK_SECONDS", "2"))
 # How long to trust "the Prometheus Operator's CRDs are (not) installed".
 DISCOVERY_SECONDS = float(os.environ.get("AUTOGLM_DISCOVERY_SECONDS", "60"))
 _reconciler: Reconciler | None = None
@@ -70,6 +74,24 @@ def resync(body: kopf.Body, **_: Any) -> None:
         raise kopf.TemporaryError(f"API error: {error_reason(e)}", delay=5) from e
 
 
+def swapping(body: Mapping[str, Any]) -> bool:
+    return bool(((body.get("status") or {}).get("swap") or {}).get("phase", "Idle") != "Idle")
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def swap_driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+                      **_: Any) -> None:
+    """While a swap is under way, step it every few seconds (``body`` is kept current by
+    kopf); otherwise only watch."""
+    while not stopped:
+        await asyncio.sleep(SWAP_TICK_SECONDS)
+        if swapping(body):
+            try:
+                await asyncio.to_thread(reconciler().reconcile, body, _events(body))
+            except ApiException as e:
+                logger.warning("swap step failed, retrying: %s", error_reason(e))
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/name": "autoglm"})
 def child_changed(body: kopf.Body, **_: Any) -> None:
     """A child Deployment's status moved: refresh the owner's status promptly."""
@@ -81,7 +103,10 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
     parent = r.api.get(f"{GROUP}/{VERSION}", KIND, body.metadata.namespace, owner["name"])
     if parent is None or parent["metadata"]["uid"] != owner["uid"]:
         return
-    r.refresh(parent)
+    if swapping(parent):  # a standby becoming ready moves the swap on at once
+        r.reconcile(parent, _events(kopf.Body(cast(Any, parent))))
+    else:
+        r.refresh(parent)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

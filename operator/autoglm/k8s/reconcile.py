@@ -15,8 +15,9 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from autoglm import canary, swap
 from autoglm import plan as p
-from autoglm.k8s import builders, status
+from autoglm.k8s import builders, rollout, status
 from autoglm.k8s.api import Api, error_reason
 from autoglm.k8s.converge import Change, ObjectConflict, converge, prune
 from autoglm.spec import (
@@ -31,6 +32,7 @@ from autoglm.spec import (
 
 # (type "Normal"|"Warning", reason, message) → posted as an Event on the resource.
 EventSink = Callable[[str, str, str], None]
+Manifest = dict[str, Any]
 MONITORING_API = "monitoring.coreos.com/v1"
 
 
@@ -38,17 +40,14 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def routing_state(st: AutoGLMStatus) -> p.RoutingState:
-    slots = {slot: p.SlotState(s.version, tuple(s.expert_replicas))
-             for slot, s in st.slots.items() if slot in ("a", "b")}
-    return p.RoutingState(st.active_slot, slots)  # type: ignore[arg-type]
-
-
 class Reconciler:
     def __init__(self, api: Api, clock: Callable[[], str] = now_iso,
-                 monitors_ttl: float = 60.0) -> None:
+                 monitors_ttl: float = 60.0, wall: Callable[[], float] = time.time,
+                 canary: rollout.Canary = canary.check) -> None:
         self.api = api
         self.clock = clock
+        self.wall = wall  # the swap's clock: its times are kept in status, across restarts
+        self.canary = canary
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._monitors: tuple[float, bool] | None = None
@@ -72,15 +71,30 @@ class Reconciler:
     # -- entry points ------------------------------------------------------------------------
 
     def reconcile(self, body: Mapping[str, Any], emit: EventSink) -> AutoGLMStatus:
-        """Apply the plan and record status. Raises ApiException on transient API errors
-        (after recording them), so the caller can retry."""
+        """Step the swap, apply the plan and record status. Raises ApiException on transient
+        API errors (after recording them), so the caller can retry."""
         meta = body["metadata"]
         with self._lock(meta["uid"]):
+            # Handlers may hold an older copy: decide from the object as it is now.
+            body = self.api.get(API_VERSION, KIND, meta["namespace"], meta["name"]) or body
+            if body["metadata"]["uid"] != meta["uid"]:
+                return parse_status(None)
             spec = self._parse(body, emit)
             if spec is None:
                 return parse_status(body.get("status"))
             prev = parse_status(body.get("status"))
-            topology = p.plan(meta["name"], spec, routing_state(prev))
+            deployments, pods = self._live(meta["name"], meta["namespace"])
+            state = rollout.from_status(prev, spec)
+            state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
+                                             deployments, pods, self.wall(), self.canary)
+            for r in reports:
+                emit("Warning" if r.warning else "Normal", r.reason, r.message)
+            topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
+                                                                  prev, deployments))
+            swap_status = rollout.to_status(state)
+            if swap_status != prev.swap:
+                # The new state first (the flip itself, for the gateways); objects follow.
+                prev = self._status(body, spec, topology, prev, deployments, None, state)
             desired = builders.desired_objects(meta["name"], meta["namespace"], meta["uid"],
                                                spec, topology, self.monitors_available())
             error: tuple[str, str] | None = None
@@ -98,7 +112,9 @@ class Reconciler:
                 emit("Normal", c.action.capitalize(), str(c))
             if error is not None:
                 emit("Warning", error[0], error[1])
-            new = self._observe(body, spec, topology, prev, error)
+            if changes:
+                deployments, _ = self._live(meta["name"], meta["namespace"], pods=False)
+            new = self._status(body, spec, topology, prev, deployments, error, state)
             if failure is not None:
                 raise failure
             return new
@@ -112,12 +128,15 @@ class Reconciler:
                 spec = parse(body["spec"], meta["name"])
             except InvalidSpec:
                 return prev
-            topology = p.plan(meta["name"], spec, routing_state(prev))
+            deployments, _ = self._live(meta["name"], meta["namespace"], pods=False)
+            state = rollout.from_status(prev, spec)
+            topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
+                                                                  prev, deployments))
             degraded = next((c for c in prev.conditions
                              if c.type == "Degraded" and c.status == "True"
                              and c.reason in ("ObjectConflict", "ApplyFailed")), None)
             error = (degraded.reason, degraded.message) if degraded else None
-            return self._observe(body, spec, topology, prev, error)
+            return self._status(body, spec, topology, prev, deployments, error, state)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -133,16 +152,21 @@ class Reconciler:
                 self._write(body, new)
             return None
 
-    def _observe(self, body: Mapping[str, Any], spec: AutoGLMSpec, topology: p.Topology,
-                 prev: AutoGLMStatus, error: tuple[str, str] | None) -> AutoGLMStatus:
+    def _live(self, name: str, namespace: str, pods: bool = True,
+              ) -> tuple[dict[str, Manifest], list[Manifest]]:
+        """The resource's Deployments by name, and its pods (for the swap's crash check)."""
+        selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/name=autoglm"
+        deployments = {d["metadata"]["name"]: d
+                       for d in self.api.list("apps/v1", "Deployment", namespace, selector)}
+        return deployments, (self.api.list("v1", "Pod", namespace, selector) if pods else [])
+
+    def _status(self, body: Mapping[str, Any], spec: AutoGLMSpec, topology: p.Topology,
+                prev: AutoGLMStatus, deployments: Mapping[str, Manifest],
+                error: tuple[str, str] | None, state: swap.SwapState) -> AutoGLMStatus:
         meta = body["metadata"]
-        live = self.api.list("apps/v1", "Deployment", meta["namespace"],
-                             f"app.kubernetes.io/instance={meta['name']},"
-                             "app.kubernetes.io/name=autoglm")
-        deployments: dict[str, dict[str, Any] | None] = {
-            d["metadata"]["name"]: d for d in live}
-        new = status.observed_status(prev, meta.get("generation"), topology, deployments,
-                                     meta["name"], spec.model.version, error, self.clock())
+        new = status.observed_status(prev, meta.get("generation"), topology, dict(deployments),
+                                     meta["name"], spec.model.version, error, self.clock(),
+                                     state, rollout.to_status(state))
         if new != prev:
             self._write(body, new)
         return new

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from autoglm.plan import Topology
-from autoglm.spec import AutoGLMStatus, Condition, SlotStatus
+from autoglm.spec import AutoGLMStatus, Condition, SlotStatus, SwapStatus
+from autoglm.swap import Phase, SwapState
 
 Manifest = dict[str, Any]
 Status = Literal["True", "False", "Unknown"]
@@ -61,23 +62,43 @@ def invalid_status(prev: AutoGLMStatus, generation: int | None, message: str,
                                    "observed_generation": generation})
 
 
+def _progressing(state: SwapState, wanted: int, waiting: list[str], total: int,
+                 ) -> tuple[Status, str, str]:
+    if state.phase is not Phase.IDLE:
+        target = state.target_version
+        what = {Phase.STAGING: f"creating slot {state.standby_slot} for version {target}",
+                Phase.WARMING: f"waiting for slot {state.standby_slot} (version {target}) "
+                               "to be ready",
+                Phase.VERIFYING: f"running the canary on slot {state.standby_slot} "
+                                 f"(version {target})",
+                Phase.FLIPPING: f"flipping traffic to version {target}",
+                Phase.DRAINING: "draining the previous slot",
+                Phase.ABORTING: f"removing slot {state.standby_slot}: {state.reason}"}
+        return "True", state.phase.value, what[state.phase]
+    if wanted == state.failed_version and wanted != state.active_version:
+        return ("False", "RolloutFailed", f"version {wanted} failed ({state.reason}); "
+                f"version {state.active_version} keeps serving")
+    if waiting:
+        return "True", "Provisioning", f"{total - len(waiting)}/{total} workloads ready"
+    return "False", "Converged", "every workload runs the desired template"
+
+
 def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topology,
                     deployments: Mapping[str, Manifest | None], gateway: str,
                     wanted_version: int, error: tuple[str, str] | None,
-                    now: str) -> AutoGLMStatus:
+                    now: str, state: SwapState | None = None,
+                    swap_status: SwapStatus | None = None) -> AutoGLMStatus:
     """Status of a valid spec, from the live Deployments (by name) of every workload.
 
-    ``error`` is a (reason, message) pair when applying objects failed.
+    ``error`` is a (reason, message) pair when applying objects failed; ``state`` is the
+    swap's state (written as ``swap_status``).
     """
     active = topology.active_plan
+    state = state or SwapState(active.slot, active.version)
     names = [gateway, *(w.name for w in active.workloads)]
     waiting = [n for n in names if not deployment_available(deployments.get(n))]
     failures = [f for n in names if (f := deployment_failure(deployments.get(n)))]
     all_ready = not waiting and error is None
-    expert_replicas = [
-        int((deployments.get(w.name) or {}).get("spec", {}).get("replicas", w.replicas))
-        for w in active.experts
-    ]
     conds = prev.conditions
     g = generation
     if all_ready:
@@ -87,33 +108,31 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
     else:
         msg = f"waiting for {', '.join(waiting)}" if waiting else "applying objects failed"
         conds = set_condition(conds, "Ready", "False", "WorkloadsNotReady", msg, g, now)
+    conds = set_condition(conds, "Progressing",
+                          *_progressing(state, wanted_version, waiting, len(names)), g, now)
 
-    if active.version != wanted_version:
-        conds = set_condition(
-            conds, "Progressing", "False", "VersionChangePending",
-            f"spec.model.version is {wanted_version}; slot {active.slot} keeps serving "
-            f"{active.version}: this release does not swap versions yet", g, now)
-    elif waiting:
-        conds = set_condition(conds, "Progressing", "True", "Provisioning",
-                              f"{len(names) - len(waiting)}/{len(names)} workloads ready",
-                              g, now)
-    else:
-        conds = set_condition(conds, "Progressing", "False", "Converged",
-                              "every workload runs the desired template", g, now)
-
+    rollout_failed = (state.phase is Phase.IDLE and wanted_version == state.failed_version
+                      and wanted_version != state.active_version)
     if error is not None:
         conds = set_condition(conds, "Degraded", "True", error[0], error[1], g, now)
     elif failures:
         conds = set_condition(conds, "Degraded", "True", "WorkloadFailing",
                               "; ".join(failures), g, now)
+    elif rollout_failed:
+        conds = set_condition(conds, "Degraded", "True", "RolloutFailed",
+                              f"version {wanted_version}: {state.reason}; version "
+                              f"{state.active_version} keeps serving", g, now)
     else:
         conds = set_condition(conds, "Degraded", "False", "AsExpected", "", g, now)
 
-    degraded = error is not None or bool(failures)
-    phase = "Ready" if all_ready else "Degraded" if degraded else "Progressing"
-    slots = dict(prev.slots)
-    slots[active.slot] = SlotStatus(version=active.version, ready=not waiting,
-                                    expert_replicas=expert_replicas)
+    degraded = error is not None or bool(failures) or rollout_failed
+    phase = "Ready" if all_ready and not degraded else "Degraded" if degraded else "Progressing"
+    slots = {plan.slot: SlotStatus(
+        version=plan.version,
+        ready=all(deployment_available(deployments.get(w.name)) for w in plan.workloads),
+        expert_replicas=[int((deployments.get(w.name) or {}).get("spec", {})
+                             .get("replicas", w.replicas)) for w in plan.experts])
+        for plan in topology.slots}
     return AutoGLMStatus(
         observed_generation=g,
         phase=phase,
@@ -121,5 +140,6 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
         active_version=active.version,
         ready=f"{len(names) - len(waiting)}/{len(names)}",
         slots=slots,
+        swap=swap_status if swap_status is not None else prev.swap,
         conditions=conds,
     )

@@ -1,0 +1,174 @@
+"""The swap on Kubernetes: what the pure state machine needs from the cluster, and what its
+state means for the objects and the routing.
+
+Every action of :mod:`autoglm.swap` is declarative here, so a restart anywhere is safe: the
+state is written to the resource's status first, and the objects follow from it —
+``CreateSlot`` puts the standby slot into the plan, ``DeleteSlot`` takes a slot out (the
+pruner deletes it), ``Flip`` is the status' ``activeSlot``/``activeVersion`` that the
+gateways watch, ``RunCanary`` is the canary request made while observing in ``Verifying``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from autoglm import canary, swap
+from autoglm import plan as p
+from autoglm.k8s.converge import VERSION_LABEL
+from autoglm.k8s.status import deployment_available, deployment_failure
+from autoglm.spec import AutoGLMSpec, AutoGLMStatus, Slot, SwapStatus, WarmSlotStatus
+
+Manifest = dict[str, Any]
+Canary = Callable[[str, int], tuple[bool | None, str]]
+STAGED = (swap.Phase.STAGING, swap.Phase.WARMING, swap.Phase.VERIFYING, swap.Phase.FLIPPING)
+# A container stuck in one of these will not become ready by waiting.
+STUCK = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+         "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# For an operator running outside the cluster (development, the tests): a JSON file
+# {"<namespace>/<service>": "http://host:port"} consulted before cluster DNS.
+ADDRESSES_ENV = "AUTOGLM_SERVICE_ADDRESSES"
+
+
+def rfc3339(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def epoch(s: str) -> float:
+    return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def from_status(st: AutoGLMStatus, spec: AutoGLMSpec) -> swap.SwapState:
+    """The swap state kept in status; a resource seen for the first time is idle at the
+    version it will be created with."""
+    active = st.active_slot or "a"
+    version = st.active_version if st.active_version is not None else spec.model.version
+    s = st.swap
+    if s is None:
+        return swap.SwapState(active, version)
+    prev = (swap.Warm(s.previous.slot, s.previous.version, epoch(s.previous.until))
+            if s.previous else None)
+    return swap.SwapState(active, version, swap.Phase(s.phase),
+                          epoch(s.since) if s.since else 0.0, s.target_version, prev,
+                          s.failed_version, s.reason)
+
+
+def to_status(state: swap.SwapState) -> SwapStatus:
+    prev = state.previous
+    return SwapStatus(
+        phase=state.phase.value, since=rfc3339(state.since) if state.since else None,
+        target_version=state.target_version,
+        previous=WarmSlotStatus(slot=prev.slot, version=prev.version,
+                                until=rfc3339(prev.until)) if prev else None,
+        failed_version=state.failed_version, reason=state.reason)
+
+
+def expert_replicas(name: str, spec: AutoGLMSpec, slot: Slot,
+                    deployments: Mapping[str, Manifest], fallback: tuple[int, ...],
+                    ) -> tuple[int, ...]:
+    """The slot's live per-expert replica counts (the autoscaler's), else ``fallback``."""
+    out = []
+    for i in range(spec.model.num_experts):
+        d = deployments.get(p.workload_name(name, slot, "expert", i))
+        if d is None:
+            return fallback
+        out.append(int(d.get("spec", {}).get("replicas", 1)))
+    return tuple(out)
+
+
+def routing(name: str, spec: AutoGLMSpec, state: swap.SwapState, st: AutoGLMStatus,
+            deployments: Mapping[str, Manifest]) -> p.RoutingState:
+    """The slots the swap state keeps: the active one, the standby while it is staged (with
+    the active slot's current replica counts), and the previous one while it is warm."""
+    def recorded(slot: Slot) -> tuple[int, ...]:
+        s = st.slots.get(slot)
+        return tuple(s.expert_replicas) if s else ()
+
+    active = expert_replicas(name, spec, state.active_slot, deployments,
+                             recorded(state.active_slot))
+    slots: dict[Slot, p.SlotState] = {state.active_slot: p.SlotState(state.active_version,
+                                                                      active)}
+    if state.phase in STAGED and state.target_version is not None:
+        slots[state.standby_slot] = p.SlotState(state.target_version, active)
+    if state.previous is not None:
+        prev = state.previous
+        slots[prev.slot] = p.SlotState(prev.version, expert_replicas(
+            name, spec, prev.slot, deployments, recorded(prev.slot)))
+    return p.RoutingState(state.active_slot, slots)
+
+
+def router_url(name: str, namespace: str, slot: Slot) -> str:
+    service = p.workload_name(name, slot, "router")
+    path = os.environ.get(ADDRESSES_ENV)
+    if path:
+        try:
+            known: dict[str, str] = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            known = {}
+        if f"{namespace}/{service}" in known:
+            return known[f"{namespace}/{service}"]
+    return f"http://{service}.{namespace}.svc:{p.TRITON_HTTP_PORT}"
+
+
+def pod_failure(pods: list[Manifest]) -> str | None:
+    for pod in pods:
+        if pod.get("status", {}).get("phase") == "Failed":
+            return f"pod {pod['metadata']['name']} failed"
+        for c in pod.get("status", {}).get("containerStatuses", []):
+            waiting = c.get("state", {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK:
+                last = (c.get("lastState", {}).get("terminated") or {}).get("exitCode")
+                exit_ = f", last exit code {last}" if last is not None else ""
+                return (f"pod {pod['metadata']['name']}: container {c.get('name')} "
+                        f"{waiting['reason']} ({c.get('restartCount', 0)} restarts{exit_})")
+    return None
+
+
+def observe(name: str, namespace: str, spec: AutoGLMSpec, state: swap.SwapState,
+            deployments: Mapping[str, Manifest], pods: list[Manifest], now: float,
+            check: Canary = canary.check, inflight: int | None = None) -> swap.Observation:
+    """What the state machine needs to decide, from the live objects of the standby slot.
+    ``inflight`` is the gateways' in-flight count on the previous slot when known; unknown
+    means wait the whole drain timeout."""
+    ready, failure, answer, detail = False, None, None, ""
+    if state.phase in STAGED and state.target_version is not None:
+        target, standby = state.target_version, state.standby_slot
+        plan = p.slot_plan(name, spec, standby, target, ())
+        live = [deployments.get(w.name) for w in plan.workloads]
+        ready = all(d is not None and deployment_available(d)
+                    and d["spec"]["template"]["metadata"]["labels"].get(VERSION_LABEL)
+                    == str(target) for d in live)
+        failure = next((f for d in live if (f := deployment_failure(d))), None) or pod_failure(
+            [pod for pod in pods
+             if pod["metadata"].get("labels", {}).get("autoglm.io/slot") == standby
+             and pod["metadata"].get("labels", {}).get(VERSION_LABEL) == str(target)])
+        if state.phase is swap.Phase.VERIFYING and failure is None:
+            answer, detail = check(router_url(name, namespace, standby), target)
+    return swap.Observation(
+        now=now, desired_version=spec.model.version, standby_ready=ready,
+        standby_failure=failure, canary=answer, canary_detail=detail,
+        old_inflight=1 if inflight is None else inflight)
+
+
+def advance(name: str, namespace: str, spec: AutoGLMSpec, state: swap.SwapState,
+            deployments: Mapping[str, Manifest], pods: list[Manifest], now: float,
+            check: Canary = canary.check, inflight: int | None = None,
+            ) -> tuple[swap.SwapState, list[swap.Report]]:
+    """Step the state machine as far as the cluster allows now (each step with a fresh
+    observation: a canary passing in ``Verifying`` flips in the same pass)."""
+    r = spec.rollout
+    timing = swap.Timing(r.ready_timeout_seconds, r.canary, r.drain_timeout_seconds,
+                         r.keep_previous_seconds)
+    reports: list[swap.Report] = []
+    for _ in range(len(swap.Phase) + 1):
+        obs = observe(name, namespace, spec, state, deployments, pods, now, check, inflight)
+        new, actions = swap.step(state, obs, timing)
+        reports += [a for a in actions if isinstance(a, swap.Report)]
+        if new == state:
+            break
+        state = new
+    return state, reports
