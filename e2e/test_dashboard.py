@@ -1,0 +1,157 @@
+"""Every query of the Grafana dashboard answers on a real `autoglm up`: real Triton servers,
+the real Prometheus scraping them, traffic through the gateway, the autoscaler at work and
+one version rolled, so that every series the dashboard shows exists."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import re
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import yaml
+
+from autoglm import dashboard
+from autoglm.moe import PRESETS
+from autoglm.repository import build
+from autoglm.testing import eventually
+from autoglm.testing.up import UpProcess as Up
+from autoglm.triton import SHM_PREFIX
+
+pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tiny"
+# What Grafana gives the variables at a 1 s scrape interval and a short time range.
+VARIABLES = {"deployment": NAME, "__rate_interval": "30s", "__interval": "5s",
+             "__range": "5m"}
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def spec_file(home: Path) -> Path:
+    """The tiny example, autoscaled every second on a low target (so decisions happen under
+    the test's traffic), at most one extra replica so a swap stays small."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    spec = doc["spec"]
+    spec["experts"].update(minReplicas=1, maxReplicas=2, replicaBudget=5)
+    spec["autoscaling"].update(target=20, intervalSeconds=1, stabilizationSeconds=0)
+    spec["rollout"].update(keepPreviousSeconds=600)
+    file = home / "tiny.yaml"
+    file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return file
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    home = tmp_path_factory.mktemp("home")
+    for version in (1, 2):  # built beforehand: the rollout then only starts servers
+        build(home / "models" / NAME, "tiny-moe", version, PRESETS["tiny"])
+    u = Up.start(spec_file(home), home)
+    try:
+        u.wait_serving()
+        yield u
+    finally:
+        code = u.stop()
+        print("\n".join(u.text))
+    assert code == 0
+    assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*")
+    assert not port_open(u.port) and not port_open(u.prometheus_port)
+    out = subprocess.run(["pgrep", "-s", str(u.popen.pid)], capture_output=True, text=True)
+    assert out.stdout == "", "processes of the session are left"
+
+
+def traffic(port: int, stop: threading.Event, errors: list[str]) -> None:
+    """Steady requests, paced to leave the two cores to the rollout (still ~20x the
+    autoscaling target in tokens/s)."""
+    rng = np.random.default_rng(threading.get_ident() % 2**32)
+    with httpclient.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        while not stop.wait(0.05):
+            inp = httpclient.InferInput("INPUT_IDS", [1, 8], "INT64")
+            inp.set_data_from_numpy(rng.integers(0, 256, (1, 8)).astype(np.int64))
+            try:
+                c.infer("router", [inp])
+            except Exception as e:
+                errors.append(str(e))
+
+
+def api(prometheus_port: int, path: str, **params: str) -> tuple[object, str]:
+    """(data, "") of a Prometheus HTTP API call, or (None, why it failed)."""
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())["data"], ""
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read() or b"{}")
+        return None, f"HTTP {e.code}: {body.get('error', '')}"
+
+
+def failures(prometheus_port: int) -> list[str]:
+    """Every dashboard query that does not answer with data, with why, at once."""
+    failed = []
+    values, why = api(prometheus_port, "label/deployment/values",
+                      **{"match[]": "autoglm_gateway_requests_total"})
+    if not isinstance(values, list) or NAME not in values:
+        failed.append(f"variable deployment: {dashboard.DEPLOYMENT_QUERY} -> "
+                      f"{why or values}")
+    for title, q in dashboard.queries():
+        expr = dashboard.expand(q.expr, VARIABLES)
+        data, why = api(prometheus_port, "query", query=expr)
+        result = data.get("result") if isinstance(data, dict) else None
+        if why:
+            failed.append(f"{title}: {expr} -> {why}")
+        elif not result:
+            failed.append(f"{title}: {expr} -> empty")
+        elif all(math.isnan(float(s["value"][1])) for s in result):
+            failed.append(f"{title}: {expr} -> only NaN (no samples in the window)")
+    return failed
+
+
+def test_every_dashboard_query_has_data(up: Up) -> None:
+    errors: list[str] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=traffic, args=(up.port, stop, errors))
+               for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(3)  # load on v1 first, so the autoscaler has something to act on
+        up.file.write_text(re.sub(r"version: 1\b", "version: 2", up.file.read_text(),
+                                  count=1))
+        eventually(lambda: up.said("Flipped") or up.said("RolloutFailed"),
+                   "the rollout to version 2", timeout=180)
+        assert up.said("Flipped"), "\n".join(up.text)
+        eventually(lambda: up.said("Drained"), "the old slot to drain", timeout=60)
+        # Series appear within a scrape or two; give every query a chance, then report
+        # every one still without data.
+        last: list[str] = []
+
+        def all_answer() -> bool:
+            last[:] = failures(up.prometheus_port)
+            return not last
+
+        try:
+            eventually(all_answer, "every dashboard query to have data", timeout=45,
+                       interval=1.0)
+        except Exception:
+            pytest.fail(f"{len(last)} of {len(dashboard.queries()) + 1} dashboard queries "
+                        "have no data:\n" + "\n".join(last), pytrace=False)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=60)
+    assert not errors, f"{len(errors)} requests failed, e.g. {errors[0]}"
