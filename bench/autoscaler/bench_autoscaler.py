@@ -9,11 +9,21 @@ popularity, a hot expert that rotates, and bursts. Policies, all aiming at 80% u
   scale up by max(100%, 4 pods) per 15 s, scale down after a 300 s stabilization window),
   seeing a 30 s average of utilization 15 s late (metrics-server), no budget;
 * ours: `autoglm.autoscale.decide` every 5 s on the router's token rate (10 s rate, 2 s
-  late), budget shared by load.
+  late), budget shared by load, told which replicas serve (make-before-break), with the
+  rate's trend extrapolated over its 10 s window.
 
 Printed side by side: replica-seconds, seconds with unmet demand, share of demand unmet,
-mean load imbalance ((max - mean)/mean per replica), and reaction time (from a demand step
-to enough serving capacity). A PNG plots the traces and replica curves.
+load imbalance, and reaction time (from a demand step to enough serving capacity), with
+ratios against HPA, then a PASS/FAIL line per trace against the bar: less unmet demand
+than HPA at no more replica-seconds, and imbalance <= 0.15.
+
+Imbalance (the same for every policy, from second 60): each second, (max - mean)/mean of
+the load per serving replica, the mean taken over serving replicas, a replica carrying at
+most CAPACITY (`autoscale.serving_imbalance`); then the mean over seconds. Demand above
+capacity is counted once, as unmet demand: counted as load too, the 20 s start-up
+dominates the figure (an expert that jumps 5x has 5x load per replica until new replicas
+serve, whatever the policy). `imb/exp` is the earlier figure for comparison: demand per
+replica, the mean taken over experts. A PNG plots the traces and replica curves.
 
     .venv/bin/python bench/autoscaler/bench_autoscaler.py [--png bench/autoscaler/replicas.png]
 """
@@ -28,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from autoglm.autoscale import Policy, Sample, State, decide, imbalance
+from autoglm.autoscale import Policy, Sample, State, decide, imbalance, serving_imbalance
 
 N, T = 8, 1800  # experts, seconds
 CAPACITY = 100.0  # tokens/s per replica
@@ -36,6 +46,7 @@ TARGET = 80.0  # tokens/s per replica the policies aim at
 STARTUP = 20  # seconds before a new replica serves
 BUDGET = 64
 MAX_PER_EXPERT = 24
+BAR_IMBALANCE = 0.15
 Demand = NDArray[np.float64]  # [T, N] tokens/s
 
 
@@ -73,7 +84,9 @@ class Result:
     serving: NDArray[np.int64]  # [T, N] replicas that serve
 
 
-Controller = Callable[[int, NDArray[np.int64], Demand], NDArray[np.int64] | None]
+# (second, replicas, serving replicas, demand) -> replicas wanted, or None for no change
+Controller = Callable[[int, NDArray[np.int64], NDArray[np.int64], Demand],
+                      NDArray[np.int64] | None]
 
 
 def simulate(demand: Demand, start: NDArray[np.int64], control: Controller) -> Result:
@@ -82,7 +95,8 @@ def simulate(demand: Demand, start: NDArray[np.int64], control: Controller) -> R
     ready_at: list[list[int]] = [[0] * int(start[i]) for i in range(N)]  # per replica
     for t in range(T):
         current = np.array([len(r) for r in ready_at], dtype=np.int64)
-        want = control(t, current, demand)
+        ready = np.array([sum(1 for x in r if x <= t) for r in ready_at], dtype=np.int64)
+        want = control(t, current, ready, demand)
         if want is not None:
             for i in range(N):
                 while len(ready_at[i]) < want[i]:
@@ -95,14 +109,15 @@ def simulate(demand: Demand, start: NDArray[np.int64], control: Controller) -> R
 
 
 def fixed() -> Controller:
-    return lambda t, cur, d: None
+    return lambda t, cur, ready, d: None
 
 
 def hpa() -> Controller:
     """Kubernetes' HPA defaults, one per expert, on late averaged utilization."""
     history: list[tuple[int, NDArray[np.int64]]] = []
 
-    def control(t: int, cur: NDArray[np.int64], d: Demand) -> NDArray[np.int64] | None:
+    def control(t: int, cur: NDArray[np.int64], ready: NDArray[np.int64],
+                d: Demand) -> NDArray[np.int64] | None:
         if t % 15 or t < 45:
             return None
         seen = d[max(0, t - 45):t - 15].mean(axis=0)  # 30 s window, 15 s late
@@ -119,18 +134,23 @@ def hpa() -> Controller:
     return control
 
 
-def ours() -> Controller:
-    policy = Policy(target=TARGET, min_replicas=1, max_replicas=MAX_PER_EXPERT, budget=BUDGET,
-                    tolerance=0.1, scale_up_limit=4, stabilization=120, stale_after=60)
+OURS = Policy(target=TARGET, min_replicas=1, max_replicas=MAX_PER_EXPERT, budget=BUDGET,
+              tolerance=0.1, scale_up_limit=6, stabilization=120, stale_after=60,
+              lookahead=10, move_tolerance=0.1)
+
+
+def ours(policy: Policy = OURS, make_before_break: bool = True) -> Controller:
     state = [State()]
 
-    def control(t: int, cur: NDArray[np.int64], d: Demand) -> NDArray[np.int64] | None:
+    def control(t: int, cur: NDArray[np.int64], ready: NDArray[np.int64],
+                d: Demand) -> NDArray[np.int64] | None:
         if t % 5 or t < 12:
             return None
         rate = d[t - 12:t - 2].mean(axis=0)  # rate() over 10 s, 2 s late
         state[0], decision = decide(state[0], cur.tolist(),
                                     Sample(float(t - 2), tuple(rate.tolist())), float(t),
-                                    policy)
+                                    policy,
+                                    ready=ready.tolist() if make_before_break else None)
         return np.array(decision.desired, dtype=np.int64)
 
     return control
@@ -158,25 +178,44 @@ def main() -> int:
     policies: dict[str, Callable[[], Controller]] = {"fixed": fixed, "hpa": hpa,
                                                      "ours": ours}
     results: dict[tuple[str, str], Result] = {}
+    verdicts = []
     print(f"{N} experts, {T} s, {CAPACITY:g} tokens/s per replica, target {TARGET:g}, "
           f"startup {STARTUP} s, budget {BUDGET} (ours, fixed)\n")
     print(f"{'trace':9} {'policy':6} {'replica-s':>10} {'vs hpa':>7} {'unmet s':>8} "
-          f"{'unmet %':>8} {'imbalance':>9} {'reaction s':>10}")
+          f"{'unmet %':>8} {'vs hpa':>7} {'imbalance':>9} {'vs hpa':>7} {'imb/exp':>8} "
+          f"{'reaction s':>10}")
     for tname, d in traces.items():
         for pname, make in policies.items():
             start = np.full(N, BUDGET // N if pname == "fixed" else
                             max(1, math.ceil(d[0].sum() / TARGET / N)), dtype=np.int64)
             results[(tname, pname)] = simulate(d, start, make())
-        base = results[(tname, "hpa")].replicas.sum()
+        figures: dict[str, tuple[float, float, float]] = {}
         for pname in policies:
             r = results[(tname, pname)]
             unmet = np.maximum(d - r.serving * CAPACITY, 0)
-            imb = np.mean([imbalance(d[t].tolist(), r.serving[t].tolist())
+            figures[pname] = (float(r.replicas.sum()), float(100 * unmet.sum() / d.sum()),
+                          float(np.mean([serving_imbalance(d[t].tolist(), r.serving[t].tolist(),
+                                                           CAPACITY) for t in range(60, T)])))
+        for pname in policies:
+            r = results[(tname, pname)]
+            rs, un, imb = figures[pname]
+            brs, bun, bimb = figures["hpa"]
+            old = np.mean([imbalance(d[t].tolist(), r.serving[t].tolist())
                            for t in range(60, T)])
-            print(f"{tname:9} {pname:6} {r.replicas.sum():>10} "
-                  f"{r.replicas.sum() / base:>7.2f} {int((unmet.sum(axis=1) > 0).sum()):>8} "
-                  f"{100 * unmet.sum() / d.sum():>7.2f}% {imb:>9.3f} "
+            unmet_s = int((np.maximum(d - r.serving * CAPACITY, 0).sum(axis=1) > 0).sum())
+            print(f"{tname:9} {pname:6} {int(rs):>10} {rs / brs:>7.2f} {unmet_s:>8} "
+                  f"{un:>7.2f}% {un / bun:>7.2f} {imb:>9.3f} {imb / bimb:>7.2f} {old:>8.3f} "
                   f"{reaction_time(d, r):>10.1f}")
+        rs, un, imb = figures["ours"]
+        brs, bun, _ = figures["hpa"]
+        ok = un < bun and rs <= brs and imb <= BAR_IMBALANCE
+        verdicts.append(f"{'PASS' if ok else 'FAIL'} {tname}: unmet {un:.2f}% vs hpa "
+                        f"{bun:.2f}% ({'<' if un < bun else 'not <'}), replica-s "
+                        f"{rs / brs:.3f}x hpa ({'<=' if rs <= brs else '>'} 1), imbalance "
+                        f"{imb:.3f} ({'<=' if imb <= BAR_IMBALANCE else '>'} "
+                        f"{BAR_IMBALANCE:g})")
+    print()
+    print("\n".join(verdicts))
     if args.png:
         import matplotlib
 
@@ -201,7 +240,7 @@ def main() -> int:
         fig.tight_layout()
         fig.savefig(args.png, dpi=80)
         print(f"\nplot: {args.png}")
-    return 0
+    return 0 if all(v.startswith("PASS") for v in verdicts) else 1
 
 
 if __name__ == "__main__":
