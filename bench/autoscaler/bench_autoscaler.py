@@ -10,7 +10,11 @@ popularity, a hot expert that rotates, and bursts. Policies, all aiming at 80% u
   seeing a 30 s average of utilization 15 s late (metrics-server), no budget;
 * ours: `autoglm.autoscale.decide` every 5 s on the router's token rate (10 s rate, 2 s
   late), budget shared by load, told which replicas serve (make-before-break), with the
-  rate's trend extrapolated over its 10 s window.
+  rate's trend extrapolated over its 10 s window;
+* oracle: a reference, not a policy: sees each second's demand as it happens (no rate
+  window, no delay, no rate limit) and places ceil(demand / target) by water-filling every
+  second, so all it suffers is the 20 s start-up (and, running that tight, noise: hence
+  its many seconds with a little unmet demand). It shows what the start-up alone costs.
 
 Printed side by side: replica-seconds, seconds with unmet demand, share of demand unmet,
 load imbalance, and reaction time (from a demand step to enough serving capacity), with
@@ -38,7 +42,15 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from autoglm.autoscale import Policy, Sample, State, decide, imbalance, serving_imbalance
+from autoglm.autoscale import (
+    Policy,
+    Sample,
+    State,
+    apportion,
+    decide,
+    imbalance,
+    serving_imbalance,
+)
 
 N, T = 8, 1800  # experts, seconds
 CAPACITY = 100.0  # tokens/s per replica
@@ -112,6 +124,15 @@ def fixed() -> Controller:
     return lambda t, cur, ready, d: None
 
 
+def oracle() -> Controller:
+    def control(t: int, cur: NDArray[np.int64], ready: NDArray[np.int64],
+                d: Demand) -> NDArray[np.int64] | None:
+        total = min(BUDGET, math.ceil(float(d[t].sum()) / TARGET))
+        return np.array(apportion([MAX_PER_EXPERT] * N, d[t].tolist(), total, 1))
+
+    return control
+
+
 def hpa() -> Controller:
     """Kubernetes' HPA defaults, one per expert, on late averaged utilization."""
     history: list[tuple[int, NDArray[np.int64]]] = []
@@ -176,7 +197,7 @@ def main() -> int:
     args = ap.parse_args()
     traces = {"zipf": zipf(1), "rotating": rotating(2), "bursts": bursts(3)}
     policies: dict[str, Callable[[], Controller]] = {"fixed": fixed, "hpa": hpa,
-                                                     "ours": ours}
+                                                     "ours": ours, "oracle": oracle}
     results: dict[tuple[str, str], Result] = {}
     verdicts = []
     print(f"{N} experts, {T} s, {CAPACITY:g} tokens/s per replica, target {TARGET:g}, "
