@@ -13,7 +13,7 @@ noise does not shuffle serving replicas.
 
 Make-before-break: given the replicas that serve (``ready``), what the budget takes from a
 loaded expert stays until the replicas added elsewhere serve, so a move never opens a
-capacity gap for the 20-odd seconds of a start-up (the budget is borrowed meanwhile).
+capacity gap for the length of a start-up (the budget is borrowed meanwhile).
 Optionally (``lookahead``) a rising rate is extrapolated: a rate over a window lags a
 step by up to the window, and a replica added late serves a start-up later still.
 
@@ -103,13 +103,16 @@ def place(current: Sequence[int], caps: Sequence[int], load: Sequence[float], to
     out = [min(max(c, floor), cap) for c, cap in zip(current, caps, strict=True)]
     n = range(len(out))
 
+    def per(j: int, replicas: int) -> float:
+        return load[j] / replicas if replicas else math.inf if load[j] > 0 else 0.0
+
     def hottest() -> int | None:
         up = [i for i in n if out[i] < caps[i]]
-        return max(up, key=lambda j: (load[j] / max(out[j], 1), -j)) if up else None
+        return max(up, key=lambda j: (per(j, out[j]), -j)) if up else None
 
-    def coolest(but: int = -1) -> int | None:
+    def coolest(but: int = -1) -> int | None:  # the lowest load per replica after giving one
         down = [i for i in n if out[i] > floor and i != but]
-        return min(down, key=lambda j: (load[j] / max(out[j] - 1, 1), -j)) if down else None
+        return min(down, key=lambda j: (per(j, out[j] - 1), -j)) if down else None
 
     while sum(out) < total and (i := hottest()) is not None:
         out[i] += 1
@@ -119,7 +122,7 @@ def place(current: Sequence[int], caps: Sequence[int], load: Sequence[float], to
         i = hottest()
         if i is None or (j := coolest(i)) is None:
             break
-        if load[i] / max(out[i], 1) <= load[j] / max(out[j] - 1, 1) * (1 + tolerance):
+        if per(i, out[i]) <= per(j, out[j] - 1) * (1 + tolerance):
             break
         out[i] += 1
         out[j] -= 1

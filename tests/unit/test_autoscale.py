@@ -72,6 +72,9 @@ def test_placement_moves_a_serving_replica_only_for_a_clear_gain() -> None:
     assert place([4, 4], [8, 8], [200, 600], total=8, floor=1, tolerance=0.1) == (2, 6)
     # fewer in all: each goes where the load per replica stays lowest (150 > 143 on (2, 4))
     assert place([4, 4], [8, 8], [300, 430], total=6, floor=1, tolerance=0.1) == (3, 3)
+    # with min_replicas 0, an idle expert may give its last replica, a loaded one never
+    assert place([1, 1], [4, 4], [100, 0], total=2, floor=0) == (2, 0)
+    assert place([1, 1], [4, 4], [500, 10], total=2, floor=0) == (1, 1)
 
 
 BUDGETED = Policy(target=100, max_replicas=8, budget=6, scale_up_limit=8, tolerance=0.1)
