@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,14 @@ from kubernetes.client.rest import ApiException
 
 from autoglm.k8s.api import Api
 from autoglm.testing import eventually
-from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.controlplane import (
+    BEHAVIOUR_LABEL,
+    CRASH_LOOP,
+    CRASH_LOOP_VERSION,
+    NEVER_READY_VERSION,
+    VERSION_LABEL,
+    ControlPlane,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -271,3 +279,115 @@ def test_service_account_rbac_is_enforced(api: client.ApiClient, control_plane: 
             assert f"system:serviceaccount:{namespace}:reader" in err.value.body
     finally:
         sa_api.close()
+
+
+def small_deployment(name: str, labels: dict[str, str], replicas: int = 2) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, **labels}},
+                "spec": {"containers": [
+                    {"name": "server", "image": "example.invalid/server:1"},
+                    {"name": "sidecar", "image": "example.invalid/sidecar:1"},
+                ]},
+            },
+        },
+    }
+
+
+def delete_and_wait(api: client.ApiClient, namespace: str, name: str) -> None:
+    """Deleting works for failing pods too: the Deployment and its pods go away."""
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    apps.delete_namespaced_deployment(name, namespace, propagation_policy="Foreground")
+
+    def gone() -> bool:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"app={name}").items
+        return not pods and not apps.list_namespaced_deployment(
+            namespace, field_selector=f"metadata.name={name}").items
+
+    eventually(gone, f"Deployment {name} and its pods to be deleted")
+
+
+def running_pods(core: client.CoreV1Api, namespace: str, name: str,
+                 n: int) -> list[client.V1Pod] | None:
+    pods = core.list_namespaced_pod(namespace, label_selector=f"app={name}").items
+    running = [p for p in pods if p.status.phase == "Running" and p.status.pod_ip]
+    return running if len(running) == n else None
+
+
+def pod_ready(p: client.V1Pod) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+
+
+def test_never_ready_version_runs_but_never_becomes_ready(api: client.ApiClient,
+                                                          namespace: str) -> None:
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    name = "never"
+    apps.create_namespaced_deployment(
+        namespace, small_deployment(name, {VERSION_LABEL: str(NEVER_READY_VERSION)}))
+    eventually(lambda: running_pods(core, namespace, name, 2),
+               "2 Running pods of the never-ready Deployment")
+    # an ordinary Deployment created after it becomes available meanwhile: kwok is not stuck
+    apps.create_namespaced_deployment(namespace, small_deployment("ok", {VERSION_LABEL: "12"}))
+    eventually(lambda: apps.read_namespaced_deployment("ok", namespace).status
+               .available_replicas == 2, "the ordinary Deployment to become available")
+    # and the never-ready one stays that way: sample for a while (kwok acts within ~1 s)
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        d = apps.read_namespaced_deployment(name, namespace)
+        assert not d.status.ready_replicas and not d.status.available_replicas
+        pods = core.list_namespaced_pod(namespace, label_selector=f"app={name}").items
+        assert len(pods) == 2
+        for p in pods:
+            assert p.status.phase == "Running" and not pod_ready(p)
+            assert [(c.name, c.ready, c.started, bool(c.state.running))
+                    for c in p.status.container_statuses] == [
+                ("server", False, True, True), ("sidecar", False, True, True)]
+        time.sleep(0.5)
+    delete_and_wait(api, namespace, name)
+    delete_and_wait(api, namespace, "ok")
+
+
+def test_crash_loop_version_and_label_crash_loop(api: client.ApiClient,
+                                                 namespace: str) -> None:
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    apps.create_namespaced_deployment(
+        namespace, small_deployment("crash", {VERSION_LABEL: str(CRASH_LOOP_VERSION)}))
+    # the label selects the behaviour whatever the version
+    apps.create_namespaced_deployment(
+        namespace, small_deployment("crash-label", {BEHAVIOUR_LABEL: CRASH_LOOP,
+                                                    VERSION_LABEL: "3"}, replicas=1))
+
+    def restarted(name: str, n: int, at_least: int) -> list[client.V1Pod] | None:
+        pods = running_pods(core, namespace, name, n)
+        if not pods or not all(c.restart_count >= at_least
+                               for p in pods for c in p.status.container_statuses):
+            return None
+        return pods
+
+    first = eventually(lambda: restarted("crash", 2, 1), "crash-looping pods")
+    for p in first + eventually(lambda: restarted("crash-label", 1, 1), "a crash-looping pod"):
+        assert not pod_ready(p)
+        for c in p.status.container_statuses:
+            assert not c.ready
+            assert c.state.waiting.reason == "CrashLoopBackOff"
+            assert c.last_state.terminated.exit_code == 1
+    # the loop goes on: restartCount grows
+    before = {(p.metadata.name, c.name): c.restart_count
+              for p in first for c in p.status.container_statuses}
+
+    def grown() -> bool:
+        pods = core.list_namespaced_pod(namespace, label_selector="app=crash").items
+        return all(c.restart_count > before[(p.metadata.name, c.name)]
+                   for p in pods for c in p.status.container_statuses)
+
+    eventually(grown, "restartCount to grow")
+    d = apps.read_namespaced_deployment("crash", namespace)
+    assert not d.status.ready_replicas and not d.status.available_replicas
+    events = core.list_namespaced_event(namespace).items
+    assert any(e.reason == "BackOff" and e.type == "Warning" for e in events)
+    delete_and_wait(api, namespace, "crash")
+    delete_and_wait(api, namespace, "crash-label")

@@ -2,7 +2,8 @@
 
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler, as controller-runtime's
 envtest runs them, plus kwok, whose fake nodes turn scheduled pods Running and Ready, so
-Deployments become available and EndpointSlices list their pods.
+Deployments become available and EndpointSlices list their pods. Pods can ask kwok to fail
+instead (see :data:`BEHAVIOUR_LABEL`, :data:`NEVER_READY_VERSION`, :data:`CRASH_LOOP_VERSION`).
 
 The apiserver authenticates a static admin token (group ``system:masters``) and
 ServiceAccount tokens it signs itself, and authorizes with ``Node,RBAC``, so RBAC bugs show.
@@ -36,6 +37,20 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 
 # What each fake node advertises: enough for the tiny example and for GPU-requesting pods.
 NODE_CAPACITY = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"}
+
+# Failures kwok simulates, for tests of the paths that must handle them (the swap's aborts).
+# A pod labelled BEHAVIOUR_LABEL=NEVER_READY runs but its containers never become ready; one
+# labelled BEHAVIOUR_LABEL=CRASH_LOOP crash-loops (waiting in CrashLoopBackOff, last exit 1,
+# restartCount growing every CRASH_LOOP_RESTART_MS). The operator writes its pods' labels
+# itself, so tests pick a failure through what they do control, spec.model.version: these two
+# versions are reserved for it. Every other pod becomes Running and Ready as kwok's default.
+BEHAVIOUR_LABEL = "autoglm.io/test-behaviour"
+NEVER_READY = "never-ready"
+CRASH_LOOP = "crash-loop"
+VERSION_LABEL = "autoglm.io/model-version"
+NEVER_READY_VERSION = 13
+CRASH_LOOP_VERSION = 14
+CRASH_LOOP_RESTART_MS = 2000
 
 
 class ControlPlaneError(RuntimeError):
@@ -262,8 +277,10 @@ class ControlPlane:
         ])
         self._spawn("kube-scheduler", [*common, f"--secure-port={sched_port}",
                                        f"--cert-dir={w / 'scheduler-certs'}"])
+        stages = w / "kwok-stages.yaml"
+        stages.write_text("\n---\n".join(json.dumps(st, indent=1) for st in pod_stages()))
         self._spawn("kwok", [
-            f"--kubeconfig={kc}",
+            f"--kubeconfig={kc}", f"--config={stages}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--manage-nodes-with-label-selector=",
@@ -377,3 +394,185 @@ class ControlPlane:
                    for c in n.get("status", {}).get("conditions", []))
         ]
         return len(ready) >= self.nodes
+
+
+# -- kwok pod stages ---------------------------------------------------------------------------
+# kwok v0.7.0 replaces *all* its default pod stages (pod-ready, pod-complete, pod-delete of
+# kustomize/stage/pod/fast) as soon as its --config holds one pod Stage, so the defaults are
+# restated here, pod-ready narrowed to "normal" pods, beside the failure stages. Selectors
+# are ANDed gojq queries; a query that yields nothing counts as absent (so NotIn matches).
+
+# Which behaviour a pod asks for: the label wins, then the reserved versions, else "normal".
+_BEHAVIOUR_QUERY = (
+    f'.metadata.labels["{BEHAVIOUR_LABEL}"] // '
+    f'(.metadata.labels["{VERSION_LABEL}"] as $v | '
+    f'if $v == "{NEVER_READY_VERSION}" then "{NEVER_READY}" '
+    f'elif $v == "{CRASH_LOOP_VERSION}" then "{CRASH_LOOP}" else "normal" end)'
+)
+
+_ALIVE = {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"}
+_UNSTARTED = {"key": ".status.podIP", "operator": "DoesNotExist"}
+
+# Go templates rendered by kwok over the pod (sprig functions available).
+_ADDRESSES = """
+hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
+podIP: {{ PodIPWith .spec.nodeName ( or .spec.hostNetwork false ) ( or .metadata.uid "" ) ( or .metadata.name "" ) ( or .metadata.namespace "" ) | Quote }}
+phase: Running
+startTime: {{ $now | Quote }}
+"""  # noqa: E501
+
+_INIT_DONE = """
+initContainerStatuses:
+{{ range .spec.initContainers }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: true
+  restartCount: 0
+  {{ if eq .restartPolicy "Always" }}
+  started: true
+  state:
+    running:
+      startedAt: {{ $now | Quote }}
+  {{ else }}
+  state:
+    terminated:
+      exitCode: 0
+      finishedAt: {{ $now | Quote }}
+      reason: Completed
+      startedAt: {{ $now | Quote }}
+  {{ end }}
+{{ end }}
+"""
+
+
+def _conditions(ready: bool) -> str:
+    if ready:
+        status, why = '"True"', ""
+    else:
+        status = '"False"'
+        why = ("\n  reason: ContainersNotReady\n  message: 'containers with unready status: "
+               "[{{ range $root.spec.containers }}{{ .name }} {{ end }}]'")
+    return f"""
+conditions:
+- lastTransitionTime: {{{{ $now | Quote }}}}
+  status: "True"
+  type: Initialized
+- lastTransitionTime: {{{{ $now | Quote }}}}
+  status: {status}
+  type: Ready{why}
+- lastTransitionTime: {{{{ $now | Quote }}}}
+  status: {status}
+  type: ContainersReady{why}
+{{{{ range .spec.readinessGates }}}}
+- lastTransitionTime: {{{{ $now | Quote }}}}
+  status: "True"
+  type: {{{{ .conditionType | Quote }}}}
+{{{{ end }}}}
+"""
+
+
+_RUNNING_CONTAINERS = """
+containerStatuses:
+{{ range .spec.containers }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: %s
+  restartCount: 0
+  started: true
+  state:
+    running:
+      startedAt: {{ $now | Quote }}
+{{ end }}
+"""
+
+# restartCount: the first failure, or one more than the pod's status says.
+_CRASHED_CONTAINERS = """
+containerStatuses:
+{{ range $index, $c := .spec.containers }}
+- image: {{ $c.image | Quote }}
+  name: {{ $c.name | Quote }}
+  ready: false
+  restartCount: %s
+  started: false
+  state:
+    waiting:
+      reason: CrashLoopBackOff
+      message: {{ printf "back-off restarting failed container=%%s pod=%%s" $c.name $root.metadata.name | Quote }}
+  lastState:
+    terminated:
+      exitCode: 1
+      reason: Error
+      startedAt: {{ $now | Quote }}
+      finishedAt: {{ $now | Quote }}
+{{ end }}
+"""  # noqa: E501
+
+_PREAMBLE = "{{ $now := Now }}\n{{ $root := . }}\n"
+
+
+def _pod_stage(name: str, match: list[dict[str, Any]], nxt: dict[str, Any],
+               delay_ms: int | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "resourceRef": {"apiGroup": "v1", "kind": "Pod"},
+        "selector": {"matchExpressions": match},
+        "next": nxt,
+    }
+    if delay_ms is not None:
+        spec["delay"] = {"durationMilliseconds": delay_ms}
+    return {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def pod_stages() -> list[dict[str, Any]]:
+    """kwok's default ("fast") pod stages, plus never-ready and crash-loop pods."""
+    def behaviour(op: str, *values: str) -> dict[str, Any]:
+        return {"key": _BEHAVIOUR_QUERY, "operator": op, "values": list(values)}
+
+    back_off = {"type": "Warning", "reason": "BackOff",
+                "message": "Back-off restarting failed container"}
+    return [
+        _pod_stage("pod-ready", [_ALIVE, _UNSTARTED, behaviour("NotIn", NEVER_READY, CRASH_LOOP)],
+                   {"statusTemplate": _PREAMBLE + _conditions(True)
+                    + _RUNNING_CONTAINERS % "true" + _INIT_DONE + _ADDRESSES}),
+        _pod_stage("pod-never-ready", [_ALIVE, _UNSTARTED, behaviour("In", NEVER_READY)],
+                   {"statusTemplate": _PREAMBLE + _conditions(False)
+                    + _RUNNING_CONTAINERS % "false" + _INIT_DONE + _ADDRESSES}),
+        _pod_stage("pod-crash-loop", [_ALIVE, _UNSTARTED, behaviour("In", CRASH_LOOP)],
+                   {"event": back_off,
+                    "statusTemplate": _PREAMBLE + _conditions(False)
+                    + _CRASHED_CONTAINERS % "1" + _INIT_DONE + _ADDRESSES}),
+        # matches its own result again, so the pod keeps "restarting" until deleted
+        _pod_stage("pod-crash-loop-restart",
+                   [_ALIVE, behaviour("In", CRASH_LOOP),
+                    {"key": ".status.podIP", "operator": "Exists"},
+                    {"key": ".status.containerStatuses.[].state.waiting.reason",
+                     "operator": "In", "values": ["CrashLoopBackOff"]}],
+                   {"event": back_off,
+                    "statusTemplate": _PREAMBLE + _CRASHED_CONTAINERS
+                    % "{{ add1 ( index $root.status.containerStatuses $index ).restartCount }}"},
+                   delay_ms=CRASH_LOOP_RESTART_MS),
+        _pod_stage("pod-complete",
+                   [_ALIVE, {"key": ".status.phase", "operator": "In", "values": ["Running"]},
+                    {"key": ".metadata.ownerReferences.[].kind", "operator": "In",
+                     "values": ["Job"]}, behaviour("NotIn", NEVER_READY, CRASH_LOOP)],
+                   {"statusTemplate": _PREAMBLE + """
+containerStatuses:
+{{ range .spec.containers }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: false
+  restartCount: 0
+  started: false
+  state:
+    terminated:
+      exitCode: 0
+      finishedAt: {{ $now | Quote }}
+      reason: Completed
+      startedAt: {{ $now | Quote }}
+{{ end }}
+phase: Succeeded
+"""}),
+        _pod_stage("pod-delete",
+                   [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}],
+                   {"finalizers": {"empty": True}, "delete": True}),
+    ]
