@@ -156,7 +156,7 @@ def hpa() -> Controller:
 
 
 OURS = Policy(target=TARGET, min_replicas=1, max_replicas=MAX_PER_EXPERT, budget=BUDGET,
-              tolerance=0.1, scale_up_limit=6, stabilization=120, stale_after=60,
+              tolerance=0.1, scale_up_limit=12, stabilization=120, stale_after=60,
               lookahead=10, move_tolerance=0.1)
 
 
