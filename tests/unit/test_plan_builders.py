@@ -17,8 +17,9 @@ from autoglm.swap import Phase, SwapState
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def spec() -> Any:
-    return parse(yaml.safe_load((ROOT / "examples/tiny.yaml").read_text())["spec"], "tiny")
+def spec(**changes: Any) -> Any:
+    doc = yaml.safe_load((ROOT / "examples/tiny.yaml").read_text())["spec"]
+    return parse({**doc, **changes}, "tiny")
 
 
 def test_plan_starts_in_slot_a_and_keeps_the_serving_version() -> None:
@@ -159,3 +160,12 @@ def test_crd_file_is_generated_from_the_spec() -> None:
     rules = [r["rule"] for r in schema["x-kubernetes-validations"]]
     assert "self.model.topK <= self.model.numExperts" in rules
     assert schema["properties"]["experts"]["default"]["minReplicas"] == 1
+
+
+def test_rollout_settings_do_not_touch_pod_templates() -> None:
+    """Tuning the swap must never restart the pods that serve."""
+    a, b = spec(), spec(rollout={"readyTimeoutSeconds": 30, "drainTimeoutSeconds": 5,
+                                 "keepPreviousSeconds": 1, "canary": False})
+    topo = p.plan("tiny", a, p.RoutingState())
+    assert (builders.desired_objects("tiny", "ns", "uid", a, topo, True)
+            == builders.desired_objects("tiny", "ns", "uid", b, topo, True))

@@ -6,6 +6,7 @@ from typing import Any
 
 from autoglm import plan as p
 from autoglm.k8s import rollout
+from autoglm.k8s.reconcile import merge_patch
 from autoglm.spec import AutoGLMStatus, parse
 from autoglm.swap import Phase, SwapState, Warm
 
@@ -87,3 +88,12 @@ def test_a_crash_looping_standby_pod_is_a_failure() -> None:
     assert new.phase is Phase.IDLE and new.failed_version == 2
     assert "CrashLoopBackOff (4 restarts, last exit code 1)" in new.reason
     assert reports[0].reason == "RolloutFailed" and reports[0].warning
+
+
+def test_status_patch_removes_what_is_gone() -> None:
+    old = {"slots": {"a": {"version": 1}, "b": {"version": 2}},
+           "swap": {"phase": "Idle", "previous": {"slot": "b"}}, "ready": "6/6"}
+    new = {"slots": {"a": {"version": 1}}, "swap": {"phase": "Idle"}, "ready": "6/6"}
+    assert merge_patch(old, new) == {"slots": {"a": {"version": 1}, "b": None},
+                                     "swap": {"phase": "Idle", "previous": None},
+                                     "ready": "6/6"}

@@ -16,6 +16,11 @@ Manifest = dict[str, Any]
 GATEWAY_PORT = 8000
 GATEWAY_GRPC_PORT = p.TRITON_GRPC_PORT  # as on Triton, so clients change only the host
 SHM_LIMIT = "1Gi"  # the Python backend moves tensors through /dev/shm
+# Pod templates do not depend on spec.rollout: tuning the swap must not restart the pods
+# that serve. A slow model load gets up to 30 min before the kubelet gives up; the swap's
+# own readyTimeoutSeconds aborts a standby sooner.
+STARTUP_CHECKS = 180
+GRACE_SECONDS = 60
 
 
 def labels(instance: str, component: p.Component, slot: Slot | None = None,
@@ -135,11 +140,10 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
         mounts.append({"name": "models", "mountPath": m.volume.mount_path, "readOnly": True})
         volumes.append({"name": "models", "persistentVolumeClaim": {
             "claimName": m.volume.claim_name, "readOnly": True}})
-    startup_failures = max(1, spec.rollout.ready_timeout_seconds // 10)
     pod: dict[str, Any] = {
         "securityContext": POD_SECURITY,
         # In-flight requests finish before the server goes (the gateway drains first).
-        "terminationGracePeriodSeconds": spec.rollout.drain_timeout_seconds + 30,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
         "containers": [{
             "name": "triton",
             "image": t.image,
@@ -157,7 +161,7 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
                             "port": "http"},
                 "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 3},
             "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
-                             "periodSeconds": 10, "failureThreshold": startup_failures},
+                             "periodSeconds": 10, "failureThreshold": STARTUP_CHECKS},
             "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
                               "periodSeconds": 10, "failureThreshold": 6, "timeoutSeconds": 5},
         }],
@@ -198,7 +202,7 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
     pod = {
         "serviceAccountName": sa,
         "securityContext": POD_SECURITY,
-        "terminationGracePeriodSeconds": spec.rollout.drain_timeout_seconds + 30,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
         "containers": [{
             "name": "gateway",
             "image": g.image,

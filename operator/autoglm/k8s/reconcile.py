@@ -76,9 +76,10 @@ class Reconciler:
         meta = body["metadata"]
         with self._lock(meta["uid"]):
             # Handlers may hold an older copy: decide from the object as it is now.
-            body = self.api.get(API_VERSION, KIND, meta["namespace"], meta["name"]) or body
-            if body["metadata"]["uid"] != meta["uid"]:
-                return parse_status(None)
+            live = self.api.get(API_VERSION, KIND, meta["namespace"], meta["name"])
+            if live is None or live["metadata"]["uid"] != meta["uid"]:
+                return parse_status(body.get("status"))  # deleted meanwhile
+            body = live
             spec = self._parse(body, emit)
             if spec is None:
                 return parse_status(body.get("status"))
@@ -173,7 +174,17 @@ class Reconciler:
 
     def _write(self, body: Mapping[str, Any], st: AutoGLMStatus) -> None:
         meta = body["metadata"]
+        new = st.model_dump(mode="json", by_alias=True, exclude_none=True)
         self.api.patch(API_VERSION, KIND, meta["namespace"], meta["name"],
-                       {"status": st.model_dump(mode="json", by_alias=True,
-                                                exclude_none=True)},
+                       {"status": merge_patch(body.get("status") or {}, new)},
                        subresource="status")
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` as a JSON merge patch over ``old``: keys gone from ``new`` become null, so a
+    retired slot or a cleared field leaves the status too (lists are replaced whole)."""
+    out: dict[str, Any] = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        was = old.get(k)
+        out[k] = merge_patch(was, v) if isinstance(v, dict) and isinstance(was, dict) else v
+    return out

@@ -35,8 +35,10 @@ def service_account_kubeconfig(cp: ControlPlane, path: Path) -> Path:
 class OperatorProcess:
     """``autoglm operator`` in a subprocess; logs go to ``log_path``."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0,
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
+        self.env = env or {}
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.popen: subprocess.Popen[bytes] | None = None
@@ -46,7 +48,7 @@ class OperatorProcess:
         self.port = free_port()
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
                    AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds),
-                   AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds))
+                   AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds), **self.env)
         with self.log_path.open("ab") as log:
             self.popen = spawn([sys.executable, "-m", "autoglm.cli", "operator",
                                 f"--liveness=http://127.0.0.1:{self.port}/healthz"], log, env)
