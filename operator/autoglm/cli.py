@@ -96,7 +96,7 @@ def _up(args: argparse.Namespace) -> int:
 
     from autoglm.local.runtime import LocalError, LocalRuntime, default_home
 
-    rt = LocalRuntime(Path(args.file), gateway_port=args.port,
+    rt = LocalRuntime(Path(args.file), gateway_port=args.port, grpc_port=args.grpc_port,
                       prometheus_port=args.prometheus_port,
                       home=Path(args.home) if args.home else default_home(),
                       say=lambda m: print(m, flush=True))
@@ -122,6 +122,7 @@ def _up(args: argparse.Namespace) -> int:
     curl -s localhost:{port}/v2/models/router
     curl -s -X POST localhost:{port}/v2/models/router/infer -H 'Content-Type: application/json' \\
       -d '{{"inputs":[{{"name":"INPUT_IDS","datatype":"INT64","shape":[1,4],"data":[1,2,3,4]}}]}}'
+  or Triton's gRPC protocol on localhost:{args.grpc_port} (tritonclient.grpc works unchanged)
   see it:   autoglm status      metrics: {rt.prometheus.url if rt.prometheus else ""}
   roll a version: edit spec.model.version in {args.file} (the file is watched;
     the new version loads beside the old one and takes traffic once it answers the canary)
@@ -152,7 +153,8 @@ def _status(args: argparse.Namespace) -> int:
     for f in files:
         st = json.loads(f.read_text())
         active = st["active"] or {}
-        print(f"{st['name']}: gateway {st['gateway']}, serving v{active.get('version')} "
+        grpc = f" (gRPC {st['grpc']})" if st.get("grpc") else ""
+        print(f"{st['name']}: gateway {st['gateway']}{grpc}, serving v{active.get('version')} "
               f"from slot {active.get('slot')} (spec asks v{st['requested_version']}); "
               f"swap {st['phase']}{': ' + st['reason'] if st['reason'] else ''}")
         loads: dict[str, float] = {}
@@ -181,7 +183,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return run(args.deployment, args.namespace, args.port, args.metrics_port, load_client(),
-               host=args.host)
+               host=args.host, grpc_port=args.grpc_port or None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     gw.add_argument("--namespace", required=True)
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--metrics-port", type=int, default=8002)
+    gw.add_argument("--grpc-port", type=int, default=0,
+                    help="Triton's gRPC protocol on this port (0: none)")
     gw.add_argument("--host", default="0.0.0.0")
     gw.set_defaults(fn=_gateway)
     up = sub.add_parser("up", help="serve an AutoGLMDeployment file on this machine")
     up.add_argument("file")
     up.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    up.add_argument("--grpc-port", type=int, default=8001,
+                    help="the gateway's gRPC port (Triton's gRPC protocol)")
     up.add_argument("--prometheus-port", type=int, default=9090)
     up.add_argument("--home", help="state, models and logs (default ~/.cache/autoglm)")
     up.set_defaults(fn=_up)

@@ -5,7 +5,8 @@ it is served entirely by one slot; a flip never splits a request and never break
 client's keep-alive connection (those end here). In-flight requests are counted per slot,
 which makes draining exact. A request whose upstream connection failed before any response
 is retried once. Metrics: ``autoglm_gateway_requests_total{slot,version,code}``, a latency
-histogram and an in-flight gauge per slot.
+histogram and an in-flight gauge per slot. The gRPC side (``grpc_proxy``) shares the pointer,
+the counts and the metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from autoglm.gateway.grpc_proxy import GrpcProxy
 
 # Headers that describe one hop's connection or body, not the request (RFC 9110 §7.6.1).
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content-length",
@@ -36,6 +40,7 @@ class Target:
     slot: str
     version: int
     url: str  # http://host:port of the router's Triton HTTP endpoint
+    grpc_url: str = ""  # host:port of its Triton gRPC endpoint ("": no gRPC)
 
 
 class Routing:
@@ -112,19 +117,26 @@ class Gateway:
         # Ask the router for exactly the encoding the client asked for (aiohttp would
         # otherwise request gzip and hand a client that cannot read it a compressed body).
         headers.setdefault("Accept-Encoding", "identity")
-        slot, version = target.slot, str(target.version)
-        self.inflight[slot] = self.inflight.get(slot, 0) + 1
-        self.inflight_gauge.labels(slot).set(self.inflight[slot])
-        status = 502
+        self.enter(target.slot)
+        status, t0 = 502, time.perf_counter()
         try:
-            with self.latency.labels(slot, version).time():
-                response = await self._upstream(target, request, body, headers)
+            response = await self._upstream(target, request, body, headers)
             status = response.status
             return response
         finally:
-            self.inflight[slot] -= 1
-            self.inflight_gauge.labels(slot).set(self.inflight[slot])
-            self.requests.labels(slot, version, str(status)).inc()
+            self.leave(target, str(status), time.perf_counter() - t0)
+
+    def enter(self, slot: str) -> None:
+        """A request (HTTP or gRPC) starts on ``slot``; only ever on the event loop."""
+        self.inflight[slot] = self.inflight.get(slot, 0) + 1
+        self.inflight_gauge.labels(slot).set(self.inflight[slot])
+
+    def leave(self, target: Target, code: str, seconds: float) -> None:
+        slot, version = target.slot, str(target.version)
+        self.inflight[slot] -= 1
+        self.inflight_gauge.labels(slot).set(self.inflight[slot])
+        self.latency.labels(slot, version).observe(seconds)
+        self.requests.labels(slot, version, code).inc()
 
     async def _upstream(self, target: Target, request: web.Request, body: bytes,
                         headers: dict[str, str]) -> web.Response:
@@ -154,12 +166,15 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class GatewayServer:
-    """The gateway on its own event loop in a thread; metrics also on ``metrics_port``."""
+    """The gateway on its own event loop in a thread; metrics also on ``metrics_port``,
+    Triton's gRPC protocol on ``grpc_port``."""
 
     def __init__(self, routing: Routing, port: int, host: str = "127.0.0.1",
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, grpc_port: int | None = None) -> None:
         self.gateway = Gateway(routing)
         self.host, self.port, self.metrics_port = host, port, metrics_port
+        self.grpc_port = grpc_port
+        self.grpc = GrpcProxy(self.gateway)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="gateway")
@@ -177,8 +192,14 @@ class GatewayServer:
             await web.TCPSite(self._runner, self.host, self.port).start()
             if self.metrics_port:
                 await web.TCPSite(self._runner, self.host, self.metrics_port).start()
+            if self.grpc_port:
+                await self.grpc.start(self.host, self.grpc_port)
 
-        self._run(up)
+        try:
+            self._run(up)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -186,6 +207,7 @@ class GatewayServer:
             runner = self._runner
 
             async def down() -> None:
+                await self.grpc.stop()
                 await runner.cleanup()
 
             with contextlib.suppress(Exception):

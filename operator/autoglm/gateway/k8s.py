@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes import client, watch
 
 from autoglm.gateway.app import GatewayServer, Routing, Target
-from autoglm.plan import TRITON_HTTP_PORT, workload_name
+from autoglm.plan import TRITON_GRPC_PORT, TRITON_HTTP_PORT, workload_name
 from autoglm.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("autoglm.gateway")
@@ -31,7 +31,8 @@ def target_from_status(name: str, namespace: str, status: Mapping[str, Any] | No
     if slot not in ("a", "b") or not isinstance(version, int):
         return None
     host = f"{workload_name(name, slot, 'router')}.{namespace}.svc"
-    return Target(slot, version, f"http://{host}:{TRITON_HTTP_PORT}")
+    return Target(slot, version, f"http://{host}:{TRITON_HTTP_PORT}",
+                  f"{host}:{TRITON_GRPC_PORT}")
 
 
 def follow(api: client.ApiClient, name: str, namespace: str, routing: Routing,
@@ -55,16 +56,18 @@ def follow(api: client.ApiClient, name: str, namespace: str, routing: Routing,
 
 
 def run(name: str, namespace: str, port: int, metrics_port: int, api: client.ApiClient,
-        host: str = "0.0.0.0") -> int:
+        host: str = "0.0.0.0", grpc_port: int | None = None) -> int:
     routing = Routing()
-    server = GatewayServer(routing, port, host=host, metrics_port=metrics_port).start()
+    server = GatewayServer(routing, port, host=host, metrics_port=metrics_port,
+                           grpc_port=grpc_port).start()
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
     watcher = threading.Thread(target=follow, args=(api, name, namespace, routing, stop),
                                daemon=True)
     watcher.start()
-    log.info("gateway for %s/%s on :%d (metrics :%d)", namespace, name, port, metrics_port)
+    log.info("gateway for %s/%s on :%d (gRPC :%s, metrics :%d)", namespace, name, port,
+             grpc_port or "-", metrics_port)
     stop.wait()
     # drain: stop taking requests only after in-flight ones finished (bounded)
     deadline = time.monotonic() + 30

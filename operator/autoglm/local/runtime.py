@@ -64,6 +64,7 @@ def default_home() -> Path:
 class LocalRuntime:
     path: Path
     gateway_port: int = 8000
+    grpc_port: int = 8001
     prometheus_port: int = 9090
     home: Path = dataclasses.field(default_factory=default_home)
     say: Say = print
@@ -125,13 +126,16 @@ class LocalRuntime:
                          f"({s.startup_seconds:.1f} s)")
         router = plane.start_router()
         self.say(f"  {slot.router.name} ready ({router.startup_seconds:.1f} s)")
-        self.gateway = GatewayServer(self.routing, self.gateway_port).start()
-        self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}"))
+        self.gateway = GatewayServer(self.routing, self.gateway_port,
+                                     grpc_port=self.grpc_port).start()
+        self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}",
+                                 router.grpc_url))
         self.state = swap.SwapState(slot.slot, slot.version)
         self._update_targets()
         self.write_status()
         self.say(f"serving {self.name} (model {spec.model.name} v{slot.version}, slot "
                  f"{slot.slot}) on http://127.0.0.1:{self.gateway_port} "
+                 f"and gRPC 127.0.0.1:{self.grpc_port} "
                  f"in {time.monotonic() - t0:.1f} s")
 
     def _plane(self, slot: Slot, version: int) -> DataPlane:
@@ -251,7 +255,8 @@ class LocalRuntime:
         elif isinstance(action, swap.Flip):
             router = self.slots[action.slot].router
             assert router is not None
-            self.routing.flip(Target(action.slot, action.version, f"http://{router.http_url}"))
+            self.routing.flip(Target(action.slot, action.version, f"http://{router.http_url}",
+                                     router.grpc_url))
         elif isinstance(action, swap.DeleteSlot):
             self._jobs.pop(f"create:{action.slot}", None)
             self._jobs.pop(f"canary:{action.slot}", None)
@@ -291,6 +296,7 @@ class LocalRuntime:
         return {
             "name": self.name, "file": str(self.path), "pid": os.getpid(),
             "gateway": f"http://127.0.0.1:{self.gateway_port}",
+            "grpc": f"127.0.0.1:{self.grpc_port}",
             "prometheus": self.prometheus.url if self.prometheus else None,
             "requested_version": self.spec.model.version,
             "phase": st.phase.value, "reason": st.reason,

@@ -23,19 +23,20 @@ class UpProcess:
     home: Path
     port: int
     prometheus_port: int
+    grpc_port: int
     # (monotonic time it arrived, line): what `autoglm up` printed
     lines: list[tuple[float, str]] = field(default_factory=list)
 
     @classmethod
     def start(cls, file: Path, home: Path, echo: str | None = None) -> UpProcess:
         """Start on free ports; ``echo`` prefixes a copy of each line on our stdout."""
-        port, pport = free_port(), free_port()
+        port, pport, gport = free_port(), free_port(), free_port()
         popen = subprocess.Popen(
             [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
-             f"--prometheus-port={pport}", f"--home={home}"],
+             f"--grpc-port={gport}", f"--prometheus-port={pport}", f"--home={home}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, preexec_fn=die_with_parent)
-        up = cls(popen, file, home, port, pport)
+        up = cls(popen, file, home, port, pport, gport)
 
         def read() -> None:
             assert popen.stdout is not None
