@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -107,9 +109,12 @@ def test_prometheus_scrapes_router_experts_and_gateway(up: Up) -> None:
         with urllib.request.urlopen(
                 f"http://127.0.0.1:{up.prometheus_port}/api/v1/query?{q}") as r:
             res = json.loads(r.read())["data"]["result"]
-        return res if len(res) == 6 else None  # router, 4 experts, gateway
+        # router, 4 experts (more once the autoscaler adds replicas), gateway
+        kinds = collections.Counter(str(t["metric"]["component"]) for t in res)
+        return res if kinds["router"] == 1 and kinds["expert"] >= 4 and kinds["gateway"] == 1 \
+            else None
 
-    eventually(up_targets, "Prometheus to scrape all six targets", timeout=30)
+    eventually(up_targets, "Prometheus to scrape every target", timeout=30)
     q = urllib.parse.urlencode({"query": "sum(autoglm_gateway_requests_total)"})
     with urllib.request.urlopen(f"http://127.0.0.1:{up.prometheus_port}/api/v1/query?{q}") as r:
         assert json.loads(r.read())["data"]["result"], "gateway metrics scraped"
@@ -119,7 +124,7 @@ def test_status_shows_slots_versions_replicas(up: Up) -> None:
     out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", f"--home={up.home}"],
                          capture_output=True, text=True, check=True).stdout
     assert "serving v1 from slot a (spec asks v1); swap Idle" in out
-    assert "expert 3: 1 replica(s)" in out
+    assert re.search(r"expert 3: \d replica\(s\)", out), out  # the autoscaler decides
 
 
 def test_invalid_change_is_reported_and_changes_nothing(up: Up) -> None:

@@ -139,8 +139,6 @@ def _up(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     import json
-    import urllib.parse
-    import urllib.request
     from pathlib import Path
 
     from autoglm.local.runtime import default_home
@@ -157,22 +155,42 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{st['name']}: gateway {st['gateway']}{grpc}, serving v{active.get('version')} "
               f"from slot {active.get('slot')} (spec asks v{st['requested_version']}); "
               f"swap {st['phase']}{': ' + st['reason'] if st['reason'] else ''}")
-        loads: dict[str, float] = {}
-        try:
-            q = urllib.parse.urlencode({"query": "sum by (expert) "
-                                        "(rate(autoglm_expert_tokens_total[30s]))"})
-            with urllib.request.urlopen(f"{st['prometheus']}/api/v1/query?{q}",
-                                        timeout=3) as r:
-                for s in json.loads(r.read())["data"]["result"]:
-                    loads[s["metric"]["expert"]] = float(s["value"][1])
-        except OSError:
-            print("  (Prometheus unreachable: no loads)")
+        auto = st.get("autoscaling") or {}
+        experts = auto.get("experts") or {}
+        loads: dict[str, float] = {e: x["load"] for e, x in experts.items()
+                                   if x.get("load") is not None}
+        if not auto.get("enabled"):
+            print("  autoscaling off")
+            loads = _loads(st["prometheus"], st["name"], active.get("slot"))
+        elif auto.get("metrics_available") is None:
+            print("  autoscaling: no decision yet")
+        elif auto["metrics_available"]:
+            print(f"  autoscaling: metrics available; load imbalance "
+                  f"{auto['imbalance']:.2f} ((max - mean) / mean per replica)")
+        else:
+            print(f"  autoscaling: metrics unavailable: {auto['reason']}; holding replicas")
         for slot, s in st["slots"].items():
             print(f"  slot {slot} ({s['role']}): version {s['version']}, router {s['router']}")
             for e, n in s["expert_replicas"].items():
                 load = f"{loads[e]:.1f} tokens/s" if e in loads else "-"
-                print(f"    expert {e}: {n} replica(s), load {load}")
+                desired = experts.get(e, {}).get("desired") \
+                    if slot == active.get("slot") and auto.get("enabled") else None
+                want = f", desired {desired}" if desired is not None else ""
+                print(f"    expert {e}: {n} replica(s){want}, load {load}")
     return 0
+
+
+def _loads(prometheus: str, name: str, slot: str | None) -> dict[str, float]:
+    """Routed tokens/s per expert of the active slot, straight from Prometheus."""
+    from autoglm.prometheus import MetricsError, Prometheus, tokens_query
+
+    try:
+        with Prometheus(prometheus, timeout=3) as p:
+            labels = {"deployment": name, "component": "router", "slot": slot or ""}
+            return {e: v for e, (_, v) in p.vector(tokens_query(labels, 30), "expert").items()}
+    except MetricsError as e:
+        print(f"  (no loads: {e})")
+        return {}
 
 
 def _gateway(args: argparse.Namespace) -> int:

@@ -90,7 +90,9 @@ class Balancer(Generic[C]):
         self._clock = clock
         self._lock = threading.Lock()
         self._replicas: dict[int, dict[str, _Replica[C]]] = {}
-        self._rr = 0
+        # per expert: one counter shared by all experts lets a regular request mix always
+        # land the same expert on the same replica (the parity of the other calls decides)
+        self._rr: dict[int, int] = {}
 
     def update(self, endpoints: Mapping[int, Sequence[str]]) -> None:
         """Adopt a new view: open channels to new replicas, close those gone."""
@@ -121,8 +123,8 @@ class Balancer(Generic[C]):
             healthy = [r for r in pool if r.down_until <= now] or pool
             least = min(r.in_flight for r in healthy)
             ties = [r for r in healthy if r.in_flight == least]
-            self._rr += 1
-            chosen = ties[self._rr % len(ties)]
+            n = self._rr[expert] = self._rr.get(expert, -1) + 1
+            chosen = ties[n % len(ties)]
             chosen.in_flight += 1
             return chosen
 

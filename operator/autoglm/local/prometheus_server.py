@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -43,10 +44,12 @@ class PrometheusServer:
     def targets_file(self) -> Path:
         return self.workdir / "prometheus-targets.json"
 
-    def set_targets(self, groups: dict[str, list[str]]) -> None:
-        """Scrape targets by component (file-based discovery: re-read within a second)."""
-        sd = [{"targets": targets, "labels": {"component": component}}
-              for component, targets in groups.items()]
+    def set_targets(self, groups: Sequence[tuple[Mapping[str, str], Sequence[str]]]) -> None:
+        """Scrape targets, each group ``(labels, ["host:port", ...])`` (file-based
+        discovery: re-read within a second). The labels are the metrics contract's target
+        labels (deployment, component, slot, version)."""
+        sd = [{"targets": list(targets), "labels": dict(labels)}
+              for labels, targets in groups if targets]
         tmp = self.targets_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(sd))
         os.replace(tmp, self.targets_file)
@@ -55,11 +58,13 @@ class PrometheusServer:
         binary = prometheus_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.targets_file.exists():
-            self.set_targets({})
+            self.set_targets([])
         config = self.workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
-            "scrape_configs": [{"job_name": "autoglm", "file_sd_configs": [
+            # honor_labels: a series' own labels win over the target's (Triton's ``version``
+            # label is the model version, as the target's)
+            "scrape_configs": [{"job_name": "autoglm", "honor_labels": True, "file_sd_configs": [
                 {"files": [str(self.targets_file)], "refresh_interval": "1s"}]}],
         }))
         self._log = (self.workdir / "prometheus.log").open("ab")
@@ -78,6 +83,10 @@ class PrometheusServer:
                 self.stop()
                 raise RuntimeError(f"prometheus not ready after {timeout:.0f}s")
             time.sleep(0.2)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
 
     def query(self, promql: str) -> list[dict[str, object]]:
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})

@@ -4,6 +4,12 @@ The same spec code (and error messages) as the operator, the same plan: real Tri
 for the active slot's router and expert replicas, a real Prometheus scraping them, and the
 gateway on a fixed port. The file is watched: a valid change is applied, an invalid one is
 reported and changes nothing. Stopping removes every process and shared-memory region.
+
+With ``spec.autoscaling.enabled``, every ``intervalSeconds`` the runtime asks its own
+Prometheus (``prometheusUrl`` is for clusters) for each expert's routed tokens/s, lets
+:func:`autoglm.autoscale.decide` choose the replicas, and adds or removes expert replicas of
+the active slot in a background job (one at a time; never during a swap: the standby copies
+the active slot's counts when it is created). A Prometheus that exits is restarted.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import numpy as np
 import tritonclient.http as httpclient
 import yaml
 
+from autoglm import autoscale, swap
 from autoglm import plan as p
-from autoglm import swap
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
+from autoglm.metrics import ControlMetrics
 from autoglm.moe import PRESETS
+from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import build, load_canary
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse
 
@@ -60,6 +68,37 @@ def default_home() -> Path:
     return Path.home() / ".cache" / "autoglm"
 
 
+def policy_for(spec: AutoGLMSpec) -> autoscale.Policy:
+    """The autoscaler's policy from the spec's knobs."""
+    a, e = spec.autoscaling, spec.experts
+    return autoscale.Policy(
+        target=a.target, min_replicas=e.min_replicas, max_replicas=e.max_replicas,
+        budget=spec.replica_budget, tolerance=a.tolerance, scale_up_limit=a.scale_up_limit,
+        stabilization=float(a.stabilization_seconds),
+        # a few missed intervals before the data counts as stale
+        stale_after=max(15.0, 3.0 * a.interval_seconds))
+
+
+def rate_window(spec: AutoGLMSpec) -> float:
+    """The rate() window: several 1 s scrapes, and at least two intervals."""
+    return max(10.0, 2.0 * spec.autoscaling.interval_seconds)
+
+
+@dataclasses.dataclass
+class Scaling:
+    """What the autoscaler last saw and decided (for status and the metrics)."""
+
+    state: autoscale.State = dataclasses.field(default_factory=autoscale.State)
+    next_at: float = 0.0  # monotonic
+    job: Future[None] | None = None
+    metrics_ok: bool | None = None  # None: no decision yet
+    reason: str = ""
+    desired: tuple[int, ...] = ()
+    load: tuple[float | None, ...] = ()
+    imbalance: float = 0.0
+    paused: bool = False  # said that a swap pauses scaling
+
+
 @dataclasses.dataclass
 class LocalRuntime:
     path: Path
@@ -75,6 +114,12 @@ class LocalRuntime:
     gateway: GatewayServer | None = None
     prometheus: PrometheusServer | None = None
     routing: Routing = dataclasses.field(default_factory=Routing)
+    metrics: ControlMetrics | None = None
+    scaling: Scaling = dataclasses.field(default_factory=Scaling)
+    _prom: Prometheus | None = None  # the client of our Prometheus
+    _restart: Future[None] | None = None  # Prometheus being restarted
+    _restarted_at: float = 0.0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _mtime: float = 0.0
     _jobs: dict[str, Future[Any]] = dataclasses.field(default_factory=dict)
     _pool: ThreadPoolExecutor = dataclasses.field(
@@ -131,6 +176,9 @@ class LocalRuntime:
         self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}",
                                  router.grpc_url))
         self.state = swap.SwapState(slot.slot, slot.version)
+        self.metrics = ControlMetrics(self.gateway.gateway.registry)
+        self.metrics.swap(self.name, self.state.phase.value, slot.version)
+        self.metrics.replicas_now(self.name, plane.replica_counts())
         self._update_targets()
         self.write_status()
         self.say(f"serving {self.name} (model {spec.model.name} v{slot.version}, slot "
@@ -145,16 +193,22 @@ class LocalRuntime:
         return plane
 
     def _update_targets(self) -> None:
+        """The metrics contract's target labels: deployment, component, and for Triton
+        servers slot and version (the queries select the active slot's by them)."""
         if self.prometheus is None:
             return
-        servers = [(slot, s) for slot, plane in list(self.slots.items())
-                   for s in plane.servers() if s.popen is not None]
-        self.prometheus.set_targets({
-            "router": [f"127.0.0.1:{s.metrics_port}" for _, s in servers if "router" in s.models],
-            "expert": [f"127.0.0.1:{s.metrics_port}" for _, s in servers
-                       if "router" not in s.models],
-            "gateway": [f"127.0.0.1:{self.gateway_port}"],
-        })
+        base = {"deployment": self.name}
+        groups: list[tuple[dict[str, str], list[str]]] = [
+            ({**base, "component": "gateway"}, [f"127.0.0.1:{self.gateway_port}"])]
+        for slot, plane in list(self.slots.items()):
+            labels = {**base, "slot": slot, "version": str(plane.version)}
+            live = [s for s in plane.servers() if s.popen is not None]
+            for component in ("router", "expert"):
+                groups.append(({**labels, "component": component},
+                               [f"127.0.0.1:{s.metrics_port}" for s in live
+                                if ("router" in s.models) == (component == "router")]))
+        with self._lock:
+            self.prometheus.set_targets(groups)
 
     # -- run -----------------------------------------------------------------------------
 
@@ -185,6 +239,8 @@ class LocalRuntime:
         if spec.model.version != self.state.active_version:
             self.say(f"spec.model.version {spec.model.version} requested (serving "
                      f"v{self.state.active_version})")
+        if self.scaling.job is not None:  # one actor on the replicas at a time
+            self.scaling.job.result()
         plane = self.slots[self.state.active_slot]
         lo, hi = spec.experts.min_replicas, spec.experts.max_replicas
         for e, servers in plane.experts.items():  # the autoscaler will own these
@@ -194,8 +250,7 @@ class LocalRuntime:
             while len(servers) > hi:
                 plane.remove_replica(e)
                 self.say(f"expert {e}: {len(servers)} replicas")
-        self._update_targets()
-        self.write_status()
+        self._replicas_changed(plane)
         self.say("applied the change")
 
     # -- the swap ------------------------------------------------------------------------
@@ -239,8 +294,12 @@ class LocalRuntime:
         for action in actions:
             self._do(action)
         if actions or self.state.phase != before.phase:
+            if self.metrics is not None:
+                self.metrics.swap(self.name, self.state.phase.value, self.state.active_version)
             self._update_targets()
             self.write_status()
+        self._watch_prometheus()
+        self._autoscale()
 
     def _do(self, action: swap.Action) -> None:
         if isinstance(action, swap.CreateSlot):
@@ -265,6 +324,8 @@ class LocalRuntime:
                 plane.closed = True
                 self._pool.submit(plane.stop)
         else:
+            if self.metrics is not None:
+                self.metrics.swap_event(self.name, action.reason)
             self.say(f"{'warning: ' if action.warning else ''}{action.reason}: "
                      f"{action.message}")
 
@@ -288,6 +349,124 @@ class LocalRuntime:
         ok = served == version and bool(np.allclose(got, expected, rtol=1e-4, atol=1e-4))
         return ok, f"version {served} answered, max abs error {err:.3g}"
 
+    # -- autoscaling -----------------------------------------------------------------------
+
+    def _watch_prometheus(self) -> None:
+        """Our Prometheus exited: say so and start it again (at most every 5 s, so one that
+        cannot start does not spin); the autoscaler holds replicas meanwhile."""
+        prom = self.prometheus
+        if prom is None or prom.popen is None or prom.popen.poll() is None:
+            return
+        if (self._restart is not None and not self._restart.done()) or \
+                time.monotonic() - self._restarted_at < 5.0:
+            return
+        self._restarted_at = time.monotonic()
+        self.say(f"prometheus exited with {prom.popen.returncode}; restarting it")
+        self._restart = self._pool.submit(self._restart_prometheus, prom)
+
+    def _restart_prometheus(self, prom: PrometheusServer) -> None:
+        try:
+            prom.stop()
+            prom.start()
+        except (RuntimeError, OSError) as e:
+            self.say(f"prometheus did not restart: {e}")
+            return
+        self.say(f"prometheus restarted on {prom.url} (pid {prom.pid})")
+        self.write_status()
+
+    def _autoscale(self) -> None:
+        """Every interval, one scaling round in the background, never two at once, and none
+        while a swap is under way."""
+        assert self.spec is not None and self.state is not None
+        sc = self.scaling
+        if not self.spec.autoscaling.enabled:
+            return
+        now = time.monotonic()
+        if now < sc.next_at or (sc.job is not None and not sc.job.done()):
+            return
+        sc.next_at = now + self.spec.autoscaling.interval_seconds
+        if self.state.phase != swap.Phase.IDLE:
+            if not sc.paused:
+                sc.paused = True
+                self.say(f"autoscaler: paused while the swap is {self.state.phase.value}")
+            return
+        if sc.paused:
+            sc.paused = False
+            self.say("autoscaler: resumed")
+        sc.job = self._pool.submit(self._scale_round, self.state.active_slot)
+
+    def _scale_round(self, slot: Slot) -> None:
+        try:
+            self._scale(slot)
+        except Exception as e:  # one failed round must not end the autoscaler
+            plane = self.slots.get(slot)
+            if plane is not None and not plane.closed:  # else: stopping, or swapped away
+                self.say(f"autoscaler: scaling round failed: {type(e).__name__}: {e}")
+
+    def _scale(self, slot: Slot) -> None:
+        assert self.spec is not None and self.prometheus is not None
+        spec, sc, plane = self.spec, self.scaling, self.slots.get(slot)
+        if plane is None or plane.closed:
+            return
+        if self._prom is None:
+            self._prom = Prometheus(self.prometheus.url,
+                                    timeout=min(5.0, spec.autoscaling.interval_seconds))
+        current = plane.replica_counts()
+        sample, error = None, ""
+        try:
+            sample = self._prom.expert_sample({"deployment": self.name}, slot, len(current),
+                                              rate_window(spec))
+        except MetricsError as e:
+            error = str(e)
+        sc.state, d = autoscale.decide(sc.state, current, sample, time.time(), policy_for(spec))
+        reason = error or d.reason.removesuffix(": holding replicas")
+        if d.metrics_ok and sc.metrics_ok is not True:
+            self.say("autoscaler: metrics available" + (" again" if sc.metrics_ok is False
+                                                        else ""))
+        elif not d.metrics_ok and sc.metrics_ok is not False:
+            self.say(f"autoscaler: metrics unavailable: {reason}; holding replicas")
+        load = sample.tokens_per_s if sample is not None else (None,) * len(current)
+        sc.metrics_ok, sc.reason, sc.desired, sc.load = d.metrics_ok, reason, d.desired, load
+        if d.metrics_ok:
+            sc.imbalance = autoscale.imbalance([x or 0.0 for x in load], current)
+        if self.metrics is not None:
+            self.metrics.decision(self.name, current, d.desired, load, sc.imbalance,
+                                  d.metrics_ok)
+        for change in d.changes:
+            self.say(f"autoscaler: {change}")
+        if d.changes:
+            self._apply(plane, current, d.desired)
+        self.write_status()
+
+    def _apply(self, plane: DataPlane, current: list[int], desired: tuple[int, ...]) -> None:
+        """Add first, then remove: a replica moved between experts serves before the one it
+        replaces stops. A swap that begins meanwhile stops what is left."""
+        def go_on() -> bool:
+            return not plane.closed and self.state is not None \
+                and self.state.phase == swap.Phase.IDLE
+
+        for e, (c, want) in enumerate(zip(current, desired, strict=True)):
+            for _ in range(want - c):
+                if not go_on():
+                    return
+                s = plane.add_replica(e)
+                self._replicas_changed(plane)
+                self.say(f"autoscaler: expert {e} replica {len(plane.experts[e])} serving "
+                         f"(started in {s.startup_seconds:.1f} s)")
+        for e, (c, want) in enumerate(zip(current, desired, strict=True)):
+            for _ in range(c - want):
+                if not go_on():
+                    return
+                plane.remove_replica(e)
+                self._replicas_changed(plane)
+                self.say(f"autoscaler: expert {e} down to {len(plane.experts[e])} replica(s)")
+
+    def _replicas_changed(self, plane: DataPlane) -> None:
+        self._update_targets()
+        if self.metrics is not None:
+            self.metrics.replicas_now(self.name, plane.replica_counts())
+        self.write_status()
+
     # -- status and stop -----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -298,6 +477,7 @@ class LocalRuntime:
             "gateway": f"http://127.0.0.1:{self.gateway_port}",
             "grpc": f"127.0.0.1:{self.grpc_port}",
             "prometheus": self.prometheus.url if self.prometheus else None,
+            "prometheus_pid": self.prometheus.pid if self.prometheus else None,
             "requested_version": self.spec.model.version,
             "phase": st.phase.value, "reason": st.reason,
             "active": {"slot": st.active_slot, "version": st.active_version},
@@ -307,12 +487,40 @@ class LocalRuntime:
                          "warm" if st.previous and st.previous.slot == slot else "standby"),
                 "router": plane.router.http_url if plane.router else None,
                 "expert_replicas": {str(e): len(s) for e, s in plane.experts.items()},
-            } for slot, plane in sorted(self.slots.items())},
+                # each replica is its own server with its own metrics
+                "expert_servers": {str(e): [{"grpc": x.grpc_url, "metrics": x.metrics_url}
+                                            for x in list(s)]
+                                   for e, s in plane.experts.items()},
+            } for slot, plane in sorted(dict(self.slots).items())},
+            "autoscaling": self._autoscaling_status(),
+        }
+
+    def _autoscaling_status(self) -> dict[str, Any]:
+        assert self.spec is not None and self.state is not None
+        a, sc = self.spec.autoscaling, self.scaling
+        plane = self.slots.get(self.state.active_slot)
+        current = plane.replica_counts() if plane is not None else []
+        return {
+            "enabled": a.enabled, "interval_seconds": a.interval_seconds,
+            "target_tokens_per_second": a.target,
+            "metrics_available": sc.metrics_ok, "reason": sc.reason,
+            "imbalance": sc.imbalance, "paused": sc.paused,
+            "experts": {str(e): {
+                "replicas": c,
+                "desired": sc.desired[e] if e < len(sc.desired) else c,
+                "load": sc.load[e] if e < len(sc.load) else None,
+            } for e, c in enumerate(current)},
         }
 
     def write_status(self) -> None:
-        if self.state is not None:
-            (self.workdir / "status.json").write_text(json.dumps(self.status(), indent=1))
+        """Atomically (readers never see half a file); from the swap and scaling threads."""
+        if self.state is None:
+            return
+        text = json.dumps(self.status(), indent=1)
+        with self._lock:
+            tmp = self.workdir / "status.json.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.workdir / "status.json")
 
     def stop(self) -> None:
         if self.gateway is not None:
@@ -324,6 +532,9 @@ class LocalRuntime:
         for plane in self.slots.values():
             plane.stop()
         self.slots.clear()
+        if self._prom is not None:
+            self._prom.close()
+            self._prom = None
         if self.prometheus is not None:
             self.prometheus.stop()
             self.prometheus = None
