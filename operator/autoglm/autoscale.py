@@ -26,6 +26,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from autoglm.spec import AutoGLMSpec
 
 
 @dataclass(frozen=True)
@@ -200,3 +204,19 @@ def decide(state: State, current: Sequence[int], sample: Sample | None, now: flo
         reason += f"; {borrowed} replicas kept over the budget until new ones serve"
     return State(history, (sample.at, tuple(load))), Decision(tuple(desired), True, reason,
                                                              changes)
+
+
+def policy_for(spec: AutoGLMSpec) -> Policy:
+    """The policy from the spec's knobs (the same for the local runtime and the operator)."""
+    a, e = spec.autoscaling, spec.experts
+    return Policy(
+        target=a.target, min_replicas=e.min_replicas, max_replicas=e.max_replicas,
+        budget=spec.replica_budget, tolerance=a.tolerance, scale_up_limit=a.scale_up_limit,
+        stabilization=float(a.stabilization_seconds),
+        # a few missed intervals before the data counts as stale
+        stale_after=max(15.0, 3.0 * a.interval_seconds))
+
+
+def rate_window(spec: AutoGLMSpec, scrape_seconds: float) -> float:
+    """The rate() window: at least six scrapes, 10 s and two intervals."""
+    return max(6.0 * scrape_seconds, 10.0, 2.0 * spec.autoscaling.interval_seconds)

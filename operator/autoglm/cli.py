@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -19,6 +20,7 @@ def _crd(_: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
+    os.environ["AUTOGLM_METRICS_PORT"] = str(args.metrics_port)
     import autoglm.k8s.handlers  # noqa: F401 - registers the handlers
 
     kopf.configure(verbose=args.verbose)
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="watch only this namespace (repeatable); default: all")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                     help="kopf health endpoint")
+    op.add_argument("--metrics-port", type=int,
+                    default=int(os.environ.get("AUTOGLM_METRICS_PORT", "8081")),
+                    help="port of the operator's Prometheus metrics (0: off)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(fn=_operator)
     val = sub.add_parser("validate", help="check AutoGLMDeployment files offline")

@@ -234,6 +234,23 @@ class SwapStatus(_StatusObject):
     reason: str = ""
 
 
+class ExpertStatus(_StatusObject):
+    expert: int
+    replicas: int
+    ready_replicas: int = 0
+    desired: int
+    load: float | None = Field(None, description="Tokens/s the gate routes to it.")
+
+
+class AutoscalingStatus(_StatusObject):
+    metrics_available: bool
+    reason: str = ""
+    imbalance: float | None = Field(
+        None, description="(max - mean) / mean of the load per replica across experts.")
+    last_decision: str | None = Field(None, description="RFC 3339.")
+    experts: list[ExpertStatus] = Field(default_factory=list)
+
+
 class AutoGLMStatus(_StatusObject):
     observed_generation: int | None = None
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"] | None = None
@@ -242,6 +259,7 @@ class AutoGLMStatus(_StatusObject):
     ready: str | None = Field(None, description="Ready workloads / workloads, e.g. 5/5.")
     slots: dict[str, SlotStatus] = Field(default_factory=dict)
     swap: SwapStatus | None = None
+    autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 

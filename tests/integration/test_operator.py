@@ -12,12 +12,7 @@ import pytest
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import ControlPlane
-from autoglm.testing.operator import (
-    REPO_ROOT,
-    OperatorProcess,
-    install,
-    service_account_kubeconfig,
-)
+from autoglm.testing.operator import REPO_ROOT, OperatorProcess, running_operator
 
 pytestmark = pytest.mark.k8s
 
@@ -26,16 +21,8 @@ pytestmark = pytest.mark.k8s
 @pytest.fixture(scope="module")
 def operator(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory,
              ) -> Iterator[OperatorProcess]:
-    install(control_plane)
-    d = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(service_account_kubeconfig(control_plane, d / "kubeconfig"),
-                         d / "operator.log")
-    op.start()
-    try:
+    with running_operator(control_plane, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log (tail) ---\n{op.log_tail(60)}")
 
 
 @pytest.fixture
@@ -109,9 +96,9 @@ def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
     # printer columns
     out = cluster.kubectl("get", "autoglm", "tiny").stdout
     header, row = out.splitlines()
-    assert header.split() == ["NAME", "MODEL", "VERSION", "SERVING", "SLOT", "PHASE", "READY",
-                              "AGE"]
-    assert row.split()[:7] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "6/6"]
+    assert header.split() == ["NAME", "MODEL", "VERSION", "SERVING", "SLOT", "PHASE", "SWAP",
+                              "READY", "AGE"]
+    assert row.split()[:8] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "Idle", "6/6"]
     reasons = {e["reason"] for e in cluster.events("tiny")}
     assert "Created" in reasons
 

@@ -25,7 +25,7 @@ from autoglm.repository import build
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import CRASH_LOOP_VERSION, NEVER_READY_VERSION, ControlPlane
-from autoglm.testing.operator import OperatorProcess, install, service_account_kubeconfig
+from autoglm.testing.operator import OperatorProcess, running_operator
 
 pytestmark = [pytest.mark.k8s, pytest.mark.triton]
 MODEL = replace(PRESETS["tiny"], num_experts=2, top_k=1)
@@ -62,18 +62,9 @@ def addresses(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def operator(control_plane: ControlPlane, addresses: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    install(control_plane)
-    d = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(service_account_kubeconfig(control_plane, d / "kubeconfig"),
-                         d / "operator.log",
-                         env={"AUTOGLM_SERVICE_ADDRESSES": str(addresses),
-                              "AUTOGLM_SWAP_TICK_SECONDS": "0.5"})
-    op.start()
-    try:
+    env = {"AUTOGLM_SERVICE_ADDRESSES": str(addresses), "AUTOGLM_SWAP_TICK_SECONDS": "0.5"}
+    with running_operator(control_plane, tmp_path_factory.mktemp("operator"), env) as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log (tail) ---\n{op.log_tail(80)}")
 
 
 class Swaps(Cluster):

@@ -245,7 +245,14 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
 
 def monitor_objects(instance: str, namespace: str, owner: dict[str, Any]) -> list[Manifest]:
     """A PodMonitor scraping every Triton and gateway pod (Prometheus Operator); short
-    interval because autoscaling reacts to these metrics."""
+    interval because autoscaling reacts to these metrics. The pod labels become the series
+    labels the queries use (autoglm/prometheus.py), the same as ``autoglm up`` sets."""
+    relabel = [{"sourceLabels": [f"__meta_kubernetes_pod_label_{src}"], "targetLabel": dst,
+                "action": "replace"}
+               for src, dst in (("app_kubernetes_io_instance", "deployment"),
+                                ("app_kubernetes_io_component", "component"),
+                                ("autoglm_io_slot", "slot"),
+                                ("autoglm_io_model_version", "version"))]
     return [{
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -253,7 +260,8 @@ def monitor_objects(instance: str, namespace: str, owner: dict[str, Any]) -> lis
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/instance": instance,
                                          "app.kubernetes.io/name": "autoglm"}},
-            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "5s"}],
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "5s",
+                                     "relabelings": relabel}],
         },
     }]
 

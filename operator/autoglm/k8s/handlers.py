@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 from kubernetes.client.rest import ApiException
+from prometheus_client import REGISTRY, start_http_server
 
 from autoglm.k8s.api import Api, error_reason, load_client
 from autoglm.k8s.reconcile import EventSink, Reconciler
+from autoglm.k8s.scaling import Autoscaler
+from autoglm.metrics import ControlMetrics
 from autoglm.spec import GROUP, KIND, PLURAL, VERSION
 
 RESYNC_SECONDS = float(os.environ.get("AUTOGLM_RESYNC_SECONDS", "30"))
@@ -26,14 +30,26 @@ RESYNC_SECONDS = float(os.environ.get("AUTOGLM_RESYNC_SECONDS", "30"))
 SWAP_TICK_SECONDS = float(os.environ.get("AUTOGLM_SWAP_TICK_SECONDS", "2"))
 # How long to trust "the Prometheus Operator's CRDs are (not) installed".
 DISCOVERY_SECONDS = float(os.environ.get("AUTOGLM_DISCOVERY_SECONDS", "60"))
+# The operator's own metrics (decisions, swaps); 0: not served.
+METRICS_PORT = int(os.environ.get("AUTOGLM_METRICS_PORT", "8081"))
+METRICS = ControlMetrics(REGISTRY)
 _reconciler: Reconciler | None = None
+_autoscaler: Autoscaler | None = None
 
 
 def reconciler() -> Reconciler:
     global _reconciler
     if _reconciler is None:
-        _reconciler = Reconciler(Api(load_client()), monitors_ttl=DISCOVERY_SECONDS)
+        _reconciler = Reconciler(Api(load_client()), monitors_ttl=DISCOVERY_SECONDS,
+                                 metrics=METRICS)
     return _reconciler
+
+
+def autoscaler() -> Autoscaler:
+    global _autoscaler
+    if _autoscaler is None:
+        _autoscaler = Autoscaler(reconciler(), METRICS)
+    return _autoscaler
 
 
 def _events(body: kopf.Body) -> EventSink:
@@ -52,6 +68,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = int(os.environ.get("AUTOGLM_WORKERS", "8"))
     reconciler()
+    if METRICS_PORT:
+        start_http_server(METRICS_PORT, registry=REGISTRY)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -79,17 +97,23 @@ def swapping(body: Mapping[str, Any]) -> bool:
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
-async def swap_driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
-                      **_: Any) -> None:
-    """While a swap is under way, step it every few seconds (``body`` is kept current by
-    kopf); otherwise only watch."""
+async def driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+                 **_: Any) -> None:
+    """The resource's clock (``body`` is kept current by kopf): steps a swap under way every
+    few seconds, and the autoscaler every ``spec.autoscaling.intervalSeconds``."""
+    next_scale = 0.0
     while not stopped:
         await asyncio.sleep(SWAP_TICK_SECONDS)
-        if swapping(body):
-            try:
+        try:
+            if swapping(body):
                 await asyncio.to_thread(reconciler().reconcile, body, _events(body))
-            except ApiException as e:
-                logger.warning("swap step failed, retrying: %s", error_reason(e))
+            scaling = (body.get("spec") or {}).get("autoscaling")
+            if scaling is not None and scaling.get("enabled", True) \
+                    and time.monotonic() >= next_scale:
+                next_scale = time.monotonic() + float(scaling.get("intervalSeconds", 15))
+                await asyncio.to_thread(autoscaler().step, body, _events(body))
+        except ApiException as e:
+            logger.warning("periodic step failed, retrying: %s", error_reason(e))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/name": "autoglm"})
@@ -112,4 +136,5 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     reconciler().forget(body.metadata.uid)
+    autoscaler().forget(body.metadata.uid, body.metadata.name)
     logger.info("deleted; the garbage collector removes its children")

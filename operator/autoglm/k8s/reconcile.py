@@ -20,6 +20,7 @@ from autoglm import plan as p
 from autoglm.k8s import builders, rollout, status
 from autoglm.k8s.api import Api, error_reason
 from autoglm.k8s.converge import Change, ObjectConflict, converge, prune
+from autoglm.metrics import ControlMetrics
 from autoglm.spec import (
     API_VERSION,
     KIND,
@@ -43,8 +44,10 @@ def now_iso() -> str:
 class Reconciler:
     def __init__(self, api: Api, clock: Callable[[], str] = now_iso,
                  monitors_ttl: float = 60.0, wall: Callable[[], float] = time.time,
-                 canary: rollout.Canary = canary.check) -> None:
+                 canary: rollout.Canary = canary.check,
+                 metrics: ControlMetrics | None = None) -> None:
         self.api = api
+        self.metrics = metrics
         self.clock = clock
         self.wall = wall  # the swap's clock: its times are kept in status, across restarts
         self.canary = canary
@@ -53,7 +56,7 @@ class Reconciler:
         self._monitors: tuple[float, bool] | None = None
         self._monitors_ttl = monitors_ttl
 
-    def _lock(self, uid: str) -> threading.Lock:
+    def lock(self, uid: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(uid, threading.Lock())
 
@@ -74,7 +77,7 @@ class Reconciler:
         """Step the swap, apply the plan and record status. Raises ApiException on transient
         API errors (after recording them), so the caller can retry."""
         meta = body["metadata"]
-        with self._lock(meta["uid"]):
+        with self.lock(meta["uid"]):
             # Handlers may hold an older copy: decide from the object as it is now.
             live = self.api.get(API_VERSION, KIND, meta["namespace"], meta["name"])
             if live is None or live["metadata"]["uid"] != meta["uid"]:
@@ -84,12 +87,16 @@ class Reconciler:
             if spec is None:
                 return parse_status(body.get("status"))
             prev = parse_status(body.get("status"))
-            deployments, pods = self._live(meta["name"], meta["namespace"])
+            deployments, pods = self.live(meta["name"], meta["namespace"])
             state = rollout.from_status(prev, spec)
             state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
                                              deployments, pods, self.wall(), self.canary)
             for r in reports:
                 emit("Warning" if r.warning else "Normal", r.reason, r.message)
+                if self.metrics is not None:
+                    self.metrics.swap_event(meta["name"], r.reason)
+            if self.metrics is not None:
+                self.metrics.swap(meta["name"], state.phase.value, state.active_version)
             topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
                                                                   prev, deployments))
             swap_status = rollout.to_status(state)
@@ -114,7 +121,7 @@ class Reconciler:
             if error is not None:
                 emit("Warning", error[0], error[1])
             if changes:
-                deployments, _ = self._live(meta["name"], meta["namespace"], pods=False)
+                deployments, _ = self.live(meta["name"], meta["namespace"], pods=False)
             new = self._status(body, spec, topology, prev, deployments, error, state)
             if failure is not None:
                 raise failure
@@ -123,13 +130,17 @@ class Reconciler:
     def refresh(self, body: Mapping[str, Any]) -> AutoGLMStatus:
         """Recompute status only (a child changed); never touches serving objects."""
         meta = body["metadata"]
-        prev = parse_status(body.get("status"))
-        with self._lock(meta["uid"]):
+        with self.lock(meta["uid"]):
+            live = self.api.get(API_VERSION, KIND, meta["namespace"], meta["name"])
+            if live is None or live["metadata"]["uid"] != meta["uid"]:
+                return parse_status(body.get("status"))  # deleted meanwhile
+            body = live
+            prev = parse_status(body.get("status"))
             try:
                 spec = parse(body["spec"], meta["name"])
             except InvalidSpec:
                 return prev
-            deployments, _ = self._live(meta["name"], meta["namespace"], pods=False)
+            deployments, _ = self.live(meta["name"], meta["namespace"], pods=False)
             state = rollout.from_status(prev, spec)
             topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
                                                                   prev, deployments))
@@ -150,10 +161,10 @@ class Reconciler:
             new = status.invalid_status(prev, meta.get("generation"), str(e), self.clock())
             if new != prev:
                 emit("Warning", "InvalidSpec", f"{e}; serving objects left unchanged")
-                self._write(body, new)
+                self.write(body, new)
             return None
 
-    def _live(self, name: str, namespace: str, pods: bool = True,
+    def live(self, name: str, namespace: str, pods: bool = True,
               ) -> tuple[dict[str, Manifest], list[Manifest]]:
         """The resource's Deployments by name, and its pods (for the swap's crash check)."""
         selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/name=autoglm"
@@ -169,10 +180,10 @@ class Reconciler:
                                      meta["name"], spec.model.version, error, self.clock(),
                                      state, rollout.to_status(state))
         if new != prev:
-            self._write(body, new)
+            self.write(body, new)
         return new
 
-    def _write(self, body: Mapping[str, Any], st: AutoGLMStatus) -> None:
+    def write(self, body: Mapping[str, Any], st: AutoGLMStatus) -> None:
         meta = body["metadata"]
         new = st.model_dump(mode="json", by_alias=True, exclude_none=True)
         self.api.patch(API_VERSION, KIND, meta["namespace"], meta["name"],

@@ -141,5 +141,6 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
         ready=f"{len(names) - len(waiting)}/{len(names)}",
         slots=slots,
         swap=swap_status if swap_status is not None else prev.swap,
+        autoscaling=prev.autoscaling,  # the autoscaler's own (k8s/scaling.py)
         conditions=conds,
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from autoglm.procs import free_port, group_rss_bytes, http_ok, spawn, terminate
@@ -43,10 +45,12 @@ class OperatorProcess:
         self.resync_seconds = resync_seconds
         self.popen: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_port = 0
 
     def start(self, timeout: float = 60.0) -> None:
-        self.port = free_port()
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
+        self.port, self.metrics_port = free_port(), free_port()
+        env = dict(os.environ, AUTOGLM_METRICS_PORT=str(self.metrics_port),
+                   KUBECONFIG=str(self.kubeconfig),
                    AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds),
                    AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds), **self.env)
         with self.log_path.open("ab") as log:
@@ -79,3 +83,19 @@ class OperatorProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def running_operator(cp: ControlPlane, workdir: Path, env: dict[str, str] | None = None,
+                     ) -> Iterator[OperatorProcess]:
+    """The manifests installed and the operator running as its ServiceAccount; its log's
+    tail is printed when it stops (pytest shows it for a failed test)."""
+    install(cp)
+    op = OperatorProcess(service_account_kubeconfig(cp, workdir / "kubeconfig"),
+                         workdir / "operator.log", env=env)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (tail) ---\n{op.log_tail(80)}")

@@ -1,0 +1,158 @@
+"""Per-expert autoscaling by the operator on the real control plane, from a real Prometheus
+scraping a real Triton router under load.
+
+The router and its experts run on this machine (kwok runs no containers); Prometheus scrapes
+them with the labels the PodMonitor gives pods in a cluster (deployment, namespace,
+component, slot, version), so the operator's queries are the ones it runs in production.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from autoglm.local.dataplane import DataPlane
+from autoglm.local.prometheus_server import PrometheusServer
+from autoglm.moe import PRESETS
+from autoglm.procs import free_port
+from autoglm.repository import build
+from autoglm.testing import eventually
+from autoglm.testing.cluster import Cluster, tiny
+from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.operator import OperatorProcess, running_operator
+
+pytestmark = [pytest.mark.k8s, pytest.mark.triton, pytest.mark.prometheus]
+MODEL = replace(PRESETS["tiny"], num_experts=2, top_k=1)
+STABILIZATION = 20
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPlane]:
+    repo = tmp_path_factory.mktemp("repo")
+    build(repo, "tiny-moe", 1, MODEL)
+    dp = DataPlane(repo, 1, tmp_path_factory.mktemp("plane"))
+    dp.start(1)
+    try:
+        yield dp
+    finally:
+        dp.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    prom = PrometheusServer(tmp_path_factory.mktemp("prometheus"), free_port()).start()
+    try:
+        yield prom
+    finally:
+        prom.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory,
+             ) -> Iterator[OperatorProcess]:
+    with running_operator(control_plane, tmp_path_factory.mktemp("operator")) as op:
+        yield op
+
+
+class Load:
+    """Requests to the router from ``clients`` keep-alive connections until stopped."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.stop = threading.Event()
+        self.failed = 0
+        self.threads = [threading.Thread(target=self._run, args=(url, i)) for i in range(clients)]
+
+    def _run(self, url: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpclient.InferenceServerClient(url) as c:
+            while not self.stop.is_set():
+                ids = rng.integers(0, MODEL.vocab_size, (1, 16)).astype(np.int64)
+                inp = httpclient.InferInput("INPUT_IDS", list(ids.shape), "INT64")
+                inp.set_data_from_numpy(ids)
+                try:
+                    c.infer("router", [inp])
+                except Exception:
+                    self.failed += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_stabilization(
+        control_plane: ControlPlane, operator: OperatorProcess, namespace: str,
+        plane: DataPlane, prometheus: PrometheusServer) -> None:
+    cluster = Cluster(control_plane, namespace)
+    assert plane.router is not None
+    base = {"deployment": "m", "namespace": namespace, "slot": "a", "version": "1"}
+    prometheus.set_targets([
+        ({**base, "component": "router"}, [f"127.0.0.1:{plane.router.metrics_port}"]),
+        ({**base, "component": "expert"},
+         [f"127.0.0.1:{s.metrics_port}" for ss in plane.experts.values() for s in ss])])
+    obj = tiny("m", model__numExperts=2, model__topK=1,
+               experts__minReplicas=1, experts__maxReplicas=3, experts__replicaBudget=5)
+    obj["spec"]["autoscaling"] = {"prometheusUrl": prometheus.url, "target": 100,
+                                  "intervalSeconds": 2, "stabilizationSeconds": STABILIZATION}
+    cluster.apply(obj)
+    cluster.wait_ready("m")
+
+    def autoscaling() -> dict[str, Any]:
+        return dict(cluster.resource("m")["status"].get("autoscaling") or {})
+
+    def replicas() -> list[int]:
+        return [cluster.get("deployment", f"m-a-expert-{i}")["spec"]["replicas"]
+                for i in range(2)]
+
+    eventually(lambda: autoscaling().get("metricsAvailable"), "metrics to be available")
+    assert (cluster.condition("m", "MetricsAvailable") or {}).get("status") == "True"
+    assert replicas() == [1, 1], "no load: the minimum"
+
+    with Load(plane.router.http_url) as load:
+        t0 = time.monotonic()
+        eventually(lambda: max(replicas()) > 1, "an expert under load to scale up", 60)
+        print(f"\nload start -> first expert Deployment scaled: {time.monotonic() - t0:.1f} s")
+        st = autoscaling()
+        assert all(e["load"] > 0 for e in st["experts"]) and st["imbalance"] is not None, st
+        assert sum(e["desired"] for e in st["experts"]) <= 5, "within the replica budget"
+        assert any(ev["reason"] == "Scaled" for ev in cluster.events("m"))
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+        assert 'autoglm_autoscaler_desired_replicas{deployment="m",expert="0"}' in metrics
+        assert 'autoglm_autoscaler_metrics_available{deployment="m"} 1.0' in metrics
+
+        # Prometheus gone: replicas held (not scaled down, whatever the window), reason shown
+        prometheus.stop()
+        eventually(lambda: autoscaling().get("metricsAvailable") is False,
+                   "MetricsAvailable=False", 30)
+        scaled = replicas()
+        assert sum(scaled) > 2
+        cond = cluster.condition("m", "MetricsAvailable") or {}
+        assert cond.get("status") == "False" and "unreachable" in cond.get("message", ""), cond
+        assert any(ev["reason"] == "MetricsUnavailable" for ev in cluster.events("m"))
+        time.sleep(STABILIZATION + 5)
+        assert replicas() == scaled
+        prometheus.start()
+        eventually(lambda: autoscaling().get("metricsAvailable"), "metrics back", 60)
+        assert load.failed == 0
+
+    # no more load: down to the minimum, but only once the stabilization window has passed
+    t1 = time.monotonic()
+    loaded = replicas()
+    time.sleep(STABILIZATION / 2)
+    assert replicas() == loaded, "no scale-down within the stabilization window"
+    eventually(lambda: replicas() == [1, 1], "the experts to scale back down", 120)
+    print(f"load stop -> back to the minimum: {time.monotonic() - t1:.1f} s")
