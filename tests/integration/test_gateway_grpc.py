@@ -68,7 +68,9 @@ def target(planes: dict[int, DataPlane], version: int) -> Target:
 
 
 @pytest.fixture
-def gateway(planes: dict[int, DataPlane]) -> Iterator[GatewayServer]:
+def gateway(planes: dict[int, DataPlane], restricted: TritonServer,
+            ) -> Iterator[GatewayServer]:
+    """After every server started: this process then forks no child under gRPC load."""
     server = GatewayServer(Routing(target(planes, 1)), free_port(),
                            grpc_port=free_port()).start()
     try:
