@@ -175,6 +175,18 @@ class Prometheus:
             queue_ms=tuple(value(queue.get(f"expert_{i}")) for i in range(num_experts)))
 
 
+    def gateway_inflight(self, selector: Mapping[str, str], slot: str,
+                         since: float) -> int | None:
+        """In-flight requests on ``slot`` summed over the gateways, if every gateway's
+        newest sample was scraped after ``since`` (epoch seconds); else None: unknown."""
+        s = label_selector({**selector, "component": "gateway", "slot": slot})
+        oldest = self.scalar(f"min(timestamp(autoglm_gateway_inflight{s}))")
+        if oldest is None or oldest <= since:
+            return None
+        total = self.scalar(f"sum(autoglm_gateway_inflight{s})")
+        return None if total is None else round(total)
+
+
 def _root_cause(e: BaseException) -> str:
     """The OS reason inside a requests/urllib3 error (e.g. 'Connection refused')."""
     m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))

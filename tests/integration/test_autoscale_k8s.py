@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.moe import PRESETS
 from autoglm.procs import free_port
+from autoglm.prometheus import Prometheus
 from autoglm.repository import build
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
@@ -53,6 +55,19 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
         yield prom
     finally:
         prom.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(plane: DataPlane) -> Iterator[GatewayServer]:
+    """The gateway in front of slot a, as the operator's drain sees it through Prometheus."""
+    assert plane.router is not None
+    routing = Routing()
+    routing.flip(Target("a", 1, f"http://{plane.router.http_url}"))
+    server = GatewayServer(routing, free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +110,13 @@ class Load:
 
 def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_stabilization(
         control_plane: ControlPlane, operator: OperatorProcess, namespace: str,
-        plane: DataPlane, prometheus: PrometheusServer) -> None:
+        plane: DataPlane, prometheus: PrometheusServer, gateway: GatewayServer) -> None:
     cluster = Cluster(control_plane, namespace)
     assert plane.router is not None
     base = {"deployment": "m", "namespace": namespace, "slot": "a", "version": "1"}
     prometheus.set_targets([
+        ({"deployment": "m", "namespace": namespace, "component": "gateway"},
+         [f"127.0.0.1:{gateway.port}"]),
         ({**base, "component": "router"}, [f"127.0.0.1:{plane.router.metrics_port}"]),
         ({**base, "component": "expert"},
          [f"127.0.0.1:{s.metrics_port}" for ss in plane.experts.values() for s in ss])])
@@ -121,7 +138,8 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
     assert (cluster.condition("m", "MetricsAvailable") or {}).get("status") == "True"
     assert replicas() == [1, 1], "no load: the minimum"
 
-    with Load(plane.router.http_url) as load:
+    selector = {"deployment": "m", "namespace": namespace}
+    with Load(f"127.0.0.1:{gateway.port}") as load:
         t0 = time.monotonic()
         eventually(lambda: max(replicas()) > 1, "an expert under load to scale up", 60)
         print(f"\nload start -> first expert Deployment scaled: {time.monotonic() - t0:.1f} s")
@@ -129,6 +147,16 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
         assert all(e["load"] > 0 for e in st["experts"]) and st["imbalance"] is not None, st
         assert sum(e["desired"] for e in st["experts"]) <= 5, "within the replica budget"
         assert any(ev["reason"] == "Scaled" for ev in cluster.events("m"))
+        # what a drain waits on: the gateways' in-flight requests per slot, scraped after
+        # the moment asked about (4 clients keep at most 4 in flight)
+        with Prometheus(prometheus.url) as prom:
+            since = time.time()
+            def fresh() -> tuple[int] | None:
+                n = prom.gateway_inflight(selector, "a", since)
+                return None if n is None else (n,)
+            (inflight,) = eventually(fresh, "a fresh in-flight count", 30)
+            assert 0 <= inflight <= 4
+            assert prom.gateway_inflight(selector, "a", time.time() + 60) is None
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
         assert 'autoglm_autoscaler_desired_replicas{deployment="m",expert="0"}' in metrics
@@ -155,4 +183,6 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
     time.sleep(STABILIZATION / 2)
     assert replicas() == loaded, "no scale-down within the stabilization window"
     eventually(lambda: replicas() == [1, 1], "the experts to scale back down", 120)
+    with Prometheus(prometheus.url) as prom:
+        assert prom.gateway_inflight(selector, "a", t1) == 0, "drained"
     print(f"load stop -> back to the minimum: {time.monotonic() - t1:.1f} s")

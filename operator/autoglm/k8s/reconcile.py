@@ -21,6 +21,7 @@ from autoglm.k8s import builders, rollout, status
 from autoglm.k8s.api import Api, error_reason
 from autoglm.k8s.converge import Change, ObjectConflict, converge, prune
 from autoglm.metrics import ControlMetrics
+from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.spec import (
     API_VERSION,
     KIND,
@@ -90,7 +91,8 @@ class Reconciler:
             deployments, pods = self.live(meta["name"], meta["namespace"])
             state = rollout.from_status(prev, spec)
             state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
-                                             deployments, pods, self.wall(), self.canary)
+                                             deployments, pods, self.wall(), self.canary,
+                                             self._inflight(meta, spec, state))
             for r in reports:
                 emit("Warning" if r.warning else "Normal", r.reason, r.message)
                 if self.metrics is not None:
@@ -162,6 +164,21 @@ class Reconciler:
             if new != prev:
                 emit("Warning", "InvalidSpec", f"{e}; serving objects left unchanged")
                 self.write(body, new)
+            return None
+
+    def _inflight(self, meta: Mapping[str, Any], spec: AutoGLMSpec,
+                  state: swap.SwapState) -> int | None:
+        """The gateways' in-flight requests on the slot being drained, from Prometheus when
+        the spec names one; None (unknown: drain for the whole timeout) otherwise."""
+        url = spec.autoscaling.prometheus_url
+        if state.phase is not swap.Phase.DRAINING or state.previous is None or url is None:
+            return None
+        try:
+            with Prometheus(url, timeout=3.0) as prom:
+                return prom.gateway_inflight(
+                    {"deployment": meta["name"], "namespace": meta["namespace"]},
+                    state.previous.slot, state.since)
+        except MetricsError:
             return None
 
     def live(self, name: str, namespace: str, pods: bool = True,
