@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from autoglm.repository import load_reference
@@ -54,6 +55,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     assert u.said("stopped: no process")
     assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*")
     assert not port_open(u.port) and not port_open(u.prometheus_port)
+    assert not port_open(u.grpc_port)
     out = subprocess.run(["pgrep", "-s", str(u.popen.pid)], capture_output=True, text=True)
     assert out.stdout == "", "processes of the session are left"
 
@@ -103,6 +105,22 @@ def test_plain_json_infer_through_the_gateway(up: Up) -> None:
     assert out["LOGITS"]["shape"] == [1, 4, 256]
 
 
+def test_grpc_client_through_the_gateway(up: Up) -> None:
+    """Stock tritonclient.grpc on the gateway's gRPC port: the same answer as over HTTP."""
+    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{up.grpc_port}") as c:
+        assert c.is_server_ready() and c.is_model_ready("router")
+        inp = grpcclient.InferInput("INPUT_IDS", [1, 4], "INT64")
+        inp.set_data_from_numpy(ids)
+        via_grpc = c.infer("router", [inp])
+    with httpclient.InferenceServerClient(f"127.0.0.1:{up.port}") as h:
+        hinp = httpclient.InferInput("INPUT_IDS", [1, 4], "INT64")
+        hinp.set_data_from_numpy(ids)
+        via_http = h.infer("router", [hinp])
+    assert via_grpc.as_numpy("MODEL_VERSION")[0] == 1
+    np.testing.assert_array_equal(via_grpc.as_numpy("LOGITS"), via_http.as_numpy("LOGITS"))
+
+
 def test_prometheus_scrapes_router_experts_and_gateway(up: Up) -> None:
     def up_targets() -> list[dict[str, object]] | None:
         q = urllib.parse.urlencode({"query": 'up{job="autoglm"} == 1'})
@@ -124,6 +142,7 @@ def test_status_shows_slots_versions_replicas(up: Up) -> None:
     out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", f"--home={up.home}"],
                          capture_output=True, text=True, check=True).stdout
     assert "serving v1 from slot a (spec asks v1); swap Idle" in out
+    assert f"(gRPC 127.0.0.1:{up.grpc_port})" in out
     assert re.search(r"expert 3: \d replica\(s\)", out), out  # the autoscaler decides
 
 
