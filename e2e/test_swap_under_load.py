@@ -177,13 +177,19 @@ def test_versions_flip_back_and_forth_under_load_without_a_failed_request(run: R
 
     staged = [first_answer(v, t) - t for v, t, kind in asked if kind == "staged"]
     back = [first_answer(v, t) - t for v, t, kind in asked if kind == "warm"]
-    passed = [t for t, line in run.lines if "CanaryPassed" in line]
+    passed = [(t, int(m.group(1))) for t, line in run.lines
+              if (m := re.search(r"CanaryPassed: version (\d+)", line))]
     flipped = [t for t, line in run.lines if "Flipped" in line]
     # the Flip runs in the controller step that reports CanaryPassed; Flipped follows
-    to_flipped = [min(f for f in flipped if f >= t) - t for t in passed]
+    to_flipped = [min(f for f in flipped if f >= t) - t for t, _ in passed]
+    # as clients see it: the first answer of the new version after the CanaryPassed line
+    # arrived (can be negative: the pointer moves before the line reaches us)
+    to_answer = [min((r.done for r in results if r.version == v and r.sent >= t - 5),
+                     default=float("nan")) - t for t, v in passed]
     print(f"version change -> first answer of the new version: staged slot "
           f"{np.mean(staged):.1f} s (n={len(staged)}), back to the warm slot "
           f"{np.median(back) * 1e3:.0f} ms median, {max(back) * 1e3:.0f} ms max "
           f"(n={len(back)})")
     print(f"canary pass -> flip: the same controller step (CanaryPassed -> Flipped report "
-          f"{np.mean(to_flipped) * 1e3:.0f} ms, n={len(to_flipped)})")
+          f"{np.mean(to_flipped) * 1e3:.0f} ms, CanaryPassed -> first answer of the new "
+          f"version {', '.join(f'{x * 1e3:.0f}' for x in to_answer)} ms, n={len(passed)})")
