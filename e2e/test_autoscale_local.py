@@ -4,7 +4,7 @@ the policy of autoglm.autoscale acting on expert replicas.
 One runtime for the module, the scenarios in order: (a) load shifted onto one expert adds
 replicas to that expert and they serve; (b) with the load gone, replicas go down only after
 the stabilization window; (c) Prometheus killed: replicas held, status says why, and the
-runtime restarts it and recovers.
+runtime restarts it and recovers; (d) a version swap pauses scaling.
 """
 
 from __future__ import annotations
@@ -258,6 +258,32 @@ def test_c_prometheus_killed_holds_replicas_then_recovers(up: Up) -> None:
     assert status(up)["autoscaling"]["metrics_available"] is True
     assert active(status(up))["expert_replicas"] == before, "replicas held"
     assert not any(line.startswith("autoscaler: expert ") for line in up.text[mark:])
+
+
+def test_d_a_swap_pauses_scaling_and_is_counted(up: Up) -> None:
+    """A version roll: no scaling while the swap is under way, the standby gets the active
+    slot's replica counts, the swap's phase, events and version are exported."""
+    mark = len(up.lines)
+    counts = active(status(up))["expert_replicas"]
+    up.file.write_text(up.file.read_text().replace("version: 1", "version: 2"))
+    eventually(lambda: up.said("autoscaler: paused while the swap is", mark),
+               "scaling to pause", timeout=60)
+    eventually(lambda: up.said("autoscaler: resumed", mark) and status(up)["active"]["version"]
+               == 2, "the swap to finish and scaling to resume", timeout=180)
+    paused = next(i for i, line in enumerate(up.text) if i >= mark
+                  and line.startswith("autoscaler: paused"))
+    resumed = next(i for i, line in enumerate(up.text) if i >= mark
+                   and line.startswith("autoscaler: resumed"))
+    assert not any(line.startswith("autoscaler: expert ") for line in up.text[paused:resumed])
+    assert active(status(up))["expert_replicas"] == counts
+    text = urllib.request.urlopen(f"http://127.0.0.1:{up.port}/metrics", timeout=5).read()
+    for line in ('autoglm_swap_events_total{deployment="scaled",reason="Staging"} 1.0',
+                 'autoglm_swap_events_total{deployment="scaled",reason="Flipped"} 1.0',
+                 'autoglm_active_version{deployment="scaled"} 2.0'):
+        assert line in text.decode(), line
+    # the new slot's router is scraped under its own labels: metrics come back
+    eventually(lambda: status(up)["autoscaling"]["metrics_available"],
+               "metrics of the new slot", timeout=60)
 
 
 def test_status_command_shows_the_autoscaler(up: Up) -> None:

@@ -40,6 +40,7 @@ from autoglm.repository import build, load_canary
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse
 
 Say = Callable[[str], None]
+SCRAPE_SECONDS = 1.0  # our Prometheus' scrape interval
 
 
 class LocalError(RuntimeError):
@@ -66,22 +67,6 @@ def read_resource(path: Path) -> tuple[str, AutoGLMSpec]:
 
 def default_home() -> Path:
     return Path.home() / ".cache" / "autoglm"
-
-
-def policy_for(spec: AutoGLMSpec) -> autoscale.Policy:
-    """The autoscaler's policy from the spec's knobs."""
-    a, e = spec.autoscaling, spec.experts
-    return autoscale.Policy(
-        target=a.target, min_replicas=e.min_replicas, max_replicas=e.max_replicas,
-        budget=spec.replica_budget, tolerance=a.tolerance, scale_up_limit=a.scale_up_limit,
-        stabilization=float(a.stabilization_seconds),
-        # a few missed intervals before the data counts as stale
-        stale_after=max(15.0, 3.0 * a.interval_seconds))
-
-
-def rate_window(spec: AutoGLMSpec) -> float:
-    """The rate() window: several 1 s scrapes, and at least two intervals."""
-    return max(10.0, 2.0 * spec.autoscaling.interval_seconds)
 
 
 @dataclasses.dataclass
@@ -160,7 +145,8 @@ class LocalRuntime:
         self.workdir.mkdir(parents=True, exist_ok=True)
         slot = p.plan(self.name, spec, p.RoutingState()).active_plan
         self._build(slot.version)
-        self.prometheus = PrometheusServer(self.workdir, self.prometheus_port).start()
+        self.prometheus = PrometheusServer(self.workdir, self.prometheus_port,
+                                           f"{SCRAPE_SECONDS:g}s").start()
         self.say(f"prometheus on {self.prometheus.url}")
         plane = self._plane(slot.slot, slot.version)
         for w in slot.experts:
@@ -415,10 +401,12 @@ class LocalRuntime:
         sample, error = None, ""
         try:
             sample = self._prom.expert_sample({"deployment": self.name}, slot, len(current),
-                                              rate_window(spec))
+                                              autoscale.rate_window(spec, SCRAPE_SECONDS))
         except MetricsError as e:
             error = str(e)
-        sc.state, d = autoscale.decide(sc.state, current, sample, time.time(), policy_for(spec))
+        # every replica counted here serves (replicas are added ready, one job at a time)
+        sc.state, d = autoscale.decide(sc.state, current, sample, time.time(),
+                                       autoscale.policy_for(spec))
         reason = error or d.reason.removesuffix(": holding replicas")
         if d.metrics_ok and sc.metrics_ok is not True:
             self.say("autoscaler: metrics available" + (" again" if sc.metrics_ok is False
