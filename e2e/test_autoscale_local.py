@@ -289,5 +289,6 @@ def test_d_a_swap_pauses_scaling_and_is_counted(up: Up) -> None:
 def test_status_command_shows_the_autoscaler(up: Up) -> None:
     out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", f"--home={up.home}"],
                          capture_output=True, text=True, check=True).stdout
+    print(f"\n{out}")
     assert "autoscaling: metrics available; load imbalance" in out
     assert re.search(r"expert 0: 1 replica\(s\), desired 1, load \S+ tokens/s", out), out

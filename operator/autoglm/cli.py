@@ -174,9 +174,10 @@ def _status(args: argparse.Namespace) -> int:
         for slot, s in st["slots"].items():
             print(f"  slot {slot} ({s['role']}): version {s['version']}, router {s['router']}")
             for e, n in s["expert_replicas"].items():
-                load = f"{loads[e]:.1f} tokens/s" if e in loads else "-"
+                serving = slot == active.get("slot")  # loads are the active slot's
+                load = f"{loads[e]:.1f} tokens/s" if serving and e in loads else "-"
                 desired = experts.get(e, {}).get("desired") \
-                    if slot == active.get("slot") and auto.get("enabled") else None
+                    if serving and auto.get("enabled") else None
                 want = f", desired {desired}" if desired is not None else ""
                 print(f"    expert {e}: {n} replica(s){want}, load {load}")
     return 0

@@ -77,6 +77,7 @@ class Scaling:
     next_at: float = 0.0  # monotonic
     job: Future[None] | None = None
     metrics_ok: bool | None = None  # None: no decision yet
+    ever_ok: bool = False
     reason: str = ""
     desired: tuple[int, ...] = ()
     load: tuple[float | None, ...] = ()
@@ -409,10 +410,12 @@ class LocalRuntime:
                                        autoscale.policy_for(spec))
         reason = error or d.reason.removesuffix(": holding replicas")
         if d.metrics_ok and sc.metrics_ok is not True:
-            self.say("autoscaler: metrics available" + (" again" if sc.metrics_ok is False
-                                                        else ""))
+            self.say("autoscaler: metrics available" + (" again" if sc.ever_ok else ""))
+            sc.ever_ok = True
         elif not d.metrics_ok and sc.metrics_ok is not False:
-            self.say(f"autoscaler: metrics unavailable: {reason}; holding replicas")
+            # the first scrapes come a few seconds after start (Prometheus' discovery)
+            self.say(f"autoscaler: {'metrics unavailable' if sc.ever_ok else 'waiting for metrics'}"
+                     f": {reason}; holding replicas")
         load = sample.tokens_per_s if sample is not None else (None,) * len(current)
         sc.metrics_ok, sc.reason, sc.desired, sc.load = d.metrics_ok, reason, d.desired, load
         if d.metrics_ok:
