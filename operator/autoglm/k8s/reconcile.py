@@ -104,7 +104,8 @@ class Reconciler:
             swap_status = rollout.to_status(state)
             if swap_status != prev.swap:
                 # The new state first (the flip itself, for the gateways); objects follow.
-                prev = self._status(body, spec, topology, prev, deployments, None, state)
+                prev = self._status(body, spec, topology, prev, deployments, None, state,
+                                    converged=False)
             desired = builders.desired_objects(meta["name"], meta["namespace"], meta["uid"],
                                                spec, topology, self.monitors_available())
             error: tuple[str, str] | None = None
@@ -150,7 +151,8 @@ class Reconciler:
                              if c.type == "Degraded" and c.status == "True"
                              and c.reason in ("ObjectConflict", "ApplyFailed")), None)
             error = (degraded.reason, degraded.message) if degraded else None
-            return self._status(body, spec, topology, prev, deployments, error, state)
+            return self._status(body, spec, topology, prev, deployments, error, state,
+                                converged=False)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -191,9 +193,14 @@ class Reconciler:
 
     def _status(self, body: Mapping[str, Any], spec: AutoGLMSpec, topology: p.Topology,
                 prev: AutoGLMStatus, deployments: Mapping[str, Manifest],
-                error: tuple[str, str] | None, state: swap.SwapState) -> AutoGLMStatus:
+                error: tuple[str, str] | None, state: swap.SwapState,
+                converged: bool = True) -> AutoGLMStatus:
+        """``converged``: the objects were applied for this generation; otherwise the status
+        keeps the generation it last described (a Ready computed from objects not yet
+        updated must not claim the new generation)."""
         meta = body["metadata"]
-        new = status.observed_status(prev, meta.get("generation"), topology, dict(deployments),
+        generation = meta.get("generation") if converged else prev.observed_generation
+        new = status.observed_status(prev, generation, topology, dict(deployments),
                                      meta["name"], spec.model.version, error, self.clock(),
                                      state, rollout.to_status(state))
         if new != prev:
