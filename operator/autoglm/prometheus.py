@@ -174,7 +174,6 @@ class Prometheus:
             tokens_per_s=tuple(value(tokens.get(str(i))) for i in range(num_experts)),
             queue_ms=tuple(value(queue.get(f"expert_{i}")) for i in range(num_experts)))
 
-
     def gateway_inflight(self, selector: Mapping[str, str], slot: str,
                          since: float) -> int | None:
         """In-flight requests on ``slot`` summed over the gateways, if every gateway's

@@ -7,8 +7,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -87,11 +85,6 @@ class PrometheusServer:
     @property
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
-
-    def query(self, promql: str) -> list[dict[str, object]]:
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return list(json.loads(r.read())["data"]["result"])
 
     def stop(self) -> None:
         if self.popen is not None:
