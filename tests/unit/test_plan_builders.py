@@ -169,3 +169,14 @@ def test_rollout_settings_do_not_touch_pod_templates() -> None:
     topo = p.plan("tiny", a, p.RoutingState())
     assert (builders.desired_objects("tiny", "ns", "uid", a, topo, True)
             == builders.desired_objects("tiny", "ns", "uid", b, topo, True))
+
+
+def test_the_operator_pod_monitor_selects_the_operator_and_its_metrics_port() -> None:
+    monitor = yaml.safe_load((ROOT / "manifests/monitoring/operator-podmonitor.yaml")
+                             .read_text())
+    deployment = yaml.safe_load((ROOT / "manifests/operator.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
