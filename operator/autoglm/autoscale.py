@@ -213,6 +213,7 @@ def policy_for(spec: AutoGLMSpec) -> Policy:
         target=a.target, min_replicas=e.min_replicas, max_replicas=e.max_replicas,
         budget=spec.replica_budget, tolerance=a.tolerance, scale_up_limit=a.scale_up_limit,
         stabilization=float(a.stabilization_seconds),
+        queue_guard_ms=float(a.queue_guard_milliseconds or 0),
         # a few missed intervals before the data counts as stale
         stale_after=max(15.0, 3.0 * a.interval_seconds))
 

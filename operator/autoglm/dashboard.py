@@ -151,7 +151,7 @@ ROWS: tuple[Row, ...] = (
                   f'(rate(nv_inference_count{{{D},component="expert"}}[{RI}])) / 1000',
                   "{{model}}"),
         ), unit="ms", description="Mean time a request waits in Triton's queue, per expert "
-                                  "(the autoscaler's queueTime signal)."),
+                                  "(the autoscaler's queue-time guard)."),
     )),
     Row("Swap", (
         Panel("Swap phase over time", "state-timeline", (

@@ -133,9 +133,14 @@ class AutoscalingSpec(_Object):
     )
     enabled: bool = True
     prometheus_url: str | None = Field(None, pattern=r"^https?://", max_length=1024)
-    signal: Literal["tokens", "queueTime"] = "tokens"
-    target: float = Field(200.0, gt=0,
-                          description="Per replica: routed tokens/s, or queue time in ms.")
+    signal: Literal["tokens"] = Field(
+        "tokens", description="What replicas follow: the tokens/s the gate routes to each "
+                              "expert (the leading signal).")
+    target: float = Field(200.0, gt=0, description="Routed tokens/s one replica should serve.")
+    queue_guard_milliseconds: int | None = Field(
+        None, ge=1, le=600000,
+        description="If an expert's mean Triton queue time exceeds this, it gets at least one "
+                    "more replica whatever its token rate; unset: no guard.")
     tolerance: float = Field(0.1, ge=0, le=1)
     interval_seconds: int = Field(15, ge=1, le=3600)
     scale_up_limit: int = Field(2, ge=1, le=64,

@@ -120,3 +120,21 @@ def test_serving_imbalance_counts_load_a_replica_can_carry() -> None:
     assert serving_imbalance([300, 150], [1, 3], capacity=100) == (100 - 62.5) / 62.5
     assert serving_imbalance([0, 0], [1, 1], capacity=100) == 0
     assert serving_imbalance([50, 80], [0, 1], capacity=100) == 0, "no serving replica"
+
+
+def test_policy_from_the_spec() -> None:
+    from autoglm.autoscale import policy_for
+    from autoglm.spec import parse
+
+    spec = parse({"model": {"name": "m", "version": 1, "repository": "/m", "numExperts": 4,
+                            "layers": 1},
+                  "experts": {"minReplicas": 1, "maxReplicas": 3, "replicaBudget": 7},
+                  "autoscaling": {"prometheusUrl": "http://p:9090", "target": 50,
+                                  "queueGuardMilliseconds": 40, "stabilizationSeconds": 60}},
+                 "m")
+    p = policy_for(spec)
+    assert (p.target, p.min_replicas, p.max_replicas, p.budget) == (50, 1, 3, 7)
+    assert (p.queue_guard_ms, p.stabilization) == (40, 60)
+    unguarded = spec.model_copy(update={"autoscaling": spec.autoscaling.model_copy(
+        update={"queue_guard_milliseconds": None})})
+    assert policy_for(unguarded).queue_guard_ms == 0, "no guard unless asked for"
