@@ -161,6 +161,13 @@ def test_crd_file_is_generated_from_the_spec() -> None:
     assert "self.model.topK <= self.model.numExperts" in rules
     assert schema["properties"]["experts"]["default"]["minReplicas"] == 1
 
+    def keys(node: Any) -> set[str]:
+        if isinstance(node, dict):
+            return set(node) | {k for v in node.values() for k in keys(v)}
+        return {k for v in node for k in keys(v)} if isinstance(node, list) else set()
+    # JSON Schema keywords a structural (OpenAPI 3.0) schema refuses
+    assert not keys(on_disk) & {"const", "$ref", "$defs", "prefixItems", "examples"}
+
 
 def test_rollout_settings_do_not_touch_pod_templates() -> None:
     """Tuning the swap must never restart the pods that serve."""

@@ -1,8 +1,9 @@
 """The CustomResourceDefinition, generated from the typed spec (``autoglm crd``).
 
 Pydantic's JSON schema is turned into a Kubernetes *structural* schema: references inlined,
-optionals unwrapped, titles dropped, factory defaults written out (so the API server fills
-them in), and each class's :class:`~autoglm.spec.Rule` added as a CEL validation.
+optionals unwrapped, titles dropped, constants as one-value enums, factory defaults written
+out (so the API server fills them in), and each class's :class:`~autoglm.spec.Rule` added
+as a CEL validation.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         if k == "title" or (k == "additionalProperties" and v is False):
             continue
         if k == "default" and v is None:
+            continue
+        if k == "const":  # a one-value Literal: OpenAPI 3.0 has no const
+            out["enum"] = [v]
             continue
         if k in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(v, bool):
             # JSON Schema 2020-12 → OpenAPI 3.0: a bound plus a boolean flag
