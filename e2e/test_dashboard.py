@@ -4,12 +4,9 @@ one version rolled, so that every series the dashboard shows exists."""
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import re
-import socket
-import subprocess
 import threading
 import urllib.error
 import urllib.parse
@@ -28,7 +25,6 @@ from autoglm.moe import PRESETS
 from autoglm.repository import build
 from autoglm.testing import eventually
 from autoglm.testing.up import UpProcess as Up
-from autoglm.triton import SHM_PREFIX
 
 pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +33,6 @@ NAME = "tiny"
 VARIABLES = {"deployment": NAME, "__rate_interval": "30s", "__interval": "5s",
              "__range": "5m"}
 DECISIONS = f'autoglm_autoscaler_decisions_total{{deployment="{NAME}"}}'
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def spec_file(home: Path) -> Path:
@@ -62,18 +53,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     home = tmp_path_factory.mktemp("home")
     for version in (1, 2):  # built beforehand: the rollout then only starts servers
         build(home / "models" / NAME, "tiny-moe", version, PRESETS["tiny"])
-    u = Up.start(spec_file(home), home)
-    try:
-        u.wait_serving()
+    with Up.serving(spec_file(home), home) as u:
         yield u
-    finally:
-        code = u.stop()
-        print("\n".join(u.text))
-    assert code == 0
-    assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*")
-    assert not port_open(u.port) and not port_open(u.prometheus_port)
-    out = subprocess.run(["pgrep", "-s", str(u.popen.pid)], capture_output=True, text=True)
-    assert out.stdout == "", "processes of the session are left"
 
 
 def traffic(port: int, stop: threading.Event, errors: list[str]) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,15 +24,10 @@ import tritonclient.http as httpclient
 from autoglm.repository import load_reference
 from autoglm.testing import eventually
 from autoglm.testing.up import UpProcess as Up
-from autoglm.triton import SHM_PREFIX
+from autoglm.testing.up import port_open
 
 pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +35,9 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     home = tmp_path_factory.mktemp("home")
     file = home / "tiny.yaml"
     shutil.copy(ROOT / "examples" / "tiny.yaml", file)
-    u = Up.start(file, home)
-    try:
-        u.wait_serving()
+    with Up.serving(file, home) as u:  # and a clean stop: exit 0, nothing left
         assert u.said("serving tiny")
         yield u
-    finally:
-        code = u.stop()
-        print("\n".join(u.text))
-    # clean shutdown: exit 0, nothing left
-    assert code == 0
-    assert u.said("stopped: no process")
-    assert not glob.glob(f"/dev/shm/{SHM_PREFIX}*")
-    assert not port_open(u.port) and not port_open(u.prometheus_port)
-    assert not port_open(u.grpc_port)
-    out = subprocess.run(["pgrep", "-s", str(u.popen.pid)], capture_output=True, text=True)
-    assert out.stdout == "", "processes of the session are left"
 
 
 def test_thousand_requests_through_the_gateway(up: Up) -> None:

@@ -57,13 +57,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     for v in (1, 2, 3):
         build(repo, "tiny-moe", v, PRESETS["tiny"])
     shutil.copy(repo / "expert_0" / "1" / "weights.pt", repo / "expert_0" / "3" / "weights.pt")
-    r = Run.start(file, home)
-    try:
-        r.wait_serving()
+    with Run.serving(file, home) as r:
         yield r
-    finally:
-        assert r.stop() == 0
-        print("\n".join(r.text))
 
 
 def traffic(protocol: str, run: Run, stop: threading.Event, out: list[Result]) -> None:

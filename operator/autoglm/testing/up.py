@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoglm.procs import die_with_parent, free_port
 from autoglm.testing import eventually
+from autoglm.triton import SHM_PREFIX
 
 
 @dataclass
@@ -69,3 +72,36 @@ class UpProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
         return self.popen.wait(timeout=timeout)
+
+    def leftovers(self) -> list[str]:
+        """What a stopped run left behind: processes of its session, shared-memory regions
+        of its Triton servers, listening ports (empty: a clean stop)."""
+        out = [f"process {p}" for p in subprocess.run(
+            ["pgrep", "-s", str(self.popen.pid)], capture_output=True, text=True,
+        ).stdout.split()]
+        out += [f"/dev/shm/{f.name}" for f in Path("/dev/shm").glob(f"{SHM_PREFIX}*")]
+        return out + [f"port {p}" for p in (self.port, self.grpc_port, self.prometheus_port)
+                      if port_open(p)]
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, file: Path, home: Path) -> Iterator[UpProcess]:
+        """Started and serving for the body; then stopped as Ctrl-C does, and checked to
+        have exited 0 leaving nothing behind. Its output is printed (pytest shows it when
+        a test fails)."""
+        up = cls.start(file, home)
+        try:
+            up.wait_serving()
+            yield up
+        finally:
+            code = up.stop()
+            print("\n".join(up.text))
+        assert code == 0, f"autoglm up exited {code}"
+        assert up.said("stopped: no process")
+        assert not up.leftovers(), up.leftovers()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
