@@ -149,6 +149,10 @@ class LocalRuntime:
         self.prometheus = PrometheusServer(self.workdir, self.prometheus_port,
                                            f"{SCRAPE_SECONDS:g}s").start()
         self.say(f"prometheus on {self.prometheus.url}")
+        # The gateway's ports are taken before any Triton server picks free ports of its
+        # own; until the slot is up it answers 503 "no active slot".
+        self.gateway = GatewayServer(self.routing, self.gateway_port,
+                                     grpc_port=self.grpc_port).start()
         plane = self._plane(slot.slot, slot.version)
         for w in slot.experts:
             assert w.expert is not None
@@ -158,8 +162,6 @@ class LocalRuntime:
                          f"({s.startup_seconds:.1f} s)")
         router = plane.start_router()
         self.say(f"  {slot.router.name} ready ({router.startup_seconds:.1f} s)")
-        self.gateway = GatewayServer(self.routing, self.gateway_port,
-                                     grpc_port=self.grpc_port).start()
         self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}",
                                  router.grpc_url))
         self.state = swap.SwapState(slot.slot, slot.version)
