@@ -88,8 +88,10 @@ class Reconciler:
             if spec is None:
                 return parse_status(body.get("status"))
             prev = parse_status(body.get("status"))
-            deployments, pods = self.live(meta["name"], meta["namespace"])
             state = rollout.from_status(prev, spec)
+            # Pods matter only to a standby being staged (its crash check): no list otherwise.
+            deployments, pods = self.live(meta["name"], meta["namespace"],
+                                          pods=state.phase in rollout.STAGED)
             state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
                                              deployments, pods, self.wall(), self.canary,
                                              self._inflight(meta, spec, state))
