@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 import yaml
 
 from autoglm import dashboard
+from autoglm.metrics import LOCAL_NAMESPACE
 from autoglm.moe import PRESETS
 from autoglm.repository import build
 from autoglm.testing import eventually
@@ -30,9 +31,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny"
 # What Grafana gives the variables at a 1 s scrape interval and a short time range.
-VARIABLES = {"deployment": NAME, "__rate_interval": "30s", "__interval": "5s",
-             "__range": "5m"}
-DECISIONS = f'autoglm_autoscaler_decisions_total{{deployment="{NAME}"}}'
+VARIABLES = {"namespace": LOCAL_NAMESPACE, "deployment": NAME, "__rate_interval": "30s",
+             "__interval": "5s", "__range": "5m"}
+DECISIONS = (f'autoglm_autoscaler_decisions_total{{namespace="{LOCAL_NAMESPACE}",'
+             f'deployment="{NAME}"}}')
 
 
 def spec_file(home: Path) -> Path:
@@ -91,11 +93,15 @@ def vector(prometheus_port: int, promql: str) -> list[dict[str, Any]]:
 def failures(prometheus_port: int) -> list[str]:
     """Every dashboard query that does not answer with data, with why, at once."""
     failed = []
-    values, why = api(prometheus_port, "label/deployment/values",
-                      **{"match[]": "autoglm_gateway_requests_total"})
-    if not isinstance(values, list) or NAME not in values:
-        failed.append(f"variable deployment: {dashboard.DEPLOYMENT_QUERY} -> "
-                      f"{why or values}")
+    # label_values(metric{sel}, label) is Grafana's call of the label values API
+    for var, query, metric in (
+            ("namespace", dashboard.NAMESPACE_QUERY, "autoglm_gateway_requests_total"),
+            ("deployment", dashboard.DEPLOYMENT_QUERY,
+             dashboard.expand('autoglm_gateway_requests_total{namespace="$namespace"}',
+                              VARIABLES))):
+        values, why = api(prometheus_port, f"label/{var}/values", **{"match[]": metric})
+        if not isinstance(values, list) or VARIABLES[var] not in values:
+            failed.append(f"variable {var}: {query} -> {why or values}")
     for title, q in dashboard.queries():
         expr = dashboard.expand(q.expr, VARIABLES)
         data, why = api(prometheus_port, "query", query=expr)
@@ -153,5 +159,5 @@ def test_every_dashboard_query_has_data(up: Up) -> None:
                                 "dashboard queries have no data:", *last]), pytrace=False)
     assert not errors, f"{len(errors)} requests failed, e.g. {errors[0]}"
     decisions = sum(float(v["value"][1]) for v in vector(up.prometheus_port, DECISIONS))
-    print(f"\nall {len(dashboard.queries())} dashboard queries and the deployment variable "
+    print(f"\nall {len(dashboard.queries())} dashboard queries and both variables "
           f"answered with data ({decisions:.0f} scaling decision(s))")

@@ -185,11 +185,13 @@ def _status(args: argparse.Namespace) -> int:
 
 def _loads(prometheus: str, name: str, slot: str | None) -> dict[str, float]:
     """Routed tokens/s per expert of the active slot, straight from Prometheus."""
+    from autoglm.metrics import LOCAL_NAMESPACE
     from autoglm.prometheus import MetricsError, Prometheus, tokens_query
 
     try:
         with Prometheus(prometheus, timeout=3) as p:
-            labels = {"deployment": name, "component": "router", "slot": slot or ""}
+            labels = {"namespace": LOCAL_NAMESPACE, "deployment": name, "component": "router",
+                      "slot": slot or ""}
             return {e: v for e, (_, v) in p.vector(tokens_query(labels, 30), "expert").items()}
     except MetricsError as e:
         print(f"  (no loads: {e})")

@@ -6,8 +6,9 @@ kube-prometheus-stack's sidecar convention (label ``grafana_dashboard: "1"``, th
 under a ``*.json`` key); ``manifests/grafana/`` holds its output and a unit test keeps the
 two equal.
 
-Queries use the shared metrics contract: every scraped target carries ``deployment`` and
-``component`` (Triton servers also ``slot`` and ``version``); the control loop exports
+Queries use the shared metrics contract: every scraped target carries ``namespace``,
+``deployment`` and ``component`` (Triton servers also ``slot`` and ``version``;
+``autoglm up``'s namespace is ``local``); the control loop exports
 ``autoglm_autoscaler_*``, ``autoglm_swap_*`` and ``autoglm_active_version``.
 """
 
@@ -25,10 +26,12 @@ UID = "autoglm"
 CONFIGMAP = "autoglm-dashboard"
 DATA_KEY = "autoglm.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-DEPLOYMENT_QUERY = "label_values(autoglm_gateway_requests_total, deployment)"
+NAMESPACE_QUERY = "label_values(autoglm_gateway_requests_total, namespace)"
+DEPLOYMENT_QUERY = ('label_values(autoglm_gateway_requests_total{namespace="$namespace"}, '
+                    "deployment)")
 WIDTH = 24  # Grafana's grid
 
-D = 'deployment="$deployment"'
+D = 'namespace="$namespace",deployment="$deployment"'
 RI = "$__rate_interval"
 
 
@@ -273,6 +276,10 @@ def dashboard() -> dict[str, Any]:
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource",
              "query": "prometheus", "current": {}, "hide": 0, "refresh": 1,
+             "includeAll": False, "multi": False, "options": [], "regex": ""},
+            {"name": "namespace", "label": "Namespace", "type": "query",
+             "datasource": DATASOURCE, "definition": NAMESPACE_QUERY,
+             "query": NAMESPACE_QUERY, "current": {}, "hide": 0, "refresh": 2, "sort": 1,
              "includeAll": False, "multi": False, "options": [], "regex": ""},
             {"name": "deployment", "label": "Deployment", "type": "query",
              "datasource": DATASOURCE, "definition": DEPLOYMENT_QUERY,

@@ -2,7 +2,8 @@
 
 The local runtime exports them through its gateway's registry, the Kubernetes operator on
 its metrics port; both call the same methods, so the series are the same everywhere. Every
-series carries ``deployment``.
+series carries ``namespace`` and ``deployment`` (one operator serves every namespace, and
+two resources may share a name; its PodMonitor honours these labels).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from autoglm.swap import Phase
 
 PHASES = tuple(p.value for p in Phase)
+Key = tuple[str, str]  # (namespace, name) of the resource
+# `autoglm up`'s namespace label (a cluster's series carry their pods' namespace), so the
+# dashboard's queries are the same for both.
+LOCAL_NAMESPACE = "local"
 
 
 class ControlMetrics:
@@ -27,80 +32,80 @@ class ControlMetrics:
 
         self.replicas = gauge("autoglm_autoscaler_replicas",
                               "Replicas of each expert in the active slot",
-                              ["deployment", "expert"])
+                              ["namespace", "deployment", "expert"])
         self.desired = gauge("autoglm_autoscaler_desired_replicas",
                              "Replicas the autoscaler wants for each expert",
-                             ["deployment", "expert"])
+                             ["namespace", "deployment", "expert"])
         self.load = gauge("autoglm_autoscaler_load_tokens_per_second",
                           "Tokens/s routed to each expert, as the autoscaler saw it",
-                          ["deployment", "expert"])
+                          ["namespace", "deployment", "expert"])
         self.imbalance = gauge("autoglm_autoscaler_imbalance",
                                "(max - mean) / mean of the load per replica across experts",
-                               ["deployment"])
+                               ["namespace", "deployment"])
         self.metrics_available = gauge("autoglm_autoscaler_metrics_available",
                                        "1 when the autoscaler had the metrics it needs",
-                                       ["deployment"])
+                                       ["namespace", "deployment"])
         self.decisions = counter("autoglm_autoscaler_decisions",
                                  "Replica changes decided, per expert and direction",
-                                 ["deployment", "expert", "direction"])
+                                 ["namespace", "deployment", "expert", "direction"])
         self.phase = gauge("autoglm_swap_phase",
                            "1 for the current phase of the version swap, 0 for the others",
-                           ["deployment", "phase"])
+                           ["namespace", "deployment", "phase"])
         self.events = counter("autoglm_swap_events", "Swap events (one per report)",
-                              ["deployment", "reason"])
+                              ["namespace", "deployment", "reason"])
         self.active_version = gauge("autoglm_active_version",
-                                    "Model version serving traffic", ["deployment"])
-        self._experts: dict[str, set[str]] = {}
-        self._reasons: dict[str, set[str]] = {}
+                                    "Model version serving traffic", ["namespace", "deployment"])
+        self._experts: dict[Key, set[str]] = {}
+        self._reasons: dict[Key, set[str]] = {}
 
-    def decision(self, deployment: str, current: Sequence[int], desired: Sequence[int],
+    def decision(self, key: Key, current: Sequence[int], desired: Sequence[int],
                  load: Sequence[float | None], imbalance: float, metrics_ok: bool) -> None:
         """One autoscaler decision: counts a decision per expert whose replicas change."""
-        self.metrics_available.labels(deployment).set(1 if metrics_ok else 0)
-        experts = self._experts.setdefault(deployment, set())
+        self.metrics_available.labels(*key).set(1 if metrics_ok else 0)
+        experts = self._experts.setdefault(key, set())
         for i, (c, d) in enumerate(zip(current, desired, strict=True)):
             e = str(i)
             experts.add(e)
-            self.replicas.labels(deployment, e).set(c)
-            self.desired.labels(deployment, e).set(d)
+            self.replicas.labels(*key, e).set(c)
+            self.desired.labels(*key, e).set(d)
             if d != c:
-                self.decisions.labels(deployment, e, "up" if d > c else "down").inc()
+                self.decisions.labels(*key, e, "up" if d > c else "down").inc()
             value = load[i] if i < len(load) else None
             if value is not None:
-                self.load.labels(deployment, e).set(value)
+                self.load.labels(*key, e).set(value)
         if metrics_ok:
-            self.imbalance.labels(deployment).set(imbalance)
+            self.imbalance.labels(*key).set(imbalance)
 
-    def replicas_now(self, deployment: str, current: Sequence[int]) -> None:
+    def replicas_now(self, key: Key, current: Sequence[int]) -> None:
         """Replicas as they are (e.g. once a scaling job has finished)."""
-        experts = self._experts.setdefault(deployment, set())
+        experts = self._experts.setdefault(key, set())
         for i, c in enumerate(current):
             experts.add(str(i))
-            self.replicas.labels(deployment, str(i)).set(c)
+            self.replicas.labels(*key, str(i)).set(c)
 
-    def swap(self, deployment: str, phase: str, active_version: int) -> None:
+    def swap(self, key: Key, phase: str, active_version: int) -> None:
         for p in PHASES:
-            self.phase.labels(deployment, p).set(1 if p == phase else 0)
-        self.active_version.labels(deployment).set(active_version)
+            self.phase.labels(*key, p).set(1 if p == phase else 0)
+        self.active_version.labels(*key).set(active_version)
 
-    def swap_event(self, deployment: str, reason: str) -> None:
-        self._reasons.setdefault(deployment, set()).add(reason)
-        self.events.labels(deployment, reason).inc()
+    def swap_event(self, key: Key, reason: str) -> None:
+        self._reasons.setdefault(key, set()).add(reason)
+        self.events.labels(*key, reason).inc()
 
-    def forget(self, deployment: str) -> None:
+    def forget(self, key: Key) -> None:
         """Drop every series of a deleted deployment."""
-        experts = self._experts.pop(deployment, set())
+        experts = self._experts.pop(key, set())
         for e in experts:
             for g in (self.replicas, self.desired, self.load):
-                _remove(g, deployment, e)
+                _remove(g, *key, e)
             for direction in ("up", "down"):
-                _remove(self.decisions, deployment, e, direction)
+                _remove(self.decisions, *key, e, direction)
         for g1 in (self.imbalance, self.metrics_available, self.active_version):
-            _remove(g1, deployment)
+            _remove(g1, *key)
         for p in PHASES:
-            _remove(self.phase, deployment, p)
-        for r in self._reasons.pop(deployment, set()):
-            _remove(self.events, deployment, r)
+            _remove(self.phase, *key, p)
+        for r in self._reasons.pop(key, set()):
+            _remove(self.events, *key, r)
 
 
 def _remove(metric: Gauge | Counter, *labels: str) -> None:

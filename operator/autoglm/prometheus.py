@@ -154,8 +154,7 @@ class Prometheus:
         (None for an expert without data), queue ms per expert (None: no request in the
         window), and ``at``: when the newest token counter sample was scraped.
 
-        ``selector``: the deployment's base labels (local ``{"deployment": name}``;
-        Kubernetes adds ``namespace``)."""
+        ``selector``: the deployment's base labels, ``namespace`` and ``deployment``."""
         router = slot_labels(selector, "router", slot)
         newest = self.scalar(tokens_newest_query(router))
         if newest is None:

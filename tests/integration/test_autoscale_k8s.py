@@ -26,7 +26,7 @@ from autoglm.moe import PRESETS
 from autoglm.procs import free_port
 from autoglm.prometheus import Prometheus
 from autoglm.repository import build
-from autoglm.testing import eventually
+from autoglm.testing import eventually, metric_value
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import ControlPlane
 from autoglm.testing.operator import OperatorProcess, running_operator
@@ -159,8 +159,10 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
             assert prom.gateway_inflight(selector, "a", float("inf")) is None, "none newer"
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
-        assert 'autoglm_autoscaler_desired_replicas{deployment="m",expert="0"}' in metrics
-        assert 'autoglm_autoscaler_metrics_available{deployment="m"} 1.0' in metrics
+        ours = {"namespace": namespace, "deployment": "m"}
+        assert metric_value(metrics, "autoglm_autoscaler_desired_replicas",
+                            {**ours, "expert": "0"}) is not None
+        assert metric_value(metrics, "autoglm_autoscaler_metrics_available", ours) == 1
 
         # Prometheus gone: replicas held (not scaled down, whatever the window), reason shown
         prometheus.stop()

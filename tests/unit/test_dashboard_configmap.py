@@ -36,10 +36,16 @@ def test_template_variables() -> None:
     variables = {v["name"]: v for v in d.dashboard()["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    dep = variables["deployment"]
-    assert dep["type"] == "query" and dep["datasource"] == {"type": "prometheus",
+    ns, dep = variables["namespace"], variables["deployment"]
+    for v in (ns, dep):
+        assert v["type"] == "query" and v["datasource"] == {"type": "prometheus",
                                                              "uid": "${datasource}"}
-    assert dep["query"] == "label_values(autoglm_gateway_requests_total, deployment)"
+    assert ns["query"] == "label_values(autoglm_gateway_requests_total, namespace)"
+    # the deployments of the namespace chosen (same-name resources in two namespaces apart)
+    assert dep["query"] == ('label_values(autoglm_gateway_requests_total'
+                            '{namespace="$namespace"}, deployment)')
+    names = list(variables)
+    assert names.index("namespace") < names.index("deployment")  # Grafana resolves in order
 
 
 def panels() -> list[dict[str, Any]]:
@@ -52,10 +58,11 @@ def test_every_panel_queries_the_selected_datasource_and_deployment() -> None:
         assert p["targets"], p["title"]
         for t in p["targets"]:
             assert t["datasource"] == d.DATASOURCE
-            # every selector of the query is narrowed to the deployment
+            # every selector of the query is narrowed to the namespace and deployment
             selectors = re.findall(r"\{([^}]*)\}", re.sub(r"\{\{\w+\}\}", "", t["expr"]))
             assert selectors, t["expr"]
-            assert all('deployment="$deployment"' in s for s in selectors), t["expr"]
+            assert all('namespace="$namespace",deployment="$deployment"' in s
+                       for s in selectors), t["expr"]
         assert len({t["refId"] for t in p["targets"]}) == len(p["targets"])
 
 
@@ -92,4 +99,4 @@ def test_expand_replaces_grafana_variables_and_names_unknown_ones() -> None:
     with pytest.raises(KeyError, match="__range"):
         d.expand("x[$__range]", values)
     for _, q in d.queries():  # every variable a query uses is one the e2e test gives
-        d.expand(q.expr, {"deployment": "x", "__rate_interval": "30s"})
+        d.expand(q.expr, {"namespace": "n", "deployment": "x", "__rate_interval": "30s"})

@@ -71,34 +71,38 @@ def test_bad_url_says_so() -> None:
 def test_control_metrics_follow_decisions_and_swaps() -> None:
     reg = CollectorRegistry()
     m = ControlMetrics(reg)
-    m.decision("tiny", [1, 1, 2], [3, 1, 1], [600.0, 50.0, None], 1.5, True)
+    tiny = {"namespace": "ns", "deployment": "tiny"}
+    m.decision(("ns", "tiny"), [1, 1, 2], [3, 1, 1], [600.0, 50.0, None], 1.5, True)
     v = reg.get_sample_value
-    assert v("autoglm_autoscaler_replicas", {"deployment": "tiny", "expert": "0"}) == 1
-    assert v("autoglm_autoscaler_desired_replicas", {"deployment": "tiny", "expert": "0"}) == 3
+    assert v("autoglm_autoscaler_replicas", {**tiny, "expert": "0"}) == 1
+    assert v("autoglm_autoscaler_desired_replicas", {**tiny, "expert": "0"}) == 3
     assert v("autoglm_autoscaler_load_tokens_per_second",
-             {"deployment": "tiny", "expert": "0"}) == 600
+             {**tiny, "expert": "0"}) == 600
     assert v("autoglm_autoscaler_load_tokens_per_second",
-             {"deployment": "tiny", "expert": "2"}) is None  # no data: no value
-    assert v("autoglm_autoscaler_imbalance", {"deployment": "tiny"}) == 1.5
-    assert v("autoglm_autoscaler_metrics_available", {"deployment": "tiny"}) == 1
+             {**tiny, "expert": "2"}) is None  # no data: no value
+    assert v("autoglm_autoscaler_imbalance", tiny) == 1.5
+    assert v("autoglm_autoscaler_metrics_available", tiny) == 1
     assert v("autoglm_autoscaler_decisions_total",
-             {"deployment": "tiny", "expert": "0", "direction": "up"}) == 1
+             {**tiny, "expert": "0", "direction": "up"}) == 1
     assert v("autoglm_autoscaler_decisions_total",
-             {"deployment": "tiny", "expert": "2", "direction": "down"}) == 1
+             {**tiny, "expert": "2", "direction": "down"}) == 1
     assert v("autoglm_autoscaler_decisions_total",
-             {"deployment": "tiny", "expert": "1", "direction": "up"}) is None
-    m.decision("tiny", [3, 1, 1], [3, 1, 1], [None, None, None], 0.0, False)
-    assert v("autoglm_autoscaler_metrics_available", {"deployment": "tiny"}) == 0
-    assert v("autoglm_autoscaler_imbalance", {"deployment": "tiny"}) == 1.5  # last known
+             {**tiny, "expert": "1", "direction": "up"}) is None
+    m.decision(("ns", "tiny"), [3, 1, 1], [3, 1, 1], [None, None, None], 0.0, False)
+    assert v("autoglm_autoscaler_metrics_available", tiny) == 0
+    assert v("autoglm_autoscaler_imbalance", tiny) == 1.5  # last known
 
-    m.swap("tiny", "Warming", 1)
-    m.swap_event("tiny", "Staging")
-    phases = {p: v("autoglm_swap_phase", {"deployment": "tiny", "phase": p}) for p in PHASES}
+    m.swap(("ns", "tiny"), "Warming", 1)
+    m.swap_event(("ns", "tiny"), "Staging")
+    phases = {p: v("autoglm_swap_phase", {**tiny, "phase": p}) for p in PHASES}
     assert phases == {p: (1.0 if p == "Warming" else 0.0) for p in PHASES}
-    assert v("autoglm_swap_events_total", {"deployment": "tiny", "reason": "Staging"}) == 1
-    assert v("autoglm_active_version", {"deployment": "tiny"}) == 1
+    assert v("autoglm_swap_events_total", {**tiny, "reason": "Staging"}) == 1
+    assert v("autoglm_active_version", tiny) == 1
 
-    m.swap("other", "Idle", 2)
-    m.forget("tiny")
+    # one operator serves every namespace: a resource of the same name elsewhere is apart
+    m.swap(("other-ns", "tiny"), "Idle", 2)
+    assert v("autoglm_active_version", tiny) == 1
+    assert v("autoglm_active_version", {"namespace": "other-ns", "deployment": "tiny"}) == 2
+    m.forget(("ns", "tiny"))
     text = generate_latest(reg).decode()
-    assert 'deployment="tiny"' not in text and 'deployment="other"' in text
+    assert 'namespace="ns"' not in text and 'namespace="other-ns"' in text

@@ -136,5 +136,5 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     reconciler().forget(body.metadata.uid)
-    autoscaler().forget(body.metadata.uid, body.metadata.name)
+    autoscaler().forget(body.metadata.uid, body.metadata.namespace or "", body.metadata.name)
     logger.info("deleted; the garbage collector removes its children")

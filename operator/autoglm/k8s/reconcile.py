@@ -98,9 +98,10 @@ class Reconciler:
             for r in reports:
                 emit("Warning" if r.warning else "Normal", r.reason, r.message)
                 if self.metrics is not None:
-                    self.metrics.swap_event(meta["name"], r.reason)
+                    self.metrics.swap_event((meta["namespace"], meta["name"]), r.reason)
             if self.metrics is not None:
-                self.metrics.swap(meta["name"], state.phase.value, state.active_version)
+                self.metrics.swap((meta["namespace"], meta["name"]), state.phase.value,
+                                   state.active_version)
             topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
                                                                   prev, deployments))
             swap_status = rollout.to_status(state)

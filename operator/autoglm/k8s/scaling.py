@@ -45,9 +45,9 @@ class Autoscaler:
         self.wall = wall
         self._state: dict[str, autoscale.State] = {}
 
-    def forget(self, uid: str, name: str) -> None:
+    def forget(self, uid: str, namespace: str, name: str) -> None:
         self._state.pop(uid, None)
-        self.metrics.forget(name)
+        self.metrics.forget((namespace, name))
 
     def step(self, body: Mapping[str, Any], emit: EventSink) -> AutoscalingStatus | None:
         """One decision for the resource, applied; None when there is nothing to decide."""
@@ -85,7 +85,7 @@ class Autoscaler:
             load = sample.tokens_per_s if sample is not None else (None,) * len(current)
             imbalance = (autoscale.imbalance([x or 0.0 for x in load], current)
                          if d.metrics_ok else None)
-            self.metrics.decision(name, current, d.desired, load, imbalance or 0.0,
+            self.metrics.decision((ns, name), current, d.desired, load, imbalance or 0.0,
                                   d.metrics_ok)
             new = AutoscalingStatus(
                 metrics_available=d.metrics_ok, reason=error or d.reason,
@@ -110,7 +110,7 @@ class Autoscaler:
             return None  # reported by reconciliation
         st = parse_status(live.get("status"))
         state = rollout.from_status(st, spec)
-        self.metrics.swap(name, state.phase.value, state.active_version)
+        self.metrics.swap((namespace, name), state.phase.value, state.active_version)
         if not spec.autoscaling.enabled or spec.autoscaling.prometheus_url is None \
                 or state.phase is not swap.Phase.IDLE:
             return None  # scaling pauses during a swap: the standby copied the counts

@@ -33,7 +33,7 @@ from autoglm import plan as p
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
-from autoglm.metrics import ControlMetrics
+from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.moe import PRESETS
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import build, load_canary
@@ -119,6 +119,16 @@ class LocalRuntime:
     def repository(self) -> Path:
         return self.home / "models" / self.name
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The control metrics' (namespace, deployment)."""
+        return LOCAL_NAMESPACE, self.name
+
+    @property
+    def selector(self) -> dict[str, str]:
+        """The labels every series of this deployment carries."""
+        return {"namespace": LOCAL_NAMESPACE, "deployment": self.name}
+
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -166,8 +176,8 @@ class LocalRuntime:
                                  router.grpc_url))
         self.state = swap.SwapState(slot.slot, slot.version)
         self.metrics = ControlMetrics(self.gateway.gateway.registry)
-        self.metrics.swap(self.name, self.state.phase.value, slot.version)
-        self.metrics.replicas_now(self.name, plane.replica_counts())
+        self.metrics.swap(self.key, self.state.phase.value, slot.version)
+        self.metrics.replicas_now(self.key, plane.replica_counts())
         self._update_targets()
         self.write_status()
         self.say(f"serving {self.name} (model {spec.model.name} v{slot.version}, slot "
@@ -186,7 +196,7 @@ class LocalRuntime:
         servers slot and version (the queries select the active slot's by them)."""
         if self.prometheus is None:
             return
-        base = {"deployment": self.name}
+        base = dict(self.selector)
         groups: list[tuple[dict[str, str], list[str]]] = [
             ({**base, "component": "gateway"}, [f"127.0.0.1:{self.gateway_port}"])]
         for slot, plane in list(self.slots.items()):
@@ -284,7 +294,7 @@ class LocalRuntime:
             self._do(action)
         if actions or self.state.phase != before.phase:
             if self.metrics is not None:
-                self.metrics.swap(self.name, self.state.phase.value, self.state.active_version)
+                self.metrics.swap(self.key, self.state.phase.value, self.state.active_version)
             self._update_targets()
             self.write_status()
         self._watch_prometheus()
@@ -314,7 +324,7 @@ class LocalRuntime:
                 self._pool.submit(plane.stop)
         else:
             if self.metrics is not None:
-                self.metrics.swap_event(self.name, action.reason)
+                self.metrics.swap_event(self.key, action.reason)
             self.say(f"{'warning: ' if action.warning else ''}{action.reason}: "
                      f"{action.message}")
 
@@ -403,7 +413,7 @@ class LocalRuntime:
         current = plane.replica_counts()
         sample, error = None, ""
         try:
-            sample = self._prom.expert_sample({"deployment": self.name}, slot, len(current),
+            sample = self._prom.expert_sample(self.selector, slot, len(current),
                                               autoscale.rate_window(spec, SCRAPE_SECONDS))
         except MetricsError as e:
             error = str(e)
@@ -423,7 +433,7 @@ class LocalRuntime:
         if d.metrics_ok:
             sc.imbalance = autoscale.imbalance([x or 0.0 for x in load], current)
         if self.metrics is not None:
-            self.metrics.decision(self.name, current, d.desired, load, sc.imbalance,
+            self.metrics.decision(self.key, current, d.desired, load, sc.imbalance,
                                   d.metrics_ok)
         for change in d.changes:
             self.say(f"autoscaler: {change}")
@@ -457,7 +467,7 @@ class LocalRuntime:
     def _replicas_changed(self, plane: DataPlane) -> None:
         self._update_targets()
         if self.metrics is not None:
-            self.metrics.replicas_now(self.name, plane.replica_counts())
+            self.metrics.replicas_now(self.key, plane.replica_counts())
         self.write_status()
 
     # -- status and stop -----------------------------------------------------------------
