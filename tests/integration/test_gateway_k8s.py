@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 from kubernetes import client
+from tritonclient.utils import InferenceServerException
 
 from autoglm import plan as p
 from autoglm.k8s import builders
 from autoglm.k8s.api import Api
 from autoglm.procs import die_with_parent, free_port
 from autoglm.spec import API_VERSION, KIND, parse
-from autoglm.testing import eventually
+from autoglm.testing import eventually, metric_value
 from autoglm.testing.controlplane import ControlPlane
 from autoglm.testing.operator import REPO_ROOT, install
 
@@ -59,12 +61,12 @@ def test_gateway_follows_the_active_slot(control_plane: ControlPlane, api: clien
     token = control_plane.kubectl("create", "token", "tiny-gateway", "-n", namespace
                                   ).stdout.strip()
     kc = control_plane.write_kubeconfig(tmp_path / "gw.kubeconfig", token, "gateway")
-    port, metrics = free_port(), free_port()
+    port, metrics, grpc_port = free_port(), free_port(), free_port()
     log = (tmp_path / "gateway.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoglm.cli", "gateway", "--deployment=tiny",
          f"--namespace={namespace}", f"--port={port}", f"--metrics-port={metrics}",
-         "--host=127.0.0.1"],
+         f"--grpc-port={grpc_port}", "--host=127.0.0.1"],
         env=dict(os.environ, KUBECONFIG=str(kc)), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True, preexec_fn=die_with_parent)
     try:
@@ -84,10 +86,20 @@ def test_gateway_follows_the_active_slot(control_plane: ControlPlane, api: clien
         # the router's name does not resolve here: a clear 502, after one retry
         status, body = get(f"http://127.0.0.1:{port}/v2/models/router")
         assert status == 502 and b"slot b unreachable" in body
+        # the same over gRPC, to the router Service's gRPC port: UNAVAILABLE, one retry
+        router_grpc = f"tiny-b-router.{namespace}.svc:{p.TRITON_GRPC_PORT}"
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as c, \
+                pytest.raises(InferenceServerException) as e:
+            c.is_model_ready("router")
+        assert e.value.status() == "StatusCode.UNAVAILABLE"
+        assert f"slot b ({router_grpc}) unavailable, tried twice" in str(e.value.message())
         status, body = get(f"http://127.0.0.1:{metrics}/metrics")
         assert status == 200
-        assert b'autoglm_gateway_requests_total{code="502",slot="b",version="2"} 1.0' in body
-        assert b'autoglm_gateway_retries_total{slot="b"} 1.0' in body
+        text = body.decode()
+        b2 = {"slot": "b", "version": "2"}
+        assert metric_value(text, "autoglm_gateway_requests_total", {**b2, "code": "502"}) == 1
+        assert metric_value(text, "autoglm_gateway_requests_total", {**b2, "code": "503"}) == 1
+        assert metric_value(text, "autoglm_gateway_retries_total", {"slot": "b"}) == 2
         # its Role grants reading this resource only
         sa = f"system:serviceaccount:{namespace}:tiny-gateway"
         for verb, what, allowed in (("get", "autoglmdeployments/tiny", "yes"),
