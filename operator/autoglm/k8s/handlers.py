@@ -20,6 +20,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import REGISTRY, start_http_server
 
 from autoglm.k8s.api import Api, error_reason, load_client
+from autoglm.k8s.coalesce import Coalescer
 from autoglm.k8s.reconcile import EventSink, Reconciler
 from autoglm.k8s.scaling import Autoscaler
 from autoglm.metrics import ControlMetrics
@@ -35,6 +36,7 @@ METRICS_PORT = int(os.environ.get("AUTOGLM_METRICS_PORT", "8081"))
 METRICS = ControlMetrics(REGISTRY)
 _reconciler: Reconciler | None = None
 _autoscaler: Autoscaler | None = None
+_child_changes = Coalescer()
 
 
 def reconciler() -> Reconciler:
@@ -96,12 +98,19 @@ def swapping(body: Mapping[str, Any]) -> bool:
     return bool(((body.get("status") or {}).get("swap") or {}).get("phase", "Idle") != "Idle")
 
 
+def _interval(body: Mapping[str, Any]) -> float:
+    scaling = (body.get("spec") or {}).get("autoscaling") or {}
+    return float(scaling.get("intervalSeconds", 15))
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
 async def driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
                  **_: Any) -> None:
     """The resource's clock (``body`` is kept current by kopf): steps a swap under way every
     few seconds, and the autoscaler every ``spec.autoscaling.intervalSeconds``."""
-    next_scale = 0.0
+    # The first decision one interval in (as HPA's): nothing serves yet at creation, and
+    # on an operator restart the replicas stand as they were.
+    next_scale = time.monotonic() + _interval(body)
     while not stopped:
         await asyncio.sleep(SWAP_TICK_SECONDS)
         try:
@@ -110,7 +119,7 @@ async def driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logg
             scaling = (body.get("spec") or {}).get("autoscaling")
             if scaling is not None and scaling.get("enabled", True) \
                     and time.monotonic() >= next_scale:
-                next_scale = time.monotonic() + float(scaling.get("intervalSeconds", 15))
+                next_scale = time.monotonic() + _interval(body)
                 await asyncio.to_thread(autoscaler().step, body, _events(body))
         except ApiException as e:
             logger.warning("periodic step failed, retrying: %s", error_reason(e))
@@ -123,14 +132,20 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
                   if r.get("kind") == KIND and r.get("controller")), None)
     if owner is None:
         return
-    r = reconciler()
-    parent = r.api.get(f"{GROUP}/{VERSION}", KIND, body.metadata.namespace, owner["name"])
-    if parent is None or parent["metadata"]["uid"] != owner["uid"]:
-        return
-    if swapping(parent):  # a standby becoming ready moves the swap on at once
-        r.reconcile(parent, _events(kopf.Body(cast(Any, parent))))
-    else:
-        r.refresh(parent)
+    namespace = body.metadata.namespace or ""
+
+    def step() -> None:
+        r = reconciler()
+        parent = r.api.get(f"{GROUP}/{VERSION}", KIND, namespace, owner["name"])
+        if parent is None or parent["metadata"]["uid"] != owner["uid"]:
+            return
+        if swapping(parent):  # a standby becoming ready moves the swap on at once
+            r.reconcile(parent, _events(kopf.Body(cast(Any, parent))))
+        else:
+            r.refresh(parent)
+
+    # changes of the same resource's children arriving meanwhile fold into one more step
+    _child_changes(owner["uid"], step)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
