@@ -1,9 +1,10 @@
-"""Make the cluster hold the desired objects: get, compare, create or merge-patch, prune.
+"""Make the cluster hold the desired objects: list, compare, create or merge-patch, prune.
 
-Idempotent: an object that already holds every desired field (values the API server filled
-in are ignored) is left alone, so a second pass changes nothing. Tolerant: 404 and 409 mean
-someone else got there first. Expert ``replicas`` belong to the autoscaler and are only set
-on creation.
+One list per kind (by the resource's labels) is the whole read: a pass over a converged
+resource costs six requests, not one per object. Idempotent: an object that already holds
+every desired field (values the API server filled in are ignored) is left alone, so a
+second pass changes nothing. Tolerant: 404 and 409 mean someone else got there first.
+Expert ``replicas`` belong to the autoscaler and are only set on creation.
 """
 
 from __future__ import annotations
@@ -76,12 +77,36 @@ def owned_by(live: Manifest, uid: str) -> bool:
     return any(r.get("uid") == uid for r in live["metadata"].get("ownerReferences", []))
 
 
-def converge(api: Api, uid: str, desired: list[Manifest]) -> list[Change]:
+Key = tuple[str, str]  # (kind, name)
+
+
+def observe(api: Api, instance: str, namespace: str,
+            kinds: tuple[tuple[str, str], ...] = OWNED_KINDS) -> dict[Key, Manifest]:
+    """The objects labelled as this resource's, by kind and name (a kind whose CRD is not
+    installed, e.g. PodMonitor, has none)."""
+    selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/name=autoglm"
+    out: dict[Key, Manifest] = {}
+    for api_version, kind in kinds:
+        try:
+            items = api.list(api_version, kind, namespace, selector)
+        except ApiException as e:
+            if e.status == 404:
+                continue
+            raise
+        out.update({(kind, o["metadata"]["name"]): o for o in items})
+    return out
+
+
+def converge(api: Api, uid: str, desired: list[Manifest],
+             observed: dict[Key, Manifest]) -> list[Change]:
+    """Create or patch each desired object against ``observed``. An object missing there
+    may still exist without our labels (edited, or someone else's): creation then meets a
+    409 and the object is read to tell which."""
     changes: list[Change] = []
     for m in desired:
         meta = m["metadata"]
         key = (m["apiVersion"], m["kind"], meta["namespace"], meta["name"])
-        live = api.get(*key)
+        live = observed.get((m["kind"], meta["name"]))
         if live is None:
             try:
                 api.create(m)
@@ -103,24 +128,14 @@ def converge(api: Api, uid: str, desired: list[Manifest]) -> list[Change]:
     return changes
 
 
-def prune(api: Api, instance: str, namespace: str, uid: str,
-          desired: list[Manifest], kinds: tuple[tuple[str, str], ...] = OWNED_KINDS,
-          ) -> list[Change]:
+def prune(api: Api, namespace: str, uid: str, desired: list[Manifest],
+          observed: dict[Key, Manifest]) -> list[Change]:
     """Delete objects this resource owns that are no longer desired (e.g. fewer experts)."""
     keep = {(m["kind"], m["metadata"]["name"]) for m in desired}
+    versions = {kind: v for v, kind in OWNED_KINDS}
     changes: list[Change] = []
-    for api_version, kind in kinds:
-        try:
-            live = api.list(api_version, kind, namespace,
-                            f"app.kubernetes.io/instance={instance},"
-                            "app.kubernetes.io/name=autoglm")
-        except ApiException as e:
-            if e.status == 404:  # an optional kind (PodMonitor) whose CRD is absent
-                continue
-            raise
-        for obj in live:
-            name = obj["metadata"]["name"]
-            if (kind, name) not in keep and owned_by(obj, uid) and api.delete(
-                    api_version, kind, namespace, name):
-                changes.append(Change("deleted", kind, name))
+    for (kind, name), obj in observed.items():
+        if (kind, name) not in keep and owned_by(obj, uid) and api.delete(
+                versions[kind], kind, namespace, name):
+            changes.append(Change("deleted", kind, name))
     return changes

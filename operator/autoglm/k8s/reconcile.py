@@ -19,7 +19,7 @@ from autoglm import canary, swap
 from autoglm import plan as p
 from autoglm.k8s import builders, rollout, status
 from autoglm.k8s.api import Api, error_reason
-from autoglm.k8s.converge import Change, ObjectConflict, converge, prune
+from autoglm.k8s.converge import Change, ObjectConflict, converge, observe, prune
 from autoglm.metrics import ControlMetrics
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.spec import (
@@ -115,9 +115,9 @@ class Reconciler:
             failure: ApiException | None = None
             changes: list[Change] = []
             try:
-                changes = converge(self.api, meta["uid"], desired)
-                changes += prune(self.api, meta["name"], meta["namespace"], meta["uid"],
-                                 desired)
+                observed = observe(self.api, meta["name"], meta["namespace"])
+                changes = converge(self.api, meta["uid"], desired, observed)
+                changes += prune(self.api, meta["namespace"], meta["uid"], desired, observed)
             except ObjectConflict as e:
                 error = ("ObjectConflict", str(e))
             except ApiException as e:
