@@ -80,15 +80,24 @@ def owned_by(live: Manifest, uid: str) -> bool:
 Key = tuple[str, str]  # (kind, name)
 
 
+def selector(instance: str) -> str:
+    """The label selector of every object (and pod) a resource owns."""
+    return f"app.kubernetes.io/instance={instance},app.kubernetes.io/name=autoglm"
+
+
+def named(observed: dict[Key, Manifest], kind: str) -> dict[str, Manifest]:
+    """The observed objects of one kind, by name."""
+    return {name: o for (k, name), o in observed.items() if k == kind}
+
+
 def observe(api: Api, instance: str, namespace: str,
             kinds: tuple[tuple[str, str], ...] = OWNED_KINDS) -> dict[Key, Manifest]:
     """The objects labelled as this resource's, by kind and name (a kind whose CRD is not
     installed, e.g. PodMonitor, has none)."""
-    selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/name=autoglm"
     out: dict[Key, Manifest] = {}
     for api_version, kind in kinds:
         try:
-            items = api.list(api_version, kind, namespace, selector)
+            items = api.list(api_version, kind, namespace, selector(instance))
         except ApiException as e:
             if e.status == 404:
                 continue

@@ -19,7 +19,15 @@ from autoglm import canary, swap
 from autoglm import plan as p
 from autoglm.k8s import builders, rollout, status
 from autoglm.k8s.api import Api, error_reason
-from autoglm.k8s.converge import Change, ObjectConflict, converge, observe, prune
+from autoglm.k8s.converge import (
+    Change,
+    ObjectConflict,
+    converge,
+    named,
+    observe,
+    prune,
+    selector,
+)
 from autoglm.metrics import ControlMetrics
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.spec import (
@@ -89,9 +97,11 @@ class Reconciler:
                 return parse_status(body.get("status"))
             prev = parse_status(body.get("status"))
             state = rollout.from_status(prev, spec)
+            observed = observe(self.api, meta["name"], meta["namespace"])
+            deployments = named(observed, "Deployment")
             # Pods matter only to a standby being staged (its crash check): no list otherwise.
-            deployments, pods = self.live(meta["name"], meta["namespace"],
-                                          pods=state.phase in rollout.STAGED)
+            pods = (self.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
+                    if state.phase in rollout.STAGED else [])
             state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
                                              deployments, pods, self.wall(), self.canary,
                                              self._inflight(meta, spec, state))
@@ -115,7 +125,6 @@ class Reconciler:
             failure: ApiException | None = None
             changes: list[Change] = []
             try:
-                observed = observe(self.api, meta["name"], meta["namespace"])
                 changes = converge(self.api, meta["uid"], desired, observed)
                 changes += prune(self.api, meta["namespace"], meta["uid"], desired, observed)
             except ObjectConflict as e:
@@ -127,7 +136,7 @@ class Reconciler:
             if error is not None:
                 emit("Warning", error[0], error[1])
             if changes:
-                deployments, _ = self.live(meta["name"], meta["namespace"], pods=False)
+                deployments = self.deployments(meta["name"], meta["namespace"])
             new = self._status(body, spec, topology, prev, deployments, error, state)
             if failure is not None:
                 raise failure
@@ -146,7 +155,7 @@ class Reconciler:
                 spec = parse(body["spec"], meta["name"])
             except InvalidSpec:
                 return prev
-            deployments, _ = self.live(meta["name"], meta["namespace"], pods=False)
+            deployments = self.deployments(meta["name"], meta["namespace"])
             state = rollout.from_status(prev, spec)
             topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
                                                                   prev, deployments))
@@ -186,13 +195,10 @@ class Reconciler:
         except MetricsError:
             return None
 
-    def live(self, name: str, namespace: str, pods: bool = True,
-              ) -> tuple[dict[str, Manifest], list[Manifest]]:
-        """The resource's Deployments by name, and its pods (for the swap's crash check)."""
-        selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/name=autoglm"
-        deployments = {d["metadata"]["name"]: d
-                       for d in self.api.list("apps/v1", "Deployment", namespace, selector)}
-        return deployments, (self.api.list("v1", "Pod", namespace, selector) if pods else [])
+    def deployments(self, name: str, namespace: str) -> dict[str, Manifest]:
+        """The resource's Deployments by name."""
+        return {d["metadata"]["name"]: d
+                for d in self.api.list("apps/v1", "Deployment", namespace, selector(name))}
 
     def _status(self, body: Mapping[str, Any], spec: AutoGLMSpec, topology: p.Topology,
                 prev: AutoGLMStatus, deployments: Mapping[str, Manifest],

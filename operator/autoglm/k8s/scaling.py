@@ -64,7 +64,7 @@ class Autoscaler:
             if again is None or again[1].active_slot != state.active_slot:
                 return None
             spec, state, live, st = again
-            deployments, _ = self.r.live(name, ns, pods=False)
+            deployments = self.r.deployments(name, ns)
             names = [p.workload_name(name, state.active_slot, "expert", i)
                      for i in range(spec.model.num_experts)]
             if any(n not in deployments for n in names):
