@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
@@ -101,6 +102,19 @@ def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
     assert row.split()[:8] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "Idle", "6/6"]
     reasons = {e["reason"] for e in cluster.events("tiny")}
     assert "Created" in reasons
+
+    # a pass over converged children changes none (nor says it did): a spec change that
+    # touches no object is observed only after such a pass
+    before = cluster.serving_snapshot("tiny")
+    tuned = yaml.safe_load((REPO_ROOT / "examples" / "tiny.yaml").read_text())
+    tuned["spec"]["rollout"]["drainTimeoutSeconds"] = 45
+    cluster.apply(tuned)
+    generation = cluster.resource("tiny")["metadata"]["generation"]
+    eventually(lambda: cluster.resource("tiny")["status"].get("observedGeneration")
+               == generation, "the tuned spec observed")
+    assert cluster.serving_snapshot("tiny") == before
+    assert not [e["message"] for e in cluster.events("tiny")
+                if e["reason"] in ("Updated", "Deleted")]
 
 
 INVALID_BY_API: list[tuple[str, dict[str, Any]]] = [

@@ -102,7 +102,9 @@ def observe(api: Api, instance: str, namespace: str,
             if e.status == 404:
                 continue
             raise
-        out.update({(kind, o["metadata"]["name"]): o for o in items})
+        # A list's items carry no apiVersion/kind; restored so they compare with manifests.
+        out.update({(kind, o["metadata"]["name"]): {**o, "apiVersion": api_version,
+                                                     "kind": kind} for o in items})
     return out
 
 
