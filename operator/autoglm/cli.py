@@ -57,7 +57,7 @@ def _model_build(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from autoglm.moe import PRESETS
+    from autoglm.models.tiny import PRESETS
     from autoglm.repository import build
 
     cfg = PRESETS[args.preset]

@@ -1,20 +1,28 @@
-"""``autoglm model build``: write version V of a model into a Triton model repository.
+"""The Triton model repository: ``autoglm model import`` (a Hugging Face checkpoint → version V)
+and the built-in tiny builder (``autoglm model build``, the same import of a checkpoint it
+writes itself).
 
 Layout (one Triton model per part, numeric version folders; versions coexist)::
 
     <repo>/router/config.pbtxt               the newest version's configuration
     <repo>/router/<V>/model.py               from model_repo/router/model.py
-    <repo>/router/<V>/{weights.pt, moe.json, config.json, canary.npz}
+    <repo>/router/<V>/{weights.safetensors, moe.json, config.json, canary.npz}
+    <repo>/router/<V>/hf/                    config.json, tokenizer and generation config
     <repo>/expert_<i>/config.pbtxt
-    <repo>/expert_<i>/<V>/{model.py, weights.pt, moe.json, config.json}
+    <repo>/expert_<i>/<V>/{model.py, weights.safetensors, moe.json, config.json}
 
-``config.json`` is version V's full Triton configuration with ``version_policy`` pinned to
-V: servers load it as an override, so a server serves exactly the version it was told.
-``canary.npz`` holds a canary input and the reference forward's output for it; a request to
-the router without ``INPUT_IDS`` runs that input and also returns the expected output, so
-whoever can reach a router (the operator, in a cluster) can verify a version without
-reading the repository.
-Weights are deterministic in (name, version): building again gives the same bytes.
+Each folder holds only its own tensors (the router everything but the routed experts,
+``expert_<i>`` expert *i* of every MoE layer), in the checkpoint's dtype. ``moe.json`` holds
+the normalized model config. ``config.json`` is version V's full Triton configuration with
+``version_policy`` pinned to V: servers load it as an override, so a server serves exactly the
+version it was told. ``canary.npz`` holds a canary input and the reference forward's output;
+a request to the router without ``INPUT_IDS`` runs it and also returns the expected output,
+so whoever can reach a router can verify a version without reading the repository.
+
+Import is all or nothing: the checkpoint is checked whole (config, every tensor's name and
+shape) before anything is written, every folder is written under a temporary name, and the
+version's folders are renamed into place at the end, the router's last (its ``moe.json``
+marks a version complete).
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,17 +41,28 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from autoglm.moe import MoEConfig, MoEModel, build_model
+from autoglm.models.checkpoint import Checkpoint, expected
+from autoglm.models.config import ModelConfig
+from autoglm.models.decoder import ExpertSlice, Model, RouterTier, forward, layer_prefix
+from autoglm.models.errors import CheckpointError
+from autoglm.models.tiny import TinySpec, as_dict, write_tiny_checkpoint
 from autoglm.plan import expert_model, router_model
 
 MODEL_SOURCE = Path(os.environ.get("AUTOGLM_MODEL_SOURCE",
                                    Path(__file__).resolve().parents[2] / "model_repo"))
-CANARY_SHAPE = (2, 8)
-LAYOUT = 2  # bump when the files of a version change: older builds are then rebuilt
+LAYOUT = 3  # bump when the files of a version change: older builds are then rebuilt
+WEIGHTS = "weights.safetensors"
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+CANARY_TEXT = ("The quick brown fox jumps over the lazy dog.",
+               "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
+CANARY_TOKENS = 8
 
 
-def triton_config(model: str, version: int, cfg: MoEConfig, instances: int = 1,
+def triton_config(model: str, version: int, cfg: ModelConfig, instances: int = 1,
                   ) -> dict[str, Any]:
     """A complete Triton model configuration (JSON form), pinned to ``version``."""
     common: dict[str, Any] = {
@@ -65,8 +87,9 @@ def triton_config(model: str, version: int, cfg: MoEConfig, instances: int = 1,
     return {**common, "max_batch_size": 4096,
             "dynamic_batching": {"max_queue_delay_microseconds": 200},
             "input": [{"name": "LAYER", "data_type": "TYPE_INT32", "dims": [1]},
-                      {"name": "HIDDEN", "data_type": "TYPE_FP32", "dims": [cfg.d_model]}],
-            "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32", "dims": [cfg.d_model]}]}
+                      {"name": "HIDDEN", "data_type": "TYPE_FP32", "dims": [cfg.hidden_size]}],
+            "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32",
+                        "dims": [cfg.hidden_size]}]}
 
 
 def to_pbtxt(config: dict[str, Any]) -> str:
@@ -83,54 +106,185 @@ class Built:
     repository: Path
     name: str
     version: int
-    config: MoEConfig
+    config: ModelConfig
     created: bool
 
 
-def _write_version(model_dir: Path, version: int, files: dict[str, Any], source: str,
-                   config: dict[str, Any]) -> None:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_dir))
+Progress = Callable[[int], None]  # bytes written so far, added
+
+
+@contextmanager
+def _progress(total: int, label: str, show: bool | None) -> Iterator[Progress]:
+    """A progress bar on stderr for long imports (shown on a terminal unless told)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr,
+              disable=not show if show is not None else None, leave=False) as bar:
+        yield bar.update
+
+
+def _write_folder(tmp: Path, source: str, files: Mapping[str, Any],
+                  config: dict[str, Any]) -> None:
+    tmp.mkdir(parents=True)
     shutil.copyfile(MODEL_SOURCE / source / "model.py", tmp / "model.py")
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     for name, value in files.items():
-        if name.endswith(".pt"):
-            torch.save(value, tmp / name)
-        elif name.endswith(".npz"):
+        if name.endswith(".npz"):
             np.savez(tmp / name, **value)
         else:
             (tmp / name).write_text(json.dumps(value, indent=1))
-    final = model_dir / str(version)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # a version folder appears whole or not at all
-    (model_dir / "config.pbtxt").write_text(to_pbtxt(config))
 
 
-def build(repository: Path, name: str, version: int, cfg: MoEConfig,
-          router_instances: int = 2, force: bool = False) -> Built:
-    """Write version ``version`` unless it is already there (same name and shape)."""
-    meta = {"name": name, "version": version, "config": cfg.as_dict(), "layout": LAYOUT}
-    marker = repository / router_model() / str(version) / "moe.json"
-    if not force and marker.exists() and json.loads(marker.read_text()) == meta:
-        return Built(repository, name, version, cfg, created=False)
-    model = build_model(cfg, name, version)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(version)
-        ids = torch.randint(0, cfg.vocab_size, CANARY_SHAPE, generator=gen)
-        expected = model(ids)
-    for i in range(cfg.num_experts):
-        _write_version(repository / expert_model(i), version,
-                       {"weights.pt": model.experts[i].state_dict(),
-                        "moe.json": {**meta, "expert": i}},
-                       "expert", triton_config(expert_model(i), version, cfg))
-    # the router last: its moe.json marks the version complete
-    _write_version(repository / router_model(), version,
-                   {"weights.pt": model.router.state_dict(),
-                    "canary.npz": {"input_ids": ids.numpy(), "logits": expected.numpy()},
-                    "moe.json": meta},
-                   "router", triton_config(router_model(), version, cfg, router_instances))
+def _save(tensors: dict[str, torch.Tensor], path: Path, progress: Progress) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    progress(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def canary_ids(src: Path, vocab_size: int) -> torch.Tensor:
+    """A fixed prompt pair [2, 8]: the checkpoint's tokenization of fixed text, or fixed ids."""
+    tok = src / "tokenizer.json"
+    rows: list[list[int]] = []
+    if tok.exists():
+        from tokenizers import Tokenizer
+
+        try:
+            t = Tokenizer.from_file(str(tok))
+            rows = [t.encode(s, add_special_tokens=False).ids[:CANARY_TOKENS]
+                    for s in CANARY_TEXT]
+        except Exception:  # a tokenizer we cannot read is not the weights' fault
+            rows = []
+    if len(rows) != 2 or any(len(r) < CANARY_TOKENS or max(r) >= vocab_size for r in rows):
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (2, CANARY_TOKENS), generator=gen)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+class _StreamedExperts:
+    """The experts of a version read from its expert files one layer slice at a time, so
+    the canary forward never holds every expert at once."""
+
+    def __init__(self, folders: Mapping[int, Path]) -> None:
+        self.folders = folders
+
+    def __call__(self, layer: int, sends: Mapping[int, torch.Tensor],
+                 ) -> dict[int, torch.Tensor]:
+        from autoglm.models.layers import swiglu
+
+        out = {}
+        for e, h in sends.items():
+            with safe_open(str(self.folders[e] / WEIGHTS), framework="pt") as st:
+                p = f"{layer_prefix(layer)}.mlp.experts.{e}"
+                g, u, d = (st.get_tensor(f"{p}.{m}.weight").to(torch.float32)
+                           for m in ("gate_proj", "up_proj", "down_proj"))
+            out[e] = swiglu(h, g, u, d)
+        return out
+
+
+def import_checkpoint(src: Path, repository: Path, version: int, name: str | None = None,
+                      router_instances: int = 2, force: bool = False,
+                      progress: bool | None = None) -> Built:
+    """Write version ``version`` of ``repository`` from the checkpoint at ``src``.
+
+    Raises :class:`CheckpointError` (one line) for anything wrong with the input; the
+    repository is then unchanged."""
+    ckpt = Checkpoint(src)
+    ckpt.validate()
+    cfg = ckpt.config
+    name = name or src.resolve().name
+    if not force:
+        for model in (router_model(), *(expert_model(i) for i in range(cfg.num_experts))):
+            if (repository / model / str(version)).exists():
+                raise CheckpointError(f"{repository / model / str(version)} exists: version "
+                                      f"{version} is already in the repository")
+    meta = {"name": name, "version": version, "layout": LAYOUT,
+            "architecture": cfg.architecture, "config": cfg.as_dict()}
+    repository.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".import-{version}.", dir=repository))
+    try:
+        folders = _write_version(ckpt, work, version, meta, router_instances, progress)
+        _publish(repository, work, version, folders)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return Built(repository, name, version, cfg, created=True)
+
+
+def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, Any],
+                   router_instances: int, progress: bool | None) -> dict[str, Path]:
+    cfg = ckpt.config
+    total = _size_estimate(cfg)
+    folders: dict[str, Path] = {}
+    with _progress(total, f"importing {meta['name']} v{version}", progress) as advance:
+        experts: dict[int, Path] = {}
+        for i in range(cfg.num_experts):
+            model = expert_model(i)
+            tmp = work / model
+            _write_folder(tmp, "expert", {"moe.json": {**meta, "expert": i}},
+                          triton_config(model, version, cfg))
+            _save(dict(ckpt.read(ckpt.names(i))), tmp / WEIGHTS, advance)
+            folders[model] = experts[i] = tmp
+        router_weights = dict(ckpt.read(ckpt.names(None)))
+        ids = canary_ids(ckpt.src, cfg.vocab_size)
+        with torch.no_grad():
+            router = RouterTier(cfg, {k: v.to(torch.float32) for k, v in router_weights.items()})
+            expected, _ = forward(router, ids, _StreamedExperts(experts))
+        tmp = work / router_model()
+        _write_folder(tmp, "router",
+                      {"canary.npz": {"input_ids": ids.numpy(), "logits": expected.numpy()},
+                       "moe.json": meta},
+                      triton_config(router_model(), version, cfg, router_instances))
+        _save(router_weights, tmp / WEIGHTS, advance)
+        (tmp / "hf").mkdir()
+        for f in HF_FILES:
+            if (ckpt.src / f).is_file():
+                shutil.copyfile(ckpt.src / f, tmp / "hf" / f)
+        folders[router_model()] = tmp
+    return folders
+
+
+def _size_estimate(cfg: ModelConfig) -> int:
+    """Bytes the bar expects: fp32; a bf16 checkpoint's bar finishes at half."""
+    return sum(int(np.prod(s)) * 4 for s in expected(cfg).values())
+
+
+def _publish(repository: Path, work: Path, version: int, folders: Mapping[str, Path]) -> None:
+    """Rename each model's version folder into place, the router's last; undo on failure."""
+    order = sorted(folders, key=lambda m: m == router_model())
+    placed: list[Path] = []
+    try:
+        for model in order:
+            config = json.loads((folders[model] / "config.json").read_text())
+            final = repository / model / str(version)
+            (repository / model).mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            folders[model].rename(final)
+            placed.append(final)
+            (repository / model / "config.pbtxt").write_text(to_pbtxt(config))
+    except BaseException:
+        for p in placed:
+            shutil.rmtree(p, ignore_errors=True)
+        raise
+
+
+def build(repository: Path, name: str, version: int, spec: TinySpec,
+          router_instances: int = 2, force: bool = False) -> Built:
+    """The built-in tiny model at ``version`` unless it is already there (same name and
+    shape): a checkpoint written offline, then imported like any other."""
+    marker = repository / router_model() / str(version) / "moe.json"
+    tiny = as_dict(spec)
+    if not force and marker.exists():
+        meta = json.loads(marker.read_text())
+        if meta.get("tiny") == tiny and meta.get("name") == name \
+                and meta.get("layout") == LAYOUT:
+            return Built(repository, name, version, ModelConfig.from_dict(meta["config"]),
+                         created=False)
+    with tempfile.TemporaryDirectory(prefix="autoglm-tiny-") as src:
+        write_tiny_checkpoint(Path(src), spec, name, version)
+        built = import_checkpoint(Path(src), repository, version, name, router_instances,
+                                  force=True, progress=False)
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "tiny": tiny}, indent=1))
+    return built
 
 
 def read_meta(repository: Path, version: int) -> dict[str, Any]:
@@ -147,14 +301,24 @@ def load_canary(repository: Path, version: int) -> tuple[NDArray[Any], NDArray[A
         return z["input_ids"], z["logits"]
 
 
-def load_reference(repository: Path, version: int) -> MoEModel:
+def load_weights(folder: Path, device: str = "cpu",
+                 dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """One part's tensors (``dtype`` None: the checkpoint's own, e.g. bf16 on a GPU)."""
+    with safe_open(str(folder / WEIGHTS), framework="pt", device=device) as st:
+        return {k: st.get_tensor(k) if dtype is None else st.get_tensor(k).to(dtype)
+                for k in st.keys()}  # noqa: SIM118
+
+
+def load_part_config(folder: Path) -> tuple[dict[str, Any], ModelConfig]:
+    meta = json.loads((folder / "moe.json").read_text())
+    return meta, ModelConfig.from_dict(meta["config"])
+
+
+def load_reference(repository: Path, version: int) -> Model:
     """The single-process model from the weights stored in the repository."""
-    meta = read_meta(repository, version)
-    model = MoEModel(MoEConfig(**meta["config"]))
-    model.router.load_state_dict(torch.load(
-        repository / router_model() / str(version) / "weights.pt", weights_only=True))
-    for i, stack in enumerate(model.experts):
-        stack.load_state_dict(torch.load(
-            repository / expert_model(i) / str(version) / "weights.pt", weights_only=True))
-    model.eval()
-    return model
+    folder = repository / router_model() / str(version)
+    _, cfg = load_part_config(folder)
+    router = RouterTier(cfg, load_weights(folder))
+    experts = [ExpertSlice(cfg, i, load_weights(repository / expert_model(i) / str(version)))
+               for i in range(cfg.num_experts)]
+    return Model(router, experts)

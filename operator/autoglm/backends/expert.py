@@ -1,8 +1,7 @@
-"""``expert_<i>``: expert *i* of every MoE layer, batched across requests and layers."""
+"""``expert_<i>``: routed expert *i* of every MoE layer, batched across requests and layers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +9,21 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from autoglm.moe import ExpertStack, MoEConfig
+from autoglm.backends.expect import check_expectations
+from autoglm.backends.placement import placement
+from autoglm.models.decoder import ExpertSlice
+from autoglm.repository import load_part_config, load_weights
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         d = Path(args["model_repository"]) / args["model_version"]
-        meta = json.loads((d / "moe.json").read_text())
+        meta, cfg = load_part_config(d)
+        check_expectations(cfg, int(args["model_version"]))
         self.expert = int(meta["expert"])
-        self.stack = ExpertStack(MoEConfig(**meta["config"]))
-        self.stack.load_state_dict(torch.load(d / "weights.pt", weights_only=True))
-        self.stack.eval()
+        self.device, dtype = placement(args)
+        self.slice = ExpertSlice(cfg, self.expert, load_weights(d, self.device, dtype))
+        self.dtype = next(iter(self.slice.layers.values()))[0].dtype
         torch.set_num_threads(1)  # replicas scale out; one core each
         # The family must outlive its metrics, so both are kept.
         self.family = pb_utils.MetricFamily(
@@ -37,15 +40,15 @@ class TritonPythonModel:
             layers.append(pb_utils.get_input_tensor_by_name(r, "LAYER").as_numpy()[:, 0])
             hidden.append(pb_utils.get_input_tensor_by_name(r, "HIDDEN").as_numpy())
         lay = np.concatenate(layers)
-        x = torch.from_numpy(np.concatenate(hidden))
+        x = torch.from_numpy(np.concatenate(hidden)).to(self.device, self.dtype)
         out = torch.empty_like(x)
         with torch.no_grad():
             for layer in np.unique(lay).tolist():
-                rows = torch.from_numpy(np.nonzero(lay == layer)[0])
-                out[rows] = self.stack(int(layer), x[rows])
+                rows = torch.from_numpy(np.nonzero(lay == layer)[0]).to(self.device)
+                out[rows] = self.slice(int(layer), x[rows])
         self.tokens.increment(float(x.shape[0]))
         result, start = [], 0
-        arr = out.numpy()
+        arr = out.to(torch.float32).cpu().numpy()
         for h in hidden:
             n = h.shape[0]
             result.append(pb_utils.InferenceResponse(

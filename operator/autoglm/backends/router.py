@@ -1,4 +1,5 @@
-"""``router``: embedding, per-layer top-k gates, expert fan-out over gRPC, combine, head.
+"""``router``: everything but the routed experts (embeddings, attention, norms, gates, shared
+experts, dense MLPs, head), with each MoE layer's fan-out to the expert servers over gRPC.
 
 Each selected expert gets only its tokens, every expert of a layer at once, on the replica
 with the fewest calls in flight (:mod:`autoglm.endpoints`). A failed call is retried once
@@ -9,7 +10,6 @@ replica is back. Every answer carries the model version that computed it.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -25,9 +25,12 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from autoglm.backends.expect import check_expectations
+from autoglm.backends.placement import placement
 from autoglm.endpoints import Balancer, NoReplica, Resolver
-from autoglm.moe import MoEConfig, Router, disaggregated_forward
+from autoglm.models.decoder import RouterTier, forward
 from autoglm.plan import expert_model
+from autoglm.repository import load_part_config, load_weights
 
 MAX_TOKENS_PER_CALL = 4096  # the expert models' max_batch_size
 
@@ -54,12 +57,11 @@ def _close(client: grpcclient.InferenceServerClient) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         d = Path(args["model_repository"]) / args["model_version"]
-        meta = json.loads((d / "moe.json").read_text())
         self.version = int(args["model_version"])
-        self.cfg = MoEConfig(**meta["config"])
-        self.router = Router(self.cfg)
-        self.router.load_state_dict(torch.load(d / "weights.pt", weights_only=True))
-        self.router.eval()
+        _, self.cfg = load_part_config(d)
+        check_expectations(self.cfg, self.version)  # refuses a version the spec disagrees with
+        self.device, dtype = placement(args)
+        self.router = RouterTier(self.cfg, load_weights(d, self.device, dtype))
         with np.load(d / "canary.npz") as z:
             self.canary = (z["input_ids"], z["logits"].astype(np.float32))
         # Instances scale out as processes; intra-op threads would only oversubscribe.
@@ -67,7 +69,7 @@ class TritonPythonModel:
         self.timeout = float(os.environ.get("AUTOGLM_EXPERT_TIMEOUT_SECONDS", "10"))
         self.resolver = Resolver.from_env()
         self.balancer: Balancer[grpcclient.InferenceServerClient] = Balancer(_connect, _close)
-        self.pool = ThreadPoolExecutor(max_workers=2 * self.cfg.num_experts,
+        self.pool = ThreadPoolExecutor(max_workers=min(2 * self.cfg.num_experts, 64),
                                        thread_name_prefix="fanout")
         self._metrics()
         self._refresh()
@@ -130,7 +132,7 @@ class TritonPythonModel:
     def _call(self, expert: int, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Try the replicas, least busy first, each at most once, within one timeout: a
         dead replica refuses at once, so the next one still has time."""
-        arr = np.ascontiguousarray(h.numpy(), dtype=np.float32)
+        arr = np.ascontiguousarray(h.to(torch.float32).cpu().numpy())
         deadline = time.monotonic() + self.timeout
         tried: list[str] = []
         errors: list[str] = []
@@ -154,7 +156,7 @@ class TritonPythonModel:
                 self.m["seconds"][expert].increment(time.monotonic() - t0)
             self.balancer.release(replica)
             self.m["calls"][expert].increment(1.0)
-            return torch.from_numpy(out)
+            return torch.from_numpy(out).to(h.device, h.dtype)
         if not errors:
             errors.append(f"no answer within {self.timeout:g} s")
         raise ExpertUnavailable(f"expert {expert} unavailable: " + "; ".join(errors))
@@ -173,19 +175,21 @@ class TritonPythonModel:
             canary = given is None  # the version's canary: its input, and what to expect
             ids = self.canary[0] if canary else given.as_numpy()
             try:
-                if ids.ndim != 2 or ids.shape[1] > self.cfg.max_seq:
-                    raise ValueError(f"INPUT_IDS must be [batch, seq<={self.cfg.max_seq}]")
+                limit = self.cfg.max_position_embeddings
+                if ids.ndim != 2 or ids.shape[1] > limit:
+                    raise ValueError(f"INPUT_IDS must be [batch, seq<={limit}]")
                 if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
                     raise ValueError(f"INPUT_IDS must lie in [0, {self.cfg.vocab_size})")
                 with torch.no_grad():
-                    logits, tokens = disaggregated_forward(
-                        self.router, torch.from_numpy(ids.astype(np.int64)), self._fanout)
+                    logits, tokens = forward(
+                        self.router, torch.from_numpy(ids.astype(np.int64)).to(self.device),
+                        self._fanout)
             except (ValueError, ExpertUnavailable) as err:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(err))))
                 continue
             outputs = [
-                pb_utils.Tensor("LOGITS", logits.numpy().astype(np.float32)),
+                pb_utils.Tensor("LOGITS", logits.to(torch.float32).cpu().numpy()),
                 pb_utils.Tensor("MODEL_VERSION", np.array([self.version], dtype=np.int64))]
             if canary:  # not user load: left out of the autoscaling signal
                 outputs.append(pb_utils.Tensor("CANARY_EXPECTED", self.canary[1]))

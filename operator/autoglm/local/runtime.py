@@ -34,7 +34,7 @@ from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import build, load_canary
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse

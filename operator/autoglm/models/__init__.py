@@ -1,0 +1,1 @@
+"""Model code: shared layers, one module per architecture, checkpoint import."""

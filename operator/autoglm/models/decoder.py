@@ -1,0 +1,149 @@
+"""The MoE decoder, split the way it is served: a router tier and one slice per expert.
+
+The router tier (:class:`RouterTier`) holds everything but the routed experts: embeddings,
+attention, norms, gates, shared experts, dense MLPs and the head. :class:`ExpertSlice` ``i``
+holds routed expert *i* of every MoE layer. :func:`moe_layer` is the one fan-out/combine rule:
+the in-process reference (:class:`Model`) and the Triton router both run it, with the expert
+call injected, so their outputs agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from autoglm.models import layers as L
+from autoglm.models.config import ModelConfig
+from autoglm.models.rope import Rotary
+
+# several expert calls of one layer at once: {expert: tokens [n, d]} → {expert: output [n, d]}
+ExpertFanout = Callable[[int, Mapping[int, torch.Tensor]], Mapping[int, torch.Tensor]]
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}"
+
+
+class RouterTier:
+    """Everything but the routed experts: what the ``router`` Triton model holds."""
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        self.w = dict(weights)
+        if cfg.tie_word_embeddings:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self._attention = L.mla if cfg.mla is not None else L.gqa
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w["model.embed_tokens.weight"][ids]
+
+    def attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                  cache: L.KVCache | None = None) -> torch.Tensor:
+        """Pre-norm attention block with its residual: x [B, S, d] → [B, S, d]."""
+        p = layer_prefix(layer)
+        h = L.rms_norm(x, self.w[f"{p}.input_layernorm.weight"], self.cfg.rms_norm_eps)
+        return x + self._attention(self.cfg, self.rotary, self.w, f"{p}.self_attn", layer, h,
+                                   positions, cache)
+
+    def post_norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return L.rms_norm(x, self.w[f"{layer_prefix(layer)}.post_attention_layernorm.weight"],
+                          self.cfg.rms_norm_eps)
+
+    def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = f"{layer_prefix(layer)}.mlp.gate"
+        return L.route(self.cfg.gate, self.cfg.top_k, h, self.w[f"{p}.weight"],
+                       self.w.get(f"{p}.e_score_correction_bias"))
+
+    def local_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        """What the router computes itself for a layer's MLP: the whole dense MLP, or the
+        shared experts of an MoE layer (None when it has none)."""
+        p = f"{layer_prefix(layer)}.mlp"
+        if not self.cfg.is_moe(layer):
+            return L.mlp(h, self.w, p)
+        if not self.cfg.shared_intermediate_size:
+            return None
+        if self.cfg.shared_expert_gate:
+            gate = torch.sigmoid(L.linear(h, self.w, f"{p}.shared_expert_gate"))
+            return gate * L.mlp(h, self.w, f"{p}.shared_expert")
+        return L.mlp(h, self.w, f"{p}.shared_experts")
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = L.rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
+        return L.linear(x, self.w, "lm_head")
+
+
+def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
+              ) -> tuple[torch.Tensor, dict[int, int]]:
+    """h [T, d] (post-norm tokens) → Σ_k w_k · expert_k(h) (+ shared experts), and the tokens
+    sent to each expert. Each selected expert receives only its tokens, all at once."""
+    idx, weights = router.route(layer, h)
+    sends: dict[int, torch.Tensor] = {}
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for e in torch.unique(idx).tolist():  # ascending, as transformers accumulates
+        tok, k = (idx == e).nonzero(as_tuple=True)
+        rows[e] = (tok, k)
+        sends[e] = h[tok]
+    outs = fanout(layer, sends)
+    y = torch.zeros_like(h)
+    for e, (tok, k) in rows.items():
+        y.index_add_(0, tok, (outs[e] * weights[tok, k, None]).to(y.dtype))
+    shared = router.local_mlp(layer, h)
+    return (y if shared is None else y + shared), {e: int(t.shape[0]) for e, t in sends.items()}
+
+
+def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
+            positions: torch.Tensor | None = None, cache: L.KVCache | None = None,
+            ) -> tuple[torch.Tensor, dict[int, int]]:
+    """ids [B, S] → logits [B, S, V], with experts reached through ``fanout``; also the
+    tokens routed to each expert. Without a cache, each row is a whole sequence from 0."""
+    b, s = ids.shape
+    if positions is None:
+        positions = torch.arange(s, device=ids.device).expand(b, s)
+    x = router.embed(ids)
+    tokens: dict[int, int] = {}
+    for layer in range(router.cfg.num_layers):
+        x = router.attention(layer, x, positions, cache)
+        h = router.post_norm(layer, x).reshape(b * s, -1)
+        if router.cfg.is_moe(layer):
+            out, sent = moe_layer(router, layer, h, fanout)
+            for e, n in sent.items():
+                tokens[e] = tokens.get(e, 0) + n
+        else:
+            out = router.local_mlp(layer, h)  # type: ignore[assignment]
+        x = x + out.view(b, s, -1)
+    return router.head(x), tokens
+
+
+class ExpertSlice:
+    """Routed expert *i* of every MoE layer: what one ``expert_<i>`` Triton model holds."""
+
+    def __init__(self, cfg: ModelConfig, expert: int,
+                 weights: Mapping[str, torch.Tensor]) -> None:
+        self.expert = expert
+        self.layers = {
+            layer: tuple(weights[f"{layer_prefix(layer)}.mlp.experts.{expert}.{m}.weight"]
+                         for m in ("gate_proj", "up_proj", "down_proj"))
+            for layer in cfg.moe_layers}
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.layers[layer]
+        return L.swiglu(x, gate, up, down)
+
+
+class Model:
+    """The whole model in one process: the reference the disaggregated forms must equal."""
+
+    def __init__(self, router: RouterTier, experts: list[ExpertSlice]) -> None:
+        self.router = router
+        self.experts = experts
+
+    def local_fanout(self, layer: int, sends: Mapping[int, torch.Tensor],
+                     ) -> dict[int, torch.Tensor]:
+        return {e: self.experts[e](layer, h) for e, h in sends.items()}
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        logits, _ = forward(self.router, ids, self.local_fanout)
+        return logits
