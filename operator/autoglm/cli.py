@@ -69,7 +69,8 @@ def _model_build(args: argparse.Namespace) -> int:
             doc = yaml.safe_load(f)
         spec = parse(doc.get("spec") or {}, doc.get("metadata", {}).get("name", "model"))
         cfg = dataclasses.replace(cfg, num_experts=spec.model.num_experts,
-                                  top_k=spec.model.top_k, layers=spec.model.layers)
+                                  top_k=spec.model.top_k or cfg.top_k,
+                                  layers=spec.model.layers or cfg.layers)
         name = name or spec.model.name
     overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k),
                                    ("layers", args.layers)) if v is not None}
@@ -80,6 +81,30 @@ def _model_build(args: argparse.Namespace) -> int:
         what = "built" if built.created else "already present"
         print(f"{args.repository}: {built.name} version {version} {what} "
               f"({cfg.num_experts} experts, top-{cfg.top_k}, {cfg.layers} layers)")
+    return 0
+
+
+def _model_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autoglm.models.errors import CheckpointError
+    from autoglm.repository import import_checkpoint
+
+    src, dest = Path(args.src), Path(args.dest)
+    try:
+        built = import_checkpoint(src, dest, args.version, args.name, force=args.force)
+    except CheckpointError as e:
+        print(f"autoglm model import: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a disk that fills up, a folder we may not write
+        print(f"autoglm model import: {e.strerror or e}: {e.filename or dest}", file=sys.stderr)
+        return 1
+    c = built.config
+    print(f"{dest}: {built.name} version {built.version} imported: {c.architecture}, "
+          f"{c.num_experts} routed experts (top-{c.top_k}) in {len(c.moe_layers)} of "
+          f"{c.num_layers} layers; router/ and expert_0..{c.num_experts - 1}/ written")
+    print(f"serve it: spec.model.repository: {dest.resolve()}, version: {built.version}, "
+          f"numExperts: {c.num_experts}")
     return 0
 
 
@@ -240,6 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--layers", type=int)
     mb.add_argument("--force", action="store_true", help="rebuild an existing version")
     mb.set_defaults(fn=_model_build)
+    mi = model.add_parser("import", help="import a Hugging Face checkpoint as version V of a "
+                                         "Triton repository (router/ and expert_<i>/)")
+    mi.add_argument("src", help="a local Hugging Face checkpoint directory (config.json, "
+                                "safetensors, tokenizer)")
+    mi.add_argument("dest", help="the Triton model repository (created if missing)")
+    mi.add_argument("--version", type=int, required=True, help="the version to write")
+    mi.add_argument("--name", help="model name (default: the checkpoint folder's name)")
+    mi.add_argument("--force", action="store_true", help="replace an existing version")
+    mi.set_defaults(fn=_model_import)
     ts = sub.add_parser("triton-serve",
                         help="run tritonserver serving one model at one pinned version")
     ts.add_argument("--repository", required=True)

@@ -187,6 +187,8 @@ def import_checkpoint(src: Path, repository: Path, version: int, name: str | Non
 
     Raises :class:`CheckpointError` (one line) for anything wrong with the input; the
     repository is then unchanged."""
+    if version < 1:
+        raise CheckpointError(f"version {version}: versions are positive integers")
     ckpt = Checkpoint(src)
     ckpt.validate()
     cfg = ckpt.config

@@ -247,3 +247,25 @@ def reference_model(src: Path) -> torch.nn.Module:
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
         src, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+def reference_routing(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, int]:
+    """The tokens transformers' gates send to each routed expert for ``ids`` (all layers):
+    every architecture's router module returns (logits, weights, expert indices)."""
+    import torch
+
+    counts: dict[int, int] = {}
+
+    def hook(_m: torch.nn.Module, _inp: Any, out: Any) -> None:
+        for e, n in zip(*torch.unique(out[2], return_counts=True), strict=True):
+            counts[int(e)] = counts.get(int(e), 0) + int(n)
+
+    gates = [m for m in model.modules() if re.search(r"Top[kK]Router$", type(m).__name__)]
+    handles = [g.register_forward_hook(hook) for g in gates]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
