@@ -31,7 +31,7 @@ import yaml
 from numpy.typing import NDArray
 
 from autoglm.metrics import LOCAL_NAMESPACE
-from autoglm.moe import moe_layer, route
+from autoglm.models.decoder import forward
 from autoglm.repository import load_reference
 from autoglm.testing import eventually, metric_value
 from autoglm.testing.up import UpProcess as Up
@@ -58,36 +58,35 @@ def config() -> dict[str, Any]:
 
 
 def hot_sequence(repository: Path, hot: int) -> tuple[NDArray[np.int64], list[int]]:
-    """For each position, the token id the tiny model's gates send to ``hot`` in the most
-    layers (no attention: a token's route depends only on its id and position); and the
-    routed tokens per expert of that sequence."""
+    """A sequence built token by token: at each position, of the ids the model's gates send
+    to ``hot`` in the most layers (given the prefix chosen so far: attention makes a route
+    depend on the context), the one that keeps the other experts level; and the routed
+    tokens per expert of that sequence."""
     model = load_reference(repository, 1)
     r = model.router
     v = r.cfg.vocab_size
-    ids = torch.arange(v).unsqueeze(1).repeat(1, SEQ)  # [V, S]: every id at every position
-    picks = []
-    with torch.no_grad():
-        x = r.encode(ids).reshape(v * SEQ, -1)
-        for layer in range(r.cfg.layers):
-            _, idx, _ = route(r, layer, x)
-            picks.append(idx.reshape(v, SEQ, -1))
-            x, _ = moe_layer(r, layer, x, model.local_fanout)
-    hits = sum((p == hot).any(-1).int() for p in picks)  # [V, S]
+    prefix: list[int] = []
     routed: collections.Counter[int] = collections.Counter()
-    best = []
-    for pos in range(SEQ):
-        # of the ids that hit ``hot`` most, the one that keeps the other experts level
-        top = int(hits[:, pos].max())  # type: ignore[index]
-        candidates = [t for t in range(v) if int(hits[t, pos]) == top]  # type: ignore[index]
+    for _ in range(SEQ):
+        ids = torch.tensor([[*prefix, t] for t in range(v)])  # every id after the prefix
+        picks: list[torch.Tensor] = []
 
-        def spread(t: int, pos: int = pos) -> int:
-            after = routed + collections.Counter(e for p in picks for e in p[t, pos].tolist())
+        def keep_last(layer: int, idx: torch.Tensor) -> None:
+            picks.append(idx.reshape(v, len(prefix) + 1, -1)[:, -1])  # noqa: B023
+
+        forward(r, ids, model.local_fanout, on_route=keep_last)
+        hits = sum((p == hot).any(-1).int() for p in picks)  # [V]
+        top = int(hits.max())  # type: ignore[union-attr]
+        candidates = [t for t in range(v) if int(hits[t]) == top]  # type: ignore[index]
+
+        def spread(t: int) -> int:
+            after = routed + collections.Counter(e for p in picks for e in p[t].tolist())  # noqa: B023
             return max(n for e, n in after.items() if e != hot)
 
         tok = min(candidates, key=spread)
-        routed.update(e for p in picks for e in p[tok, pos].tolist())
-        best.append(tok)
-    return (np.array([best], dtype=np.int64),
+        routed.update(e for p in picks for e in p[tok].tolist())
+        prefix.append(tok)
+    return (np.array([prefix], dtype=np.int64),
             [routed[e] for e in range(r.cfg.num_experts)])
 
 

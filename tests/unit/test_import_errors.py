@@ -30,7 +30,7 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(ARCH, tmp_path_factory.mktemp("good") / "ckpt", seed=1)
 
 
-def rewrite(src: Path, change: Callable[[dict[str, object]], None]) -> None:
+def rewrite(src: Path, change: Callable[[dict[str, object]], object]) -> None:
     tensors: dict[str, object] = dict(load_file(str(src / "model.safetensors")))
     change(tensors)
     save_file(tensors, str(src / "model.safetensors"))  # type: ignore[arg-type]

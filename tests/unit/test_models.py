@@ -36,9 +36,9 @@ def test_imported_model_equals_transformers(arch: str, tmp_path: Path) -> None:
         logits, routed = forward(ours.router, ids, ours.local_fanout)
         torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
         assert routed == reference_routing(theirs, ids), "same tokens to the same experts"
-    ids, expected = load_canary(built.repository, 1)
+    canary, expected = load_canary(built.repository, 1)
     with torch.no_grad():
-        np.testing.assert_allclose(theirs(torch.from_numpy(ids)).logits.numpy(), expected,
+        np.testing.assert_allclose(theirs(torch.from_numpy(canary)).logits.numpy(), expected,
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -52,7 +52,7 @@ def test_sharded_and_fused_checkpoints_import_to_the_same_bytes(arch: str,
                                                                tmp_path: Path) -> None:
     repos = {}
     for variant, kw in (("plain", {}), ("sharded", {"shards": 3}), ("fused", {"fused": True})):
-        src = write_checkpoint(arch, tmp_path / variant, seed=5, **kw)  # type: ignore[arg-type]
+        src = write_checkpoint(arch, tmp_path / variant, seed=5, **kw)
         repos[variant] = tree(import_checkpoint(src, tmp_path / f"repo-{variant}", 2, "m",
                                                 progress=False).repository)
     assert repos["sharded"] == repos["plain"]
@@ -67,12 +67,12 @@ def test_each_part_holds_only_its_own_tensors(tmp_path: Path) -> None:
     src = write_checkpoint("Glm4MoeForCausalLM", tmp_path / "ckpt")
     repo = import_checkpoint(src, tmp_path / "repo", 1, "m", progress=False).repository
     with safe_open(str(repo / "expert_5" / "1" / "weights.safetensors"), "pt") as st:
-        names = set(st.keys())  # noqa: SIM118
+        names = set(st.keys())
     # layer 0 is dense: expert 5 exists in layers 1..3 only
     assert names == {f"model.layers.{layer}.mlp.experts.5.{m}.weight"
                      for layer in (1, 2, 3) for m in ("gate_proj", "up_proj", "down_proj")}
     with safe_open(str(repo / "router" / "1" / "weights.safetensors"), "pt") as st:
-        router = set(st.keys())  # noqa: SIM118
+        router = set(st.keys())
     assert not any(".mlp.experts." in n for n in router)
     assert {"model.layers.1.mlp.shared_experts.gate_proj.weight",
             "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.mlp.up_proj.weight",

@@ -1,9 +1,11 @@
-"""The MoE model, its deterministic build, and the endpoint balancer (pure, no servers)."""
+"""The built-in tiny model (a real architecture), its deterministic build, and the endpoint
+balancer (pure, no servers)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,17 @@ import pytest
 import torch
 
 from autoglm.endpoints import Balancer, NoReplica, Resolver
-from autoglm.moe import PRESETS, MoEConfig, build_model, route
-from autoglm.repository import build, load_canary, load_reference, pinned_config, to_pbtxt
+from autoglm.models.decoder import forward
+from autoglm.models.tiny import PRESETS
+from autoglm.repository import (
+    build,
+    import_checkpoint,
+    load_canary,
+    load_reference,
+    pinned_config,
+    read_meta,
+    to_pbtxt,
+)
 
 
 def digest(path: Path) -> str:
@@ -27,13 +38,14 @@ def test_build_is_deterministic_and_versions_coexist(tmp_path: Path) -> None:
     build(a, "tiny-moe", 2, cfg)
     assert not build(a, "tiny-moe", 1, cfg).created, "an existing version is kept"
     for part in ("router", "expert_0", "expert_3"):
-        w1 = f"{part}/1/weights.pt"
+        w1 = f"{part}/1/weights.safetensors"
         assert digest(a / w1) == digest(b / w1), "same (name, version), same weights"
-        assert digest(a / w1) != digest(a / f"{part}/2/weights.pt")
+        assert digest(a / w1) != digest(a / f"{part}/2/weights.safetensors")
         assert (a / part / "config.pbtxt").exists()
     assert pinned_config(a, "expert_2", 1)["version_policy"] == {"specific": {"versions": [1]}}
     assert 'backend: "python"' in to_pbtxt(pinned_config(a, "router", 2))
-    assert not list(a.glob("*/.*")), "no half-written version folders"
+    assert not list(a.glob("*/.*")) and not list(a.glob(".*")), "no half-written folders"
+    assert read_meta(a, 1)["architecture"] == "Qwen3MoeForCausalLM"
 
 
 def test_reference_from_stored_weights_reproduces_the_canary(tmp_path: Path) -> None:
@@ -43,14 +55,14 @@ def test_reference_from_stored_weights_reproduces_the_canary(tmp_path: Path) -> 
     np.testing.assert_array_equal(got, expected)
 
 
-def test_gate_selects_top_k_with_renormalized_weights() -> None:
-    cfg = MoEConfig(num_experts=6, top_k=3)
-    model = build_model(cfg, "m", 1)
+def test_gate_routes_each_token_to_top_k_experts_and_sends_each_only_its_tokens(
+        tmp_path: Path) -> None:
+    cfg = replace(PRESETS["tiny"], num_experts=6, top_k=3)
+    model = load_reference(build(tmp_path, "m", 1, cfg).repository, 1)
     x = torch.randn(10, cfg.d_model)
-    _, idx, w = route(model.router, 0, x)
+    idx, w = model.router.route(0, x)
     assert idx.shape == (10, 3) and len({tuple(sorted(r)) for r in idx.tolist()}) > 1
-    torch.testing.assert_close(w.sum(-1), torch.ones(10))
-    # each expert receives exactly its tokens
+    torch.testing.assert_close(w.sum(-1), torch.ones(10))  # norm_topk_prob
     sent: dict[int, int] = {}
 
     def fanout(layer: int, sends: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -58,9 +70,21 @@ def test_gate_selects_top_k_with_renormalized_weights() -> None:
             sent[e] = sent.get(e, 0) + h.shape[0]
         return model.local_fanout(layer, sends)
 
-    from autoglm.moe import disaggregated_forward
-    disaggregated_forward(model.router, torch.randint(0, cfg.vocab_size, (2, 5)), fanout)
-    assert sum(sent.values()) == cfg.layers * 2 * 5 * cfg.top_k
+    _, routed = forward(model.router, torch.randint(0, cfg.vocab_size, (2, 5)), fanout)
+    assert routed == sent and sum(sent.values()) == cfg.layers * 2 * 5 * cfg.top_k
+
+
+def test_tiny_checkpoint_is_a_real_architecture_transformers_loads(tmp_path: Path) -> None:
+    from autoglm.models.tiny import write_tiny_checkpoint
+    from autoglm.testing.checkpoints import reference_model
+
+    src = write_tiny_checkpoint(tmp_path / "ckpt", PRESETS["tiny"], "tiny-moe", 1)
+    built = import_checkpoint(src, tmp_path / "repo", 1, "tiny-moe", progress=False)
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 9))
+    with torch.no_grad():
+        want = reference_model(src)(ids).logits
+    torch.testing.assert_close(load_reference(built.repository, 1)(ids), want,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_balancer_prefers_least_outstanding_and_skips_failed() -> None:

@@ -19,6 +19,8 @@ from autoglm.models.rope import Rotary
 
 # several expert calls of one layer at once: {expert: tokens [n, d]} → {expert: output [n, d]}
 ExpertFanout = Callable[[int, Mapping[int, torch.Tensor]], Mapping[int, torch.Tensor]]
+# sees each MoE layer's routing: (layer, expert ids [T, k])
+RouteObserver = Callable[[int, torch.Tensor], None]
 
 
 def layer_prefix(layer: int) -> str:
@@ -75,10 +77,12 @@ class RouterTier:
 
 
 def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
-              ) -> tuple[torch.Tensor, dict[int, int]]:
+              on_route: RouteObserver | None = None) -> tuple[torch.Tensor, dict[int, int]]:
     """h [T, d] (post-norm tokens) → Σ_k w_k · expert_k(h) (+ shared experts), and the tokens
     sent to each expert. Each selected expert receives only its tokens, all at once."""
     idx, weights = router.route(layer, h)
+    if on_route is not None:
+        on_route(layer, idx)
     sends: dict[int, torch.Tensor] = {}
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for e in torch.unique(idx).tolist():  # ascending, as transformers accumulates
@@ -95,7 +99,7 @@ def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFan
 
 def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
             positions: torch.Tensor | None = None, cache: L.KVCache | None = None,
-            ) -> tuple[torch.Tensor, dict[int, int]]:
+            on_route: RouteObserver | None = None) -> tuple[torch.Tensor, dict[int, int]]:
     """ids [B, S] → logits [B, S, V], with experts reached through ``fanout``; also the
     tokens routed to each expert. Without a cache, each row is a whole sequence from 0."""
     b, s = ids.shape
@@ -107,7 +111,7 @@ def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
         x = router.attention(layer, x, positions, cache)
         h = router.post_norm(layer, x).reshape(b * s, -1)
         if router.cfg.is_moe(layer):
-            out, sent = moe_layer(router, layer, h, fanout)
+            out, sent = moe_layer(router, layer, h, fanout, on_route)
             for e, n in sent.items():
                 tokens[e] = tokens.get(e, 0) + n
         else:
@@ -138,6 +142,10 @@ class Model:
     def __init__(self, router: RouterTier, experts: list[ExpertSlice]) -> None:
         self.router = router
         self.experts = experts
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.router.cfg
 
     def local_fanout(self, layer: int, sends: Mapping[int, torch.Tensor],
                      ) -> dict[int, torch.Tensor]:
