@@ -33,7 +33,7 @@ from autoglm.triton import TritonServer
 pytestmark = pytest.mark.triton
 EXPERTS = 4  # fewer than the unit tests' 8: every expert model is a stub process to start
 # the config field that counts routed experts, per architecture
-EXPERT_FIELD = {"MixtralForCausalLM": {"num_local_experts": EXPERTS},
+EXPERT_FIELD: dict[str, dict[str, Any]] = {"MixtralForCausalLM": {"num_local_experts": EXPERTS},
                 "Qwen2MoeForCausalLM": {"num_experts": EXPERTS},
                 "Qwen3MoeForCausalLM": {"num_experts": EXPERTS},
                 "Glm4MoeForCausalLM": {"n_routed_experts": EXPERTS, "n_group": 2},
@@ -112,7 +112,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
 def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, served: Served,
                                                                tmp_path: Path) -> None:
     src = write_checkpoint(arch, tmp_path / "ckpt", seed=11, **EXPERT_FIELD[arch])
-    import_checkpoint(src, served.repo, 1, "m", router_instances=1, progress=False)
+    vocab = import_checkpoint(src, served.repo, 1, "m", router_instances=1,
+                              progress=False).config.vocab_size
     theirs = reference_model(src)
     served.add_replica_set()
     router = served.start_router()
@@ -120,7 +121,7 @@ def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, serve
 
     def check_all_shapes() -> None:
         for b, s in SHAPES:
-            ids = rng.integers(0, theirs.config.vocab_size, (b, s)).astype(np.int64)
+            ids = rng.integers(0, vocab, (b, s)).astype(np.int64)
             before = routed(router)
             got = infer(router, ids)
             with torch.no_grad():
