@@ -197,7 +197,8 @@ def import_checkpoint(src: Path, repository: Path, version: int, name: str | Non
         for model in (router_model(), *(expert_model(i) for i in range(cfg.num_experts))):
             if (repository / model / str(version)).exists():
                 raise CheckpointError(f"{repository / model / str(version)} exists: version "
-                                      f"{version} is already in the repository")
+                                      f"{version} is already in the repository (--force "
+                                      "replaces it)")
     meta = {"name": name, "version": version, "layout": LAYOUT,
             "architecture": cfg.architecture, "config": cfg.as_dict()}
     repository.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,9 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def read_hf_config(src: Path) -> dict[str, Any]:
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory (expected a Hugging Face checkpoint "
+                              "folder)" if src.exists() else f"{src}: no such directory")
     path = src / "config.json"
     try:
         hf = json.loads(path.read_text())
