@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from autoglm.models.checkpoint import Checkpoint, expected
+from autoglm.models.checkpoint import Checkpoint
 from autoglm.models.config import ModelConfig
 from autoglm.models.decoder import ExpertSlice, Model, RouterTier, forward, layer_prefix
 from autoglm.models.errors import CheckpointError
@@ -214,7 +214,7 @@ def import_checkpoint(src: Path, repository: Path, version: int, name: str | Non
 def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, Any],
                    router_instances: int, progress: bool | None) -> dict[str, Path]:
     cfg = ckpt.config
-    total = _size_estimate(cfg)
+    total = ckpt.nbytes()
     folders: dict[str, Path] = {}
     with _progress(total, f"importing {meta['name']} v{version}", progress) as advance:
         experts: dict[int, Path] = {}
@@ -242,11 +242,6 @@ def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, A
                 shutil.copyfile(ckpt.src / f, tmp / "hf" / f)
         folders[router_model()] = tmp
     return folders
-
-
-def _size_estimate(cfg: ModelConfig) -> int:
-    """Bytes the bar expects: fp32; a bf16 checkpoint's bar finishes at half."""
-    return sum(int(np.prod(s)) * 4 for s in expected(cfg).values())
 
 
 def _publish(repository: Path, work: Path, version: int, folders: Mapping[str, Path]) -> None:

@@ -11,6 +11,7 @@ tensor is read one expert's slice at a time, so memory follows the slice being w
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ _FUSED = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 # Buffers some exporters save that carry no weights.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def read_hf_config(src: Path) -> dict[str, Any]:
@@ -158,6 +161,7 @@ class Checkpoint:
         self.module = module_for(self.hf)
         self.config = model_config(self.hf)
         self._where: dict[str, _Where] = {}
+        self._itemsize: dict[str, int] = {}  # bytes per element, by the name in the file
         self._index()
 
     def _files(self) -> list[Path]:
@@ -197,6 +201,7 @@ class Checkpoint:
                     if m and int(m.group(1)) >= cfg.num_layers and \
                             int(m.group(1)) < cfg.num_layers + cfg.extra_layers:
                         continue  # multi-token-prediction layers: not served
+                    self._itemsize[raw] = _ITEMSIZE.get(st.get_slice(raw).get_dtype(), 4)
                     if fused := _FUSED.match(raw):
                         self._index_fused(f, raw, fused.group(1), fused.group(2),
                                           tuple(st.get_slice(raw).get_shape()))
@@ -248,6 +253,12 @@ class Checkpoint:
             if shape != want[name]:
                 raise CheckpointError(f"{where.name}: shape {list(shape)} does not fit the "
                                       f"config (expected {list(want[name])})")
+
+    def nbytes(self) -> int:
+        """What the model's tensors weigh, from the headers (for the progress bar)."""
+        want = expected(self.config)
+        return sum(math.prod(want[n]) * self._itemsize[w.name]
+                   for n, w in self._where.items() if n in want)
 
     def names(self, expert: int | None) -> list[str]:
         """The canonical tensors of the router (None) or of one expert's slice."""
