@@ -22,7 +22,7 @@ import yaml
 
 from autoglm import dashboard
 from autoglm.metrics import LOCAL_NAMESPACE
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.repository import build
 from autoglm.testing import eventually
 from autoglm.testing.up import UpProcess as Up

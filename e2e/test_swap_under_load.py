@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.repository import build
 from autoglm.testing import eventually
 from autoglm.testing.up import UpProcess as Run
@@ -56,7 +56,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     repo = home / "models" / "tiny"
     for v in (1, 2, 3):
         build(repo, "tiny-moe", v, PRESETS["tiny"])
-    shutil.copy(repo / "expert_0" / "1" / "weights.pt", repo / "expert_0" / "3" / "weights.pt")
+    shutil.copy(repo / "expert_0" / "1" / "weights.safetensors",
+                repo / "expert_0" / "3" / "weights.safetensors")
     with Run.serving(file, home) as r:
         yield r
 

@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.procs import free_port
 from autoglm.repository import build
 

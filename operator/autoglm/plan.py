@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from autoglm.backends.expect import expectation_env
 from autoglm.spec import SLOTS, AutoGLMSpec, Slot
 
 Component = Literal["gateway", "router", "expert"]
@@ -19,6 +20,21 @@ Component = Literal["gateway", "router", "expert"]
 TRITON_HTTP_PORT = 8000
 TRITON_GRPC_PORT = 8001
 TRITON_METRICS_PORT = 8002
+# The instance_group kind a server loads its model with, instead of the stored KIND_CPU
+# (autoglm/triton.py): KIND_GPU puts the weights on the GPU Triton gives each instance.
+INSTANCE_KIND_ENV = "AUTOGLM_INSTANCE_KIND"
+
+
+def workload_env(spec: AutoGLMSpec, component: Literal["router", "expert"]) -> dict[str, str]:
+    """What every router or expert server of ``spec`` gets in its environment: the model
+    shape the spec states (the servers refuse a version that disagrees) and, for experts with
+    GPUs, GPU model instances. A pure function of ``spec.model``'s shape and
+    ``spec.experts.gpus``, so nothing else (rollout tuning, replicas) changes pod templates."""
+    m = spec.model
+    env = expectation_env(m.num_experts, m.top_k, m.layers)
+    if component == "expert" and spec.experts.gpus > 0:
+        env[INSTANCE_KIND_ENV] = "KIND_GPU"
+    return env
 
 
 def router_model() -> str:

@@ -89,9 +89,18 @@ class ModelSpec(_Object):
                             description="Triton model repository: a path in the pod "
                                         "(see volume), s3://, gs:// or as://.")
     volume: ModelVolume | None = None
-    num_experts: int = Field(ge=1, le=128, description="Experts per MoE layer.")
-    top_k: int = Field(2, ge=1, le=16, description="Experts each token is routed to.")
-    layers: int = Field(ge=1, le=256, description="MoE layers.")
+    num_experts: int = Field(
+        ge=1, le=256,
+        description="Routed experts per MoE layer: one expert Deployment each. Servers refuse "
+                    "a version with another number.")
+    top_k: int | None = Field(
+        None, ge=1, le=16,
+        description="Experts each token is routed to. Only the built-in tiny builder needs "
+                    "it; when given, servers refuse a version that disagrees.")
+    layers: int | None = Field(
+        None, ge=1, le=256,
+        description="Decoder layers (num_hidden_layers). Only the built-in tiny builder needs "
+                    "it; when given, servers refuse a version that disagrees.")
 
 
 class TritonSpec(_Object):
@@ -168,9 +177,9 @@ class GatewaySpec(_Object):
 
 class AutoGLMSpec(_Object):
     rules: ClassVar[tuple[Rule, ...]] = (
-        Rule("model.topK", "self.model.topK <= self.model.numExperts",
+        Rule("model.topK", "!has(self.model.topK) || self.model.topK <= self.model.numExperts",
              "model.topK must not exceed model.numExperts",
-             lambda s: s.model.top_k <= s.model.num_experts),
+             lambda s: s.model.top_k is None or s.model.top_k <= s.model.num_experts),
         Rule("experts.replicaBudget",
              "!has(self.experts.replicaBudget) || "
              "self.experts.replicaBudget >= self.model.numExperts * self.experts.minReplicas",

@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,16 +26,48 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from autoglm.plan import INSTANCE_KIND_ENV
 from autoglm.procs import free_port, group_rss_bytes, http_ok, spawn, terminate
 from autoglm.repository import pinned_config
 
 SHM_PREFIX = "triton_python_backend_shm_region_autoglm_"
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+TERMINATION_LOG = Path("/dev/termination-log")
 
 
 class TritonError(RuntimeError):
-    pass
+    """A server that did not start or a model that did not load. ``summary`` says why in one
+    line (e.g. ``expert_0 v2: version 2 has 3 routed experts but spec.model.numExperts is
+    4``); the message adds the server's log tail."""
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or one_line(message)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
+def load_error(body: str) -> str:
+    """Triton's answer to a failed load, in one line: the model's own error (a Python
+    backend's exception message without its class name when it is ours, e.g. a
+    CheckpointError), else Triton's message, without the Python traceback."""
+    try:
+        msg = str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        msg = body
+    msg = msg.split("\n\nAt:", 1)[0]  # the Python backend appends the traceback
+    # "load failed for model 'x': version 2 is at UNAVAILABLE state: Internal: <error>"
+    # (or "... state: Invalid argument: <error>")
+    m = re.search(r"state: [A-Za-z][A-Za-z ]*?: (.*)", msg, re.S)
+    if m:
+        msg = m.group(1)
+    msg = re.sub(r"^(CheckpointError|UnsupportedConfig): ", "", msg.strip())
+    return " ".join(msg.split()).rstrip(";").strip() or "load failed"
 
 
 def tritonserver_binary() -> Path:
@@ -160,9 +193,29 @@ class TritonServer:
         self.startup_seconds = time.monotonic() - t0
         return self
 
+    @property
+    def instance_kind(self) -> str | None:
+        """``AUTOGLM_INSTANCE_KIND`` of the server's environment (ours, then ``env``):
+        the instance_group kind models load with; None keeps the stored one."""
+        kind = {**os.environ, **self.env}.get(INSTANCE_KIND_ENV) or None
+        if kind is not None and kind not in INSTANCE_KINDS:
+            raise TritonError(f"{INSTANCE_KIND_ENV}={kind}: expected one of "
+                              f"{', '.join(INSTANCE_KINDS)}")
+        return kind
+
+    def load_config(self, model: str, version: int) -> dict[str, Any]:
+        """The configuration ``model`` loads with: version ``version``'s pinned one, its
+        instance groups of :attr:`instance_kind` when that is set."""
+        try:
+            config = pinned_config(self.repository, model, version)
+        except OSError:
+            raise TritonError(f"{model} v{version}: not in the model repository "
+                              f"{self.repository}") from None
+        return with_instance_kind(config, self.instance_kind)
+
     def load(self, model: str, version: int) -> None:
         """Load ``model`` at exactly ``version`` (its pinned configuration as override)."""
-        config = json.dumps(pinned_config(self.repository, model, version))
+        config = json.dumps(self.load_config(model, version))
         body = json.dumps({"parameters": {"config": config}}).encode()
         req = urllib.request.Request(
             f"http://{self.http_url}/v2/repository/models/{model}/load", data=body,
@@ -171,8 +224,9 @@ class TritonServer:
             with urllib.request.urlopen(req, timeout=self.load_timeout):
                 pass
         except urllib.error.HTTPError as e:
-            raise TritonError(f"loading {model} v{version}: {e.read().decode(errors='replace')}"
-                              f"\n{self.log_tail()}") from None
+            answer = e.read().decode(errors="replace")
+            raise TritonError(f"loading {model} v{version}: {answer}\n{self.log_tail()}",
+                              f"{model} v{version}: {load_error(answer)}") from None
 
     def _wait(self, path: str, deadline: float) -> None:
         url = f"http://{self.http_url}{path}"
@@ -230,9 +284,34 @@ class TritonServer:
             return ""
 
 
-def serve(repository: Path, model: str, version: int, extra_args: list[str]) -> int:
+def with_instance_kind(config: dict[str, Any], kind: str | None) -> dict[str, Any]:
+    """``config`` with every instance group of ``kind`` (None: unchanged)."""
+    if kind is None:
+        return config
+    groups = config.get("instance_group") or [{"count": 1}]
+    return {**config, "instance_group": [{**g, "kind": kind} for g in groups]}
+
+
+def write_termination_message(message: str, path: Path = TERMINATION_LOG) -> bool:
+    """Why the container ends, where Kubernetes reads it (the container's
+    ``lastState.terminated.message``): only a file the kubelet provides is written."""
+    if not (path.is_file() or path.is_char_device()) or not os.access(path, os.W_OK):
+        return False
+    try:
+        with path.open("w") as f:
+            f.write(message + "\n")
+    except OSError:
+        return False
+    return True
+
+
+def serve(repository: Path, model: str, version: int, extra_args: list[str],
+          termination_log: Path = TERMINATION_LOG) -> int:
     """A pod's main process: tritonserver on 8000/8001/8002 serving exactly ``model`` at
-    ``version``; SIGTERM unloads and stops it. Returns tritonserver's exit status."""
+    ``version``; SIGTERM unloads and stops it. Returns tritonserver's exit status. A server
+    that does not come up (the version failed to load: a spec that disagrees with it, a
+    broken checkpoint) says why in one line on stderr and in ``termination_log``, and
+    returns 1."""
     from autoglm.plan import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
     server = TritonServer(repository, {model: version}, http_port=TRITON_HTTP_PORT,
@@ -251,7 +330,15 @@ def serve(repository: Path, model: str, version: int, extra_args: list[str]) -> 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
-        server.start(timeout=float(os.environ.get("AUTOGLM_LOAD_TIMEOUT_SECONDS", "600")))
+        try:
+            server.start(timeout=float(os.environ.get("AUTOGLM_LOAD_TIMEOUT_SECONDS", "600")))
+        except TritonError as e:
+            if stopping:
+                return 0
+            print(e, file=sys.stderr, flush=True)  # the whole story, for the pod's log
+            print(f"error: {e.summary}", file=sys.stderr, flush=True)
+            write_termination_message(e.summary, termination_log)
+            return 1
         code = server.popen.wait() if server.popen is not None else 0
     finally:
         server.stop()  # the Python backend's stubs and /dev/shm regions

@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.procs import free_port
 from autoglm.prometheus import Prometheus
 from autoglm.repository import build

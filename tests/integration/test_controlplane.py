@@ -16,6 +16,7 @@ from autoglm.testing import eventually
 from autoglm.testing.controlplane import (
     BEHAVIOUR_LABEL,
     CRASH_LOOP,
+    CRASH_LOOP_MESSAGE,
     CRASH_LOOP_VERSION,
     NEVER_READY_VERSION,
     VERSION_LABEL,
@@ -374,6 +375,8 @@ def test_crash_loop_version_and_label_crash_loop(api: client.ApiClient,
             assert not c.ready
             assert c.state.waiting.reason == "CrashLoopBackOff"
             assert c.last_state.terminated.exit_code == 1
+            # as `autoglm triton-serve` leaves why its model did not load
+            assert c.last_state.terminated.message == CRASH_LOOP_MESSAGE
     # the loop goes on: restartCount grows
     before = {(p.metadata.name, c.name): c.restart_count
               for p in first for c in p.status.container_statuses}

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from autoglm import canary
 from autoglm.local.dataplane import DataPlane
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.repository import build, load_reference
 from autoglm.testing import eventually
 from autoglm.triton import TritonServer

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.procs import free_port
 from autoglm.repository import build
 from autoglm.triton import TritonServer

@@ -20,11 +20,16 @@ from typing import Any
 import pytest
 
 from autoglm.local.dataplane import DataPlane
-from autoglm.moe import PRESETS
+from autoglm.models.tiny import PRESETS
 from autoglm.repository import build
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
-from autoglm.testing.controlplane import CRASH_LOOP_VERSION, NEVER_READY_VERSION, ControlPlane
+from autoglm.testing.controlplane import (
+    CRASH_LOOP_MESSAGE,
+    CRASH_LOOP_VERSION,
+    NEVER_READY_VERSION,
+    ControlPlane,
+)
 from autoglm.testing.operator import OperatorProcess, running_operator
 
 pytestmark = [pytest.mark.k8s, pytest.mark.triton]
@@ -39,8 +44,8 @@ def routers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, str]
     repo = tmp_path_factory.mktemp("repo")
     for v in (1, 2, BAD):
         build(repo, "tiny-moe", v, MODEL)
-    shutil.copy(repo / "expert_0" / "1" / "weights.pt", repo / "expert_0" / str(BAD) /
-                "weights.pt")
+    shutil.copy(repo / "expert_0" / "1" / "weights.safetensors", repo / "expert_0" / str(BAD) /
+                "weights.safetensors")
     planes = {v: DataPlane(repo, v, tmp_path_factory.mktemp(f"plane-{v}")) for v in (2, BAD)}
     try:
         for plane in planes.values():
@@ -204,7 +209,8 @@ def test_failed_rollouts_abort_and_leave_serving_untouched(
 
     aborted(BAD, "canary mismatch")
     aborted(NEVER_READY_VERSION, "not ready within 10 s")
-    aborted(CRASH_LOOP_VERSION, "CrashLoopBackOff")
+    # the crashed container's termination message (why its model did not load) in the reason
+    aborted(CRASH_LOOP_VERSION, f"last exit code 1): {CRASH_LOOP_MESSAGE}")
 
     # a version changed mid-swap supersedes the one being staged, which is removed
     cluster.route("m-b-router", routers[2])

@@ -82,10 +82,55 @@ def test_objects_are_wired_as_designed() -> None:
 def test_gpu_experts_request_and_tolerate_gpus() -> None:
     s = spec()
     s = s.model_copy(update={"experts": s.experts.model_copy(update={"gpus": 2})})
-    w = p.plan("tiny", s, p.RoutingState()).active_plan.experts[0]
-    pod = builders.triton_pod_spec("tiny", "ns", s, w)
+    slot = p.plan("tiny", s, p.RoutingState()).active_plan
+    pod = builders.triton_pod_spec("tiny", "ns", s, slot.experts[0])
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # and load their model as GPU instances; the router (no GPUs in the spec) stays on CPU
+    assert env_of(pod)["AUTOGLM_INSTANCE_KIND"] == "KIND_GPU"
+    assert "AUTOGLM_INSTANCE_KIND" not in env_of(
+        builders.triton_pod_spec("tiny", "ns", s, slot.router))
+    cpu = spec()
+    assert "AUTOGLM_INSTANCE_KIND" not in env_of(
+        builders.triton_pod_spec("tiny", "ns", cpu, p.plan("tiny", cpu, p.RoutingState())
+                                 .active_plan.experts[0]))
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+
+
+def test_servers_get_the_model_shape_the_spec_states() -> None:
+    """Every router and expert server refuses a version that disagrees with the spec: the
+    spec's numExperts (always), topK and layers (when given) are in their environment."""
+    s = spec()
+    slot = p.plan("tiny", s, p.RoutingState()).active_plan
+    for w in slot.workloads:
+        pod = builders.triton_pod_spec("tiny", "ns", s, w)
+        env = env_of(pod)
+        assert (env["AUTOGLM_EXPECT_NUM_EXPERTS"], env["AUTOGLM_EXPECT_TOP_K"],
+                env["AUTOGLM_EXPECT_LAYERS"]) == ("4", "2", "2"), w.name
+        # why a load failed reaches the container's termination message
+        assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    doc = yaml.safe_load((ROOT / "examples/tiny.yaml").read_text())["spec"]
+    imported = parse({**doc, "model": {k: v for k, v in doc["model"].items()
+                                       if k not in ("topK", "layers")}}, "tiny")
+    env = env_of(builders.triton_pod_spec(
+        "tiny", "ns", imported, p.plan("tiny", imported, p.RoutingState()).active_plan.router))
+    assert env["AUTOGLM_EXPECT_NUM_EXPERTS"] == "4"
+    assert "AUTOGLM_EXPECT_TOP_K" not in env and "AUTOGLM_EXPECT_LAYERS" not in env
+
+
+def test_pod_templates_follow_only_the_model_shape() -> None:
+    """The expectations are a pure function of the spec's model fields: the same spec gives
+    the same templates; a changed shape changes them (the pods must be replaced)."""
+    topo = p.plan("tiny", spec(), p.RoutingState())
+    assert (builders.desired_objects("tiny", "ns", "uid", spec(), topo, False)
+            == builders.desired_objects("tiny", "ns", "uid", spec(), topo, False))
+    doc = yaml.safe_load((ROOT / "examples/tiny.yaml").read_text())["spec"]
+    other = spec(model={**doc["model"], "layers": 3})
+    assert (builders.desired_objects("tiny", "ns", "uid", spec(), topo, False)
+            != builders.desired_objects("tiny", "ns", "uid", other, topo, False))
 
 
 def test_expert_replicas_are_left_to_the_autoscaler() -> None:
@@ -158,7 +203,11 @@ def test_crd_file_is_generated_from_the_spec() -> None:
     assert on_disk == crd(), "run `make crd` after changing operator/autoglm/spec.py"
     schema = on_disk["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in schema["x-kubernetes-validations"]]
-    assert "self.model.topK <= self.model.numExperts" in rules
+    assert "!has(self.model.topK) || self.model.topK <= self.model.numExperts" in rules
+    model = schema["properties"]["model"]
+    assert model["properties"]["numExperts"]["maximum"] == 256
+    assert model["required"] == ["name", "version", "repository", "numExperts"]
+    assert "default" not in model["properties"]["topK"]
     assert schema["properties"]["experts"]["default"]["minReplicas"] == 1
 
     def keys(node: Any) -> set[str]:

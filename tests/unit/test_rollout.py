@@ -90,6 +90,51 @@ def test_a_crash_looping_standby_pod_is_a_failure() -> None:
     assert reports[0].reason == "RolloutFailed" and reports[0].warning
 
 
+REFUSED = "expert_0 v2: version 2 has 8 routed experts but spec.model.numExperts is 2"
+
+
+def crashed(container: dict[str, Any], phase: str = "Running") -> dict[str, Any]:
+    return {"metadata": {"name": "tiny-b-expert-0-x", "labels": {
+        "autoglm.io/slot": "b", "autoglm.io/model-version": "2"}},
+        "status": {"phase": phase, "containerStatuses": [{"name": "triton", **container}]}}
+
+
+def test_a_refused_version_says_why_in_the_swap_reason() -> None:
+    """`autoglm triton-serve` writes why the model did not load to the termination log; the
+    crash check puts that line into the RolloutFailed reason and the status."""
+    pod = crashed({"restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                   "lastState": {"terminated": {"exitCode": 1, "message": REFUSED + "\n"}}})
+    state = SwapState("a", 1, Phase.WARMING, 10.0, target_version=2)
+    live = {**slot_objects("a", 1), **slot_objects("b", 2, ready=False)}
+    new, reports = rollout.advance("tiny", "ns", SPEC, state, live, [pod], 20.0)
+    assert new.phase is Phase.IDLE and new.failed_version == 2
+    assert new.reason.endswith(f"CrashLoopBackOff (2 restarts, last exit code 1): {REFUSED}")
+    assert reports[0].reason == "RolloutFailed" and REFUSED in reports[0].message
+    assert "version 1 keeps serving" in reports[0].message
+    assert REFUSED in rollout.to_status(new).reason
+
+
+def test_termination_messages_become_one_line() -> None:
+    # FallbackToLogsOnError: a container that wrote none leaves its log's tail; the last
+    # line is kept, and a long one is cut
+    tail = "I1130 loading: expert_0:2\nE1130 failed to load 'expert_0'\n\n"
+    assert rollout.termination_message({"lastState": {"terminated": {"message": tail}}}) \
+        == "E1130 failed to load 'expert_0'"
+    long = rollout.termination_message({"lastState": {"terminated": {"message": "x" * 1000}}})
+    assert len(long) == 300 and long.endswith("...")
+    assert rollout.termination_message({"lastState": {"terminated": {"exitCode": 1}}}) == ""
+    # the current state first (a container that has just exited), else the last one
+    assert rollout.termination_message({"state": {"terminated": {"message": "now"}},
+                                        "lastState": {"terminated": {"message": "before"}}}) \
+        == "now"
+    # a failed pod says why too; a crash without a message reads as before
+    failed = crashed({"state": {"terminated": {"exitCode": 1, "message": REFUSED}}}, "Failed")
+    assert rollout.pod_failure([failed]) == f"pod tiny-b-expert-0-x failed: {REFUSED}"
+    plain = crashed({"restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}}})
+    assert rollout.pod_failure([plain]) == \
+        "pod tiny-b-expert-0-x: container triton CrashLoopBackOff (1 restarts)"
+
+
 def test_status_patch_removes_what_is_gone() -> None:
     old = {"slots": {"a": {"version": 1}, "b": {"version": 2}},
            "swap": {"phase": "Idle", "previous": {"slot": "b"}}, "ready": "6/6"}

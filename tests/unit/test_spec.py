@@ -25,14 +25,30 @@ def test_example_parses_with_defaults() -> None:
     assert s.autoscaling.tolerance == 0.1 and s.rollout.canary is True
     assert s.gateway.service_type == "ClusterIP"
     minimal = parse({"model": {"name": "m", "version": 1, "repository": "s3://b/m",
-                               "numExperts": 2, "layers": 1}},
+                               "numExperts": 2}},
                     "m")
     assert minimal.replica_budget == 2 * 4, "default budget: numExperts x maxReplicas"
+    # only the built-in tiny builder needs topK and layers: an imported model has its own
+    assert minimal.model.top_k is None and minimal.model.layers is None
+
+
+def test_real_model_shapes_fit() -> None:
+    """DeepSeek-V3: 256 routed experts, top-8, 61 layers (GLM-4.5: 160, top-8, 92)."""
+    big = {"name": "m", "version": 1, "repository": "/models", "numExperts": 256}
+    assert parse({"model": {**big, "topK": 8, "layers": 61}}, "ds").model.num_experts == 256
+    assert parse({"model": {**big, "numExperts": 160, "topK": 8, "layers": 92}},
+                 "glm").model.layers == 92
+    with pytest.raises(InvalidSpec) as err:
+        parse({"model": {**big, "numExperts": 257}}, "ds")
+    assert err.value.field == "spec.model.numExperts"
+    # the topK rule holds only when topK is given
+    assert parse({"model": {**big, "numExperts": 1}}, "one").model.top_k is None
 
 
 # (mutation, field the error must name)
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("topK above numExperts", {"model": {"topK": 5}}, "spec.model.topK"),
+    ("zero layers", {"model": {"layers": 0}}, "spec.model.layers"),
     ("min above max", {"experts": {"minReplicas": 4, "maxReplicas": 2, "replicaBudget": 16}},
      "spec.experts.maxReplicas"),
     ("budget below one each", {"experts": {"replicaBudget": 3}}, "spec.experts.replicaBudget"),

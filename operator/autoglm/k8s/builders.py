@@ -121,6 +121,8 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
     env = [
         {"name": "AUTOGLM_MODEL_VERSION", "value": str(w.version)},
         {"name": "AUTOGLM_SLOT", "value": w.slot},
+        # the spec's model shape (a version that disagrees fails to load) and GPU instances
+        *({"name": k, "value": v} for k, v in sorted(p.workload_env(spec, w.component).items())),
     ]
     if w.component == "router":
         endpoints = [expert_endpoint(instance, namespace, w.slot, i)
@@ -155,6 +157,9 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
             "resources": resources.as_k8s(gpus),
             "securityContext": CONTAINER_SECURITY,
             "volumeMounts": mounts,
+            # `autoglm triton-serve` writes why a load failed (one line) to
+            # /dev/termination-log; anything else that ends it: the log's tail.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
             # Ready means: this exact model version is loaded and READY in Triton.
             "readinessProbe": {
                 "httpGet": {"path": f"/v2/models/{w.triton_model}/versions/{w.version}/ready",

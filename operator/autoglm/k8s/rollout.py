@@ -114,17 +114,36 @@ def router_url(name: str, namespace: str, slot: Slot) -> str:
     return f"http://{service}.{namespace}.svc:{p.TRITON_HTTP_PORT}"
 
 
+def termination_message(container_status: Manifest, limit: int = 300) -> str:
+    """Why the container last ended, in one line: its termination message (what
+    ``autoglm triton-serve`` wrote, e.g. "expert_0 v2: version 2 has 8 routed experts but
+    spec.model.numExperts is 4"; or, with FallbackToLogsOnError, its log's tail, whose last
+    line is kept)."""
+    for state in ("state", "lastState"):
+        terminated = (container_status.get(state) or {}).get("terminated") or {}
+        lines = [x.strip() for x in str(terminated.get("message") or "").splitlines()
+                 if x.strip()]
+        if lines:
+            line = lines[-1]
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return ""
+
+
 def pod_failure(pods: list[Manifest]) -> str | None:
     for pod in pods:
+        statuses = pod.get("status", {}).get("containerStatuses", [])
         if pod.get("status", {}).get("phase") == "Failed":
-            return f"pod {pod['metadata']['name']} failed"
-        for c in pod.get("status", {}).get("containerStatuses", []):
+            why = next((m for c in statuses if (m := termination_message(c))), "")
+            return f"pod {pod['metadata']['name']} failed" + (f": {why}" if why else "")
+        for c in statuses:
             waiting = c.get("state", {}).get("waiting") or {}
             if waiting.get("reason") in STUCK:
                 last = (c.get("lastState", {}).get("terminated") or {}).get("exitCode")
                 exit_ = f", last exit code {last}" if last is not None else ""
+                why = termination_message(c)
                 return (f"pod {pod['metadata']['name']}: container {c.get('name')} "
-                        f"{waiting['reason']} ({c.get('restartCount', 0)} restarts{exit_})")
+                        f"{waiting['reason']} ({c.get('restartCount', 0)} restarts{exit_})"
+                        + (f": {why}" if why else ""))
     return None
 
 

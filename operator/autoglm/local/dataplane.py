@@ -24,6 +24,10 @@ class DataPlane:
     workdir: Path
     resolve_seconds: float = 0.5
     expert_timeout_seconds: float = 5.0
+    # More environment of the servers (autoglm.plan.workload_env: what the spec says the
+    # version must be, and the instance kind), as the pods get it on Kubernetes.
+    router_env: dict[str, str] = field(default_factory=dict)
+    expert_env: dict[str, str] = field(default_factory=dict)
     router: TritonServer | None = field(default=None, init=False)
     closed: bool = field(default=False, init=False)  # stopped: starts nothing more
     experts: dict[int, list[TritonServer]] = field(default_factory=dict, init=False)
@@ -47,6 +51,7 @@ class DataPlane:
     def add_replica(self, expert: int, grpc_port: int = 0) -> TritonServer:
         n = len(self.experts.get(expert, []))
         server = TritonServer(self.repository, {expert_model(expert): self.version},
+                              env=dict(self.expert_env),
                               log_path=self.workdir / f"expert-{expert}-{n}.log",
                               grpc_port=grpc_port)
         server.start()
@@ -58,13 +63,14 @@ class DataPlane:
         return server
 
     def start(self, replicas: int | Sequence[int] = 1) -> DataPlane:
-        """Expert servers (``replicas`` each, or per expert), then the router."""
+        """Expert servers (``replicas`` each, or per expert: an expert the counts do not
+        cover gets one), then the router."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         counts = ([replicas] * self.num_experts if isinstance(replicas, int)
                   else list(replicas))
         try:
             for e in range(self.num_experts):
-                for _ in range(counts[e]):
+                for _ in range(counts[e] if e < len(counts) else 1):
                     self.add_replica(e)
             self.start_router()
         except BaseException:
@@ -75,7 +81,8 @@ class DataPlane:
     def start_router(self) -> TritonServer:
         self.router = TritonServer(
             self.repository, {router_model(): self.version},
-            env={"AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
+            env={**self.router_env,
+                 "AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
                  "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),
                  "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
             log_path=self.workdir / "router.log")

@@ -36,8 +36,9 @@ from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
 from autoglm.prometheus import MetricsError, Prometheus
-from autoglm.repository import build, load_canary
+from autoglm.repository import build, load_canary, read_meta
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse
+from autoglm.triton import TritonError
 
 Say = Callable[[str], None]
 SCRAPE_SECONDS = 1.0  # our Prometheus' scrape interval
@@ -117,6 +118,7 @@ class LocalRuntime:
 
     @property
     def repository(self) -> Path:
+        """Where the built-in tiny model is built (a version spec.model.repository lacks)."""
         return self.home / "models" / self.name
 
     @property
@@ -138,24 +140,43 @@ class LocalRuntime:
         self.spec = spec
         try:
             self._start(spec)
-        except BaseException:
+        except BaseException as e:
             self.stop()
+            if isinstance(e, TritonError):  # e.g. a version the spec disagrees with
+                raise LocalError(f"{self.path}: {e.summary} (server logs in {self.workdir})"
+                                 ) from None
             raise
 
-    def _build(self, version: int) -> None:
+    def _model(self, version: int) -> Path:
+        """The repository serving ``version``: spec.model.repository as it is when it is a
+        directory here that holds the version (an imported model), else ours with the
+        built-in tiny model built in it, in the spec's shape (the tiny defaults for what the
+        spec leaves out)."""
         assert self.spec is not None
         m = self.spec.model
-        cfg = dataclasses.replace(PRESETS["tiny"], num_experts=m.num_experts, top_k=m.top_k,
-                                  layers=m.layers)
+        given = Path(m.repository)
+        marker = given / p.router_model() / str(version) / "moe.json"
+        if given.is_absolute() and marker.is_file():
+            meta = read_meta(given, version)
+            cfg = meta.get("config", {})
+            self.say(f"model {meta.get('name', m.name)} v{version}: "
+                     f"{meta.get('architecture', '?')}, {cfg.get('num_experts', '?')} routed "
+                     f"experts, served from {given}")
+            return given
+        tiny = PRESETS["tiny"]
+        top_k = m.top_k or min(tiny.top_k, m.num_experts)
+        cfg = dataclasses.replace(tiny, num_experts=m.num_experts, top_k=top_k,
+                                  layers=m.layers or tiny.layers)
         built = build(self.repository, m.name, version, cfg)
         self.say(f"model {m.name} v{version}: "
                  f"{'built' if built.created else 'found'} in {self.repository}")
+        return self.repository
 
     def _start(self, spec: AutoGLMSpec) -> None:
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         slot = p.plan(self.name, spec, p.RoutingState()).active_plan
-        self._build(slot.version)
+        repository = self._model(slot.version)
         self.prometheus = PrometheusServer(self.workdir, self.prometheus_port,
                                            f"{SCRAPE_SECONDS:g}s").start()
         self.say(f"prometheus on {self.prometheus.url}")
@@ -163,7 +184,7 @@ class LocalRuntime:
         # own; until the slot is up it answers 503 "no active slot".
         self.gateway = GatewayServer(self.routing, self.gateway_port,
                                      grpc_port=self.grpc_port).start()
-        plane = self._plane(slot.slot, slot.version)
+        plane = self._plane(slot.slot, slot.version, repository)
         for w in slot.experts:
             assert w.expert is not None
             for r in range(w.replicas):
@@ -185,8 +206,13 @@ class LocalRuntime:
                  f"and gRPC 127.0.0.1:{self.grpc_port} "
                  f"in {time.monotonic() - t0:.1f} s")
 
-    def _plane(self, slot: Slot, version: int) -> DataPlane:
-        plane = DataPlane(self.repository, version, self.workdir / f"slot-{slot}")
+    def _plane(self, slot: Slot, version: int, repository: Path) -> DataPlane:
+        """The slot's servers, with the environment the spec gives them (as the pods get
+        it): they refuse a version whose shape disagrees with the spec."""
+        assert self.spec is not None
+        plane = DataPlane(repository, version, self.workdir / f"slot-{slot}",
+                          router_env=p.workload_env(self.spec, "router"),
+                          expert_env=p.workload_env(self.spec, "expert"))
         plane.workdir.mkdir(parents=True, exist_ok=True)
         self.slots[slot] = plane
         return plane
@@ -268,8 +294,9 @@ class LocalRuntime:
         created = self._jobs.get(f"create:{standby}")
         ready, failure = False, None
         if created is not None and created.done():
-            if created.exception() is not None:
-                failure = str(created.exception())
+            error = created.exception()
+            if error is not None:  # one line: a server's log tail is in its log file
+                failure = error.summary if isinstance(error, TritonError) else str(error)
             else:
                 ready = True
                 failure = self.slots[standby].failure() if standby in self.slots else None
@@ -330,13 +357,12 @@ class LocalRuntime:
 
     def _create(self, slot: Slot, version: int, counts: list[int]) -> None:
         t0 = time.monotonic()
-        self._build(version)
-        self._plane(slot, version).start(counts)
+        self._plane(slot, version, self._model(version)).start(counts)
         self.say(f"slot {slot}: version {version} ready in {time.monotonic() - t0:.1f} s")
 
     def _canary(self, slot: Slot, version: int) -> tuple[bool, str]:
         """The canary input through the slot's router must give the expected output."""
-        ids, expected = load_canary(self.repository, version)
+        ids, expected = load_canary(self.slots[slot].repository, version)
         router = self.slots[slot].router
         assert router is not None
         with httpclient.InferenceServerClient(router.http_url) as c:
@@ -486,6 +512,7 @@ class LocalRuntime:
             "active": {"slot": st.active_slot, "version": st.active_version},
             "slots": {slot: {
                 "version": plane.version,
+                "repository": str(plane.repository),
                 "role": ("active" if slot == st.active_slot else
                          "warm" if st.previous and st.previous.slot == slot else "standby"),
                 "router": plane.router.http_url if plane.router else None,

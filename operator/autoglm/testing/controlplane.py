@@ -51,6 +51,9 @@ VERSION_LABEL = "autoglm.io/model-version"
 NEVER_READY_VERSION = 13
 CRASH_LOOP_VERSION = 14
 CRASH_LOOP_RESTART_MS = 2000
+# The crash-looping containers' last termination message, as `autoglm triton-serve` writes
+# one when its model does not load (what the operator puts in a failed swap's reason).
+CRASH_LOOP_MESSAGE = "kwok crash-loop: the server exited with status 1"
 
 
 class ControlPlaneError(RuntimeError):
@@ -502,10 +505,11 @@ containerStatuses:
     terminated:
       exitCode: 1
       reason: Error
+      message: MESSAGE
       startedAt: {{ $now | Quote }}
       finishedAt: {{ $now | Quote }}
 {{ end }}
-"""  # noqa: E501
+""".replace("MESSAGE", json.dumps(CRASH_LOOP_MESSAGE))  # noqa: E501
 
 _PREAMBLE = "{{ $now := Now }}\n{{ $root := . }}\n"
 
