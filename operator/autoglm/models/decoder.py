@@ -120,6 +120,38 @@ def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
     return router.head(x), tokens
 
 
+def forward_rows(router: RouterTier, ids: torch.Tensor, positions: torch.Tensor,
+                 valid: torch.Tensor, select: torch.Tensor, fanout: ExpertFanout,
+                 cache: L.KVCache, on_route: RouteObserver | None = None,
+                 ) -> tuple[torch.Tensor, dict[int, int]]:
+    """The generation engine's step: rows of tokens ids [R, S] whose ``valid`` [R, S] marks
+    real tokens; the rest pad the rows to one shape. Padding goes through attention only
+    (rows must be rectangular there; the cache must not store it, and its positions must let
+    it see a key so it stays finite); it never reaches a gate, an expert or an MLP. Returns
+    the logits of the flat token indices ``select`` [n] (the tokens to sample from) and the
+    tokens routed to each expert."""
+    r, s = ids.shape
+    keep = valid.reshape(-1).nonzero().squeeze(1)
+    dense = keep.numel() == r * s  # no padding (e.g. decode only): skip the gathers
+    x = router.embed(ids)
+    tokens: dict[int, int] = {}
+    for layer in range(router.cfg.num_layers):
+        x = router.attention(layer, x, positions, cache)
+        flat = x.view(r * s, -1)
+        h = router.post_norm(layer, flat if dense else flat.index_select(0, keep))
+        if router.cfg.is_moe(layer):
+            out, sent = moe_layer(router, layer, h, fanout, on_route)
+            for e, n in sent.items():
+                tokens[e] = tokens.get(e, 0) + n
+        else:
+            out = router.local_mlp(layer, h)  # type: ignore[assignment]
+        if dense:
+            flat += out.to(flat.dtype)  # x is attention's fresh output: update it in place
+        else:
+            flat.index_add_(0, keep, out.to(flat.dtype))
+    return router.head(x.view(r * s, -1).index_select(0, select)), tokens
+
+
 class ExpertSlice:
     """Routed expert *i* of every MoE layer: what one ``expert_<i>`` Triton model holds."""
 

@@ -89,9 +89,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     allowed = (kp >= 0) & (kp <= qp)
     if window is not None:
         allowed &= qp - kp < window
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if k.shape[1] != q.shape[1]:
+        # Grouped-query attention: each kv head serves a group of query heads. Fold the group
+        # into the query rows rather than repeating k/v per head: the same products, without
+        # copying the whole cache once per group member at every step.
+        b, h, s, d = q.shape
+        rep = h // k.shape[1]
+        allowed = allowed.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(b, 1, rep * s, -1)
+        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], rep * s, d), k, v,
+                                             attn_mask=allowed, scale=scale)
+        return out.reshape(b, h, s, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
