@@ -41,6 +41,11 @@ def router_model() -> str:
     return "router"
 
 
+def generate_model() -> str:
+    """Text generation, beside ``router`` in every router server."""
+    return "generate"
+
+
 def expert_model(i: int) -> str:
     return f"expert_{i}"
 

@@ -8,6 +8,8 @@ Layout (one Triton model per part, numeric version folders; versions coexist)::
     <repo>/router/<V>/model.py               from model_repo/router/model.py
     <repo>/router/<V>/{weights.safetensors, moe.json, config.json, canary.npz}
     <repo>/router/<V>/hf/                    config.json, tokenizer and generation config
+    <repo>/generate/<V>/{model.py, moe.json, config.json}   text generation (decoupled),
+                                             on the router's weights and tokenizer
     <repo>/expert_<i>/config.pbtxt
     <repo>/expert_<i>/<V>/{model.py, weights.safetensors, moe.json, config.json}
 
@@ -49,7 +51,7 @@ from autoglm.models.config import ModelConfig
 from autoglm.models.decoder import ExpertSlice, Model, RouterTier, forward, layer_prefix
 from autoglm.models.errors import CheckpointError
 from autoglm.models.tiny import TinySpec, as_dict, write_tiny_checkpoint
-from autoglm.plan import expert_model, router_model
+from autoglm.plan import expert_model, generate_model, router_model
 
 MODEL_SOURCE = Path(os.environ.get("AUTOGLM_MODEL_SOURCE",
                                    Path(__file__).resolve().parents[2] / "model_repo"))
@@ -83,6 +85,25 @@ def triton_config(model: str, version: int, cfg: ModelConfig, instances: int = 1
                     {"name": "CANARY_EXPECTED", "data_type": "TYPE_FP32",
                      "dims": [-1, -1, cfg.vocab_size]},
                 ]}
+    if model == generate_model():
+        def io(name: str, dtype: str, dims: list[int], optional: bool = False,
+               ) -> dict[str, Any]:
+            return {"name": name, "data_type": dtype, "dims": dims,
+                    **({"optional": True} if optional else {})}
+
+        # decoupled: any number of responses per request, sent as tokens are made
+        return {**common, "max_batch_size": 0,
+                "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+                "model_transaction_policy": {"decoupled": True},
+                "input": [io("text_input", "TYPE_STRING", [1], True),
+                          io("messages", "TYPE_STRING", [1], True),
+                          io("input_ids", "TYPE_INT64", [-1], True)],
+                "output": [io("text_output", "TYPE_STRING", [1]),
+                           io("output_ids", "TYPE_INT64", [-1]),
+                           io("finish_reason", "TYPE_STRING", [1]),
+                           io("prompt_tokens", "TYPE_INT32", [1]),
+                           io("completion_tokens", "TYPE_INT32", [1]),
+                           io("model_version", "TYPE_INT64", [1])]}
     # Experts batch across requests: every token is one batch item.
     return {**common, "max_batch_size": 4096,
             "dynamic_batching": {"max_queue_delay_microseconds": 200},
@@ -194,7 +215,8 @@ def import_checkpoint(src: Path, repository: Path, version: int, name: str | Non
     cfg = ckpt.config
     name = name or src.resolve().name
     if not force:
-        for model in (router_model(), *(expert_model(i) for i in range(cfg.num_experts))):
+        for model in (router_model(), generate_model(),
+                      *(expert_model(i) for i in range(cfg.num_experts))):
             if (repository / model / str(version)).exists():
                 raise CheckpointError(f"{repository / model / str(version)} exists: version "
                                       f"{version} is already in the repository (--force "
@@ -241,6 +263,10 @@ def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, A
             if (ckpt.src / f).is_file():
                 shutil.copyfile(ckpt.src / f, tmp / "hf" / f)
         folders[router_model()] = tmp
+        tmp = work / generate_model()  # its weights and tokenizer are the router's
+        _write_folder(tmp, "generate", {"moe.json": meta},
+                      triton_config(generate_model(), version, cfg))
+        folders[generate_model()] = tmp
     return folders
 
 
@@ -283,6 +309,16 @@ def build(repository: Path, name: str, version: int, spec: TinySpec,
     meta = json.loads(marker.read_text())
     marker.write_text(json.dumps({**meta, "tiny": tiny}, indent=1))
     return built
+
+
+def router_server_models(repository: Path, version: int) -> dict[str, int]:
+    """What a router server loads: ``router``, and ``generate`` where the version has it
+    and a tokenizer to go with it (a checkpoint without one serves logits only)."""
+    models = {router_model(): version}
+    if (repository / generate_model() / str(version)).is_dir() and \
+            (repository / router_model() / str(version) / "hf" / "tokenizer.json").is_file():
+        models[generate_model()] = version
+    return models
 
 
 def read_meta(repository: Path, version: int) -> dict[str, Any]:

@@ -312,9 +312,12 @@ def serve(repository: Path, model: str, version: int, extra_args: list[str],
     that does not come up (the version failed to load: a spec that disagrees with it, a
     broken checkpoint) says why in one line on stderr and in ``termination_log``, and
     returns 1."""
-    from autoglm.plan import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
+    from autoglm.plan import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT, router_model
+    from autoglm.repository import router_server_models
 
-    server = TritonServer(repository, {model: version}, http_port=TRITON_HTTP_PORT,
+    models = router_server_models(repository, version) if model == router_model() \
+        else {model: version}
+    server = TritonServer(repository, models, http_port=TRITON_HTTP_PORT,
                           grpc_port=TRITON_GRPC_PORT, metrics_port=TRITON_METRICS_PORT,
                           extra_args=extra_args, log_path=None)
     stopping = False

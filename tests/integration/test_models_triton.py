@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 
 from autoglm import canary
 from autoglm.plan import expert_model, router_model
-from autoglm.repository import import_checkpoint
+from autoglm.repository import import_checkpoint, router_server_models
 from autoglm.testing import eventually
 from autoglm.testing.checkpoints import (
     ARCHITECTURES,
@@ -87,7 +87,7 @@ class Served:
 
     def start_router(self) -> TritonServer:
         self.router = TritonServer(
-            self.repo, {router_model(): 1},
+            self.repo, router_server_models(self.repo, 1),
             env={"AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints),
                  "AUTOGLM_RESOLVE_SECONDS": "0.3"},
             log_path=self.workdir / "router.log")
@@ -114,7 +114,7 @@ def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, serve
     src = write_checkpoint(arch, tmp_path / "ckpt", seed=11, **EXPERT_FIELD[arch])
     vocab = import_checkpoint(src, served.repo, 1, "m", router_instances=1,
                               progress=False).config.vocab_size
-    theirs = reference_model(src)
+    theirs: Any = reference_model(src)  # a transformers model: generate() is untyped
     served.add_replica_set()
     router = served.start_router()
     rng = np.random.default_rng(0)
@@ -142,3 +142,42 @@ def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, serve
     served_by_second = sum(metric(second.metrics_url, "autoglm_expert_served_tokens_total", e)
                            for e in range(EXPERTS))
     assert served_by_second > 0, "the second replica set got no traffic"
+
+    # generation: the decoupled ``generate`` model streams transformers' greedy tokens,
+    # for two prompts of different lengths generating at once on one gRPC stream
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 9)]
+    got = generate_stream(router, prompts, max_tokens=24)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        x = torch.tensor([prompt])
+        want = theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24,
+                               do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+        assert tokens == want
+
+
+def generate_stream(router: TritonServer, prompts: list[list[int]],
+                    max_tokens: int) -> list[list[int]]:
+    """Greedy generations over one Triton gRPC stream (stock tritonclient), token ids."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    with grpcclient.InferenceServerClient(router.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i, prompt in enumerate(prompts):
+            ids = grpcclient.InferInput("input_ids", [len(prompt)], "INT64")
+            ids.set_data_from_numpy(np.array(prompt, dtype=np.int64))
+            client.async_stream_infer(
+                "generate", [ids], request_id=str(i),
+                parameters={"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True})
+        done = 0
+        while done < len(prompts):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            rid = result.get_response().id
+            tokens[rid] += result.as_numpy("output_ids").tolist()
+            assert int(result.as_numpy("model_version")[0]) == 1
+            done += result.as_numpy("finish_reason")[0] != b""
+        client.stop_stream()
+    return [tokens[str(i)] for i in range(len(prompts))]

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoglm.plan import expert_model, router_model
-from autoglm.repository import read_meta
+from autoglm.plan import expert_model
+from autoglm.repository import read_meta, router_server_models
 from autoglm.triton import TritonServer
 
 
@@ -80,7 +80,7 @@ class DataPlane:
 
     def start_router(self) -> TritonServer:
         self.router = TritonServer(
-            self.repository, {router_model(): self.version},
+            self.repository, router_server_models(self.repository, self.version),
             env={**self.router_env,
                  "AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
                  "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),

@@ -1,0 +1,202 @@
+"""``generate``: text generation in the router tier, a thin decoupled Triton model over
+:class:`autoglm.engine.service.TextEngine`.
+
+It lives beside ``router`` in every router server and loads the same version's router slice
+and tokenizer (``router/<V>/``). ``execute`` only queues requests; one engine thread runs the
+continuous-batching loop and streams each request's tokens out through its response sender
+as they are made. A cancelled request (a gRPC client that went away) is aborted at the next
+step, freeing its KV cache.
+
+Inputs (exactly one): ``text_input`` BYTES [1] (a prompt), ``messages`` BYTES [1] (chat
+messages as JSON, rendered with the checkpoint's chat template), ``input_ids`` INT64 [-1].
+Request parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``
+(a string or a JSON list), ``ignore_eos``. Each response: ``text_output`` (new text),
+``output_ids`` (new token ids), ``finish_reason`` ("" until the last: "stop" or "length"),
+``prompt_tokens``, ``completion_tokens``, ``model_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from autoglm.backends.expect import check_expectations
+from autoglm.backends.fanout import ExpertFanout
+from autoglm.backends.placement import placement
+from autoglm.engine.errors import RequestError
+from autoglm.engine.scheduler import Engine, StepError
+from autoglm.engine.service import Chunk, TextEngine
+from autoglm.engine.text import Tokenizer
+from autoglm.models.decoder import RouterTier
+from autoglm.plan import router_model
+from autoglm.repository import load_part_config, load_weights
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.version = int(args["model_version"])
+        d = Path(args["model_repository"]).parent / router_model() / args["model_version"]
+        _, cfg = load_part_config(d)
+        check_expectations(cfg, self.version)
+        device, dtype = placement(args)
+        torch.set_num_threads(_env_int("AUTOGLM_TORCH_THREADS", 1))
+        self.fanout = ExpertFanout(cfg.num_experts)
+        engine = Engine(RouterTier(cfg, load_weights(d, device, dtype)), self.fanout,
+                        kv_capacity_tokens=_env_int("AUTOGLM_KV_CAPACITY_TOKENS", 16384),
+                        max_batch_tokens=_env_int("AUTOGLM_MAX_BATCH_TOKENS", 256),
+                        prefill_chunk=_env_int("AUTOGLM_PREFILL_CHUNK", 128),
+                        on_route=self._routed)
+        self._metrics()
+        self.text = TextEngine(engine, Tokenizer.from_dir(d / "hf"))
+        self.requests: dict[int, Any] = {}  # engine id → Triton request (for its sender)
+        self.senders: dict[int, Any] = {}
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def _metrics(self) -> None:
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=doc, kind=kind)
+            for name, doc, kind in (
+                ("autoglm_generate_running", "Sequences generating", gauge),
+                ("autoglm_generate_waiting", "Sequences waiting for KV cache", gauge),
+                ("autoglm_kv_cache_used_tokens", "KV cache reserved, in tokens", gauge),
+                ("autoglm_kv_cache_capacity_tokens", "KV cache capacity, in tokens", gauge),
+                ("autoglm_generated_tokens_total", "Tokens generated", counter))}
+        labels = {"version": str(self.version)}
+        self.m = {name: fam.Metric(labels=labels) for name, fam in self._families.items()}
+        self._generated = 0
+
+    def _observe(self) -> None:
+        stats = self.text.engine.stats()
+        self.m["autoglm_generate_running"].set(float(stats.running))
+        self.m["autoglm_generate_waiting"].set(float(stats.waiting))
+        self.m["autoglm_kv_cache_used_tokens"].set(float(stats.kv_used_tokens))
+        self.m["autoglm_kv_cache_capacity_tokens"].set(float(stats.kv_capacity_tokens))
+        self.m["autoglm_generated_tokens_total"].increment(
+            float(stats.generated_tokens - self._generated))
+        self._generated = stats.generated_tokens
+
+    def _routed(self, layer: int, idx: torch.Tensor) -> None:
+        """Prefill and decode tokens alike feed the autoscaling signal."""
+        experts, counts = torch.unique(idx, return_counts=True)
+        self.fanout.count_routed(dict(zip(experts.tolist(), counts.tolist(), strict=True)))
+
+    # -- requests in -------------------------------------------------------------------
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            # queued and registered under one lock: the engine thread must not make this
+            # request's first tokens before it knows where to send them
+            with self.work:
+                try:
+                    rid = self._submit(request)
+                except (RequestError, ValueError) as e:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        str(e), pb_utils.TritonError.INVALID_ARG)),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
+                self.requests[rid] = request
+                self.senders[rid] = sender
+                self._observe()
+                self.work.notify()
+        return None
+
+    def _submit(self, request: Any) -> int:
+        def text(name: str) -> str | None:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is None:
+                return None
+            v = t.as_numpy().reshape(-1)
+            if v.size != 1:
+                raise RequestError(f"{name} must hold one string")
+            raw = v[0]
+            return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        messages = text("messages")
+        try:
+            parsed = json.loads(messages) if messages is not None else None
+            params = json.loads(request.parameters() or "{}")
+        except ValueError as e:
+            raise RequestError(f"not JSON: {e}") from None
+        return self.text.submit(
+            params, text=text("text_input"), messages=parsed,
+            ids=ids.as_numpy().reshape(-1).tolist() if ids is not None else None)
+
+    # -- the engine loop ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.work:
+                self._observe()
+                while not self.stopping and not self.text.engine.has_work():
+                    self.work.wait()
+                if self.stopping:
+                    return
+                for rid in [r for r, req in self.requests.items() if req.is_cancelled()]:
+                    self.text.abort(rid)
+                    self._close(rid)
+                try:
+                    chunks = self.text.step()
+                except StepError as e:  # an expert down: the step's requests end with it
+                    for rid in e.ids:
+                        self._fail(rid, str(e.__cause__ or e))
+                    continue
+                for c in chunks:
+                    self._send(c)
+
+    def _send(self, c: Chunk) -> None:
+        sender = self.senders.get(c.id)
+        if sender is None:
+            return
+        out = [pb_utils.Tensor("text_output", np.array([c.text.encode()], dtype=np.object_)),
+               pb_utils.Tensor("output_ids", np.array(c.token_ids, dtype=np.int64)),
+               pb_utils.Tensor("finish_reason",
+                               np.array([(c.finish_reason or "").encode()], dtype=np.object_)),
+               pb_utils.Tensor("prompt_tokens", np.array([c.prompt_tokens], dtype=np.int32)),
+               pb_utils.Tensor("completion_tokens",
+                               np.array([c.completion_tokens], dtype=np.int32)),
+               pb_utils.Tensor("model_version", np.array([self.version], dtype=np.int64))]
+        final = c.finish_reason is not None
+        sender.send(pb_utils.InferenceResponse(output_tensors=out),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        if final:
+            self.requests.pop(c.id, None)
+            self.senders.pop(c.id, None)
+
+    def _fail(self, rid: int, message: str) -> None:
+        sender = self.senders.pop(rid, None)
+        self.requests.pop(rid, None)
+        if sender is None:
+            return
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _close(self, rid: int) -> None:
+        sender = self.senders.pop(rid, None)
+        self.requests.pop(rid, None)
+        if sender is not None:
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self) -> None:
+        with self.work:
+            self.stopping = True
+            self.work.notify()
+        self.thread.join(timeout=10)
+        self.fanout.close()
