@@ -15,7 +15,7 @@ import math
 import urllib.error
 import urllib.request
 
-from autoglm.plan import router_model
+from autoglm.plan import generate_model, router_model
 
 TOLERANCE = 1e-4
 
@@ -46,4 +46,47 @@ def check(url: str, version: int, timeout: float = 10.0,
     ok = served == version and all(
         math.isclose(g, w, rel_tol=tolerance, abs_tol=tolerance)
         for g, w in zip(got, want, strict=True))
-    return ok, f"version {served} answered, max abs error {err:.3g}"
+    detail = f"version {served} answered, max abs error {err:.3g}"
+    if not ok:
+        return ok, detail
+    greedy, more = check_generation(url, version, timeout)
+    return greedy, f"{detail}; {more}"
+
+
+def check_generation(url: str, version: int, timeout: float = 10.0,
+                     ) -> tuple[bool | None, str]:
+    """The version's stored prompt, generated greedily through its ``generate`` model, must
+    give the reference's tokens. A version without one (no tokenizer) passes on logits."""
+    body = json.dumps({"parameters": {"canary": True}}).encode()
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/v2/models/{generate_model()}/versions/{version}/generate_stream",
+        data=body, headers={"Content-Type": "application/json"})
+    tokens: list[int] = []
+    expected: list[int] | None = None
+    served = None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode(errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line.removeprefix("data:"))
+                if "error" in event:
+                    return None, f"{url}: generation canary: {event['error']}"
+                ids = event.get("output_ids", [])
+                tokens += ids if isinstance(ids, list) else [ids]
+                served = int(event.get("model_version", -1))
+                if "canary_expected" in event:
+                    exp = event["canary_expected"]
+                    expected = exp if isinstance(exp, list) else [exp]
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return True, "no generate model: logits only"
+        return None, f"{url} answered {e.code}: {e.read().decode(errors='replace')[:200]}"
+    except (OSError, ValueError) as e:
+        return None, f"{url}: generation canary: {e}"
+    if expected is None:
+        return None, f"{url}: generation canary: incomplete answer"
+    if served != version or tokens != expected:
+        return False, f"version {served} generated {tokens}, expected {expected}"
+    return True, f"greedy tokens equal ({len(tokens)})"

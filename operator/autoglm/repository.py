@@ -62,6 +62,7 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 CANARY_TEXT = ("The quick brown fox jumps over the lazy dog.",
                "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
 CANARY_TOKENS = 8
+CANARY_NEW_TOKENS = 8  # greedy tokens the canary of a version must generate
 
 
 def triton_config(model: str, version: int, cfg: ModelConfig, instances: int = 1,
@@ -103,7 +104,8 @@ def triton_config(model: str, version: int, cfg: ModelConfig, instances: int = 1
                            io("finish_reason", "TYPE_STRING", [1]),
                            io("prompt_tokens", "TYPE_INT32", [1]),
                            io("completion_tokens", "TYPE_INT32", [1]),
-                           io("model_version", "TYPE_INT64", [1])]}
+                           io("model_version", "TYPE_INT64", [1]),
+                           io("canary_expected", "TYPE_INT64", [-1])]}
     # Experts batch across requests: every token is one batch item.
     return {**common, "max_batch_size": 4096,
             "dynamic_batching": {"max_queue_delay_microseconds": 200},
@@ -201,6 +203,18 @@ class _StreamedExperts:
         return out
 
 
+def greedy_tokens(router: RouterTier, fanout: Callable[[int, Mapping[int, torch.Tensor]],
+                                                    Mapping[int, torch.Tensor]],
+                  prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference's greedy continuation of ``prompt`` [S] (a whole forward per token:
+    no cache, so it checks the generation engine's cache path independently)."""
+    ids = prompt.unsqueeze(0)
+    for _ in range(n):
+        logits, _ = forward(router, ids, fanout)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, prompt.shape[0]:]
+
+
 def import_checkpoint(src: Path, repository: Path, version: int, name: str | None = None,
                       router_instances: int = 2, force: bool = False,
                       progress: bool | None = None) -> Built:
@@ -251,10 +265,14 @@ def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, A
         ids = canary_ids(ckpt.src, cfg.vocab_size)
         with torch.no_grad():
             router = RouterTier(cfg, {k: v.to(torch.float32) for k, v in router_weights.items()})
-            expected, _ = forward(router, ids, _StreamedExperts(experts))
+            experts_fanout = _StreamedExperts(experts)
+            expected, _ = forward(router, ids, experts_fanout)
+            greedy = greedy_tokens(router, experts_fanout, ids[0], CANARY_NEW_TOKENS)
         tmp = work / router_model()
         _write_folder(tmp, "router",
-                      {"canary.npz": {"input_ids": ids.numpy(), "logits": expected.numpy()},
+                      {"canary.npz": {"input_ids": ids.numpy(), "logits": expected.numpy(),
+                                      "greedy_prompt": ids[0].numpy(),
+                                      "greedy_tokens": greedy.numpy()},
                        "moe.json": meta},
                       triton_config(router_model(), version, cfg, router_instances))
         _save(router_weights, tmp / WEIGHTS, advance)

@@ -12,7 +12,10 @@ messages as JSON, rendered with the checkpoint's chat template), ``input_ids`` I
 Request parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``
 (a string or a JSON list), ``ignore_eos``. Each response: ``text_output`` (new text),
 ``output_ids`` (new token ids), ``finish_reason`` ("" until the last: "stop" or "length"),
-``prompt_tokens``, ``completion_tokens``, ``model_version``.
+``prompt_tokens``, ``completion_tokens``, ``model_version``. The parameter ``canary`` (no
+input) runs the version's stored prompt greedily; its last response adds
+``canary_expected``, the reference's greedy tokens, so a version's generation can be verified
+by whoever reaches the router.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class TritonPythonModel:
                         on_route=self._routed)
         self._metrics()
         self.text = TextEngine(engine, Tokenizer.from_dir(d / "hf"))
+        with np.load(d / "canary.npz") as z:  # the version's greedy canary
+            self.canary = (z["greedy_prompt"].tolist(), z["greedy_tokens"])
+        self.canaries: set[int] = set()
         self.requests: dict[int, Any] = {}  # engine id → Triton request (for its sender)
         self.senders: dict[int, Any] = {}
         self.lock = threading.Lock()
@@ -92,7 +98,10 @@ class TritonPythonModel:
         self._generated = stats.generated_tokens
 
     def _routed(self, layer: int, idx: torch.Tensor) -> None:
-        """Prefill and decode tokens alike feed the autoscaling signal."""
+        """Prefill and decode tokens alike feed the autoscaling signal; a step of canaries
+        only (a standby being verified) is not user load."""
+        if self.canaries and len(self.canaries) >= self.text.engine.running:
+            return
         experts, counts = torch.unique(idx, return_counts=True)
         self.fanout.count_routed(dict(zip(experts.tolist(), counts.tolist(), strict=True)))
 
@@ -135,6 +144,11 @@ class TritonPythonModel:
             params = json.loads(request.parameters() or "{}")
         except ValueError as e:
             raise RequestError(f"not JSON: {e}") from None
+        if params.get("canary") is True:  # the stored prompt, greedy; expected tokens at the end
+            rid = self.text.submit({"max_tokens": len(self.canary[1]), "temperature": 0.0,
+                                    "ignore_eos": True}, ids=self.canary[0])
+            self.canaries.add(rid)
+            return rid
         return self.text.submit(
             params, text=text("text_input"), messages=parsed,
             ids=ids.as_numpy().reshape(-1).tolist() if ids is not None else None)
@@ -174,6 +188,9 @@ class TritonPythonModel:
                                np.array([c.completion_tokens], dtype=np.int32)),
                pb_utils.Tensor("model_version", np.array([self.version], dtype=np.int64))]
         final = c.finish_reason is not None
+        if final and c.id in self.canaries:
+            self.canaries.discard(c.id)
+            out.append(pb_utils.Tensor("canary_expected", self.canary[1].astype(np.int64)))
         sender.send(pb_utils.InferenceResponse(output_tensors=out),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
         if final:
