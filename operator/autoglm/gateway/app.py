@@ -6,7 +6,9 @@ client's keep-alive connection (those end here). In-flight requests are counted 
 which makes draining exact. A request whose upstream connection failed before any response
 is retried once. Metrics: ``autoglm_gateway_requests_total{slot,version,code}``, a latency
 histogram and an in-flight gauge per slot. The gRPC side (``grpc_proxy``) shares the pointer,
-the counts and the metrics.
+the counts and the metrics, as does text generation: the OpenAI-compatible ``/v1`` API
+(``openai``) and Triton's generate extension (``triton_generate``), streamed from the slot's
+``generate`` model over gRPC (``generation``), one generation counted until its last token.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from autoglm.gateway.generation import GenerateClient
 from autoglm.gateway.grpc_proxy import GrpcProxy
+from autoglm.gateway.openai import OpenAIRoutes
+from autoglm.gateway.triton_generate import GenerateRoutes
 
 # Headers that describe one hop's connection or body, not the request (RFC 9110 §7.6.1).
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content-length",
@@ -41,6 +46,7 @@ class Target:
     version: int
     url: str  # http://host:port of the router's Triton HTTP endpoint
     grpc_url: str = ""  # host:port of its Triton gRPC endpoint ("": no gRPC)
+    model: str = ""  # the served model's name (spec.model.name): the OpenAI model id
 
 
 class Routing:
@@ -76,12 +82,16 @@ class Gateway:
                                "Requests retried after the upstream connection failed",
                                ["slot"], registry=self.registry)
         self._session: aiohttp.ClientSession | None = None
+        self.generate = GenerateClient(routing)  # gRPC streams to the routers' `generate`
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=256 * 2**20)
         app.router.add_get("/v2/health/live", self._live)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/routing", self._routing)
+        # generation before the catch-all, which keeps forwarding everything else as it is
+        OpenAIRoutes(self).add_to(app.router)
+        GenerateRoutes(self).add_to(app.router)
         app.router.add_route("*", "/v2{tail:.*}", self._forward)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -95,6 +105,7 @@ class Gateway:
     async def _close(self, _: web.Application) -> None:
         if self._session is not None:
             await self._session.close()
+        await self.generate.close()
 
     async def _live(self, _: web.Request) -> web.Response:
         return web.Response(text="")
@@ -107,6 +118,10 @@ class Gateway:
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def forward(self, request: web.Request) -> web.Response:
+        """The request as it is to the active slot's router (KServe v2 / Triton HTTP)."""
+        return await self._forward(request)
 
     async def _forward(self, request: web.Request) -> web.Response:
         target = self.routing.active  # one snapshot: this request stays on this slot

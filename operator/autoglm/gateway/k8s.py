@@ -24,15 +24,16 @@ log = logging.getLogger("autoglm.gateway")
 
 
 def target_from_status(name: str, namespace: str, status: Mapping[str, Any] | None,
-                       ) -> Target | None:
-    """Where traffic goes for this status; None while nothing serves."""
+                       model: str = "") -> Target | None:
+    """Where traffic goes for this status; None while nothing serves. ``model``: the served
+    model's name (``spec.model.name``), the OpenAI API's model id."""
     slot = (status or {}).get("activeSlot")
     version = (status or {}).get("activeVersion")
     if slot not in ("a", "b") or not isinstance(version, int):
         return None
     host = f"{workload_name(name, slot, 'router')}.{namespace}.svc"
     return Target(slot, version, f"http://{host}:{TRITON_HTTP_PORT}",
-                  f"{host}:{TRITON_GRPC_PORT}")
+                  f"{host}:{TRITON_GRPC_PORT}", model)
 
 
 def follow(api: client.ApiClient, name: str, namespace: str, routing: Routing,
@@ -44,7 +45,9 @@ def follow(api: client.ApiClient, name: str, namespace: str, routing: Routing,
             for event in watch.Watch().stream(
                     custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
                     field_selector=f"metadata.name={name}", timeout_seconds=30):
-                target = target_from_status(name, namespace, event["object"].get("status"))
+                obj = event["object"]
+                model = ((obj.get("spec") or {}).get("model") or {}).get("name") or ""
+                target = target_from_status(name, namespace, obj.get("status"), str(model))
                 if target is not None and target != routing.active:
                     log.info("routing to slot %s (version %d)", target.slot, target.version)
                     routing.flip(target)

@@ -24,11 +24,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tritonclient.http as httpclient
 import yaml
 
-from autoglm import autoscale, swap
+from autoglm import autoscale, canary, swap
 from autoglm import plan as p
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
@@ -36,7 +34,7 @@ from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
 from autoglm.prometheus import MetricsError, Prometheus
-from autoglm.repository import build, load_canary, read_meta
+from autoglm.repository import build, read_meta
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse
 from autoglm.triton import TritonError
 
@@ -194,7 +192,7 @@ class LocalRuntime:
         router = plane.start_router()
         self.say(f"  {slot.router.name} ready ({router.startup_seconds:.1f} s)")
         self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}",
-                                 router.grpc_url))
+                                 router.grpc_url, model=spec.model.name))
         self.state = swap.SwapState(slot.slot, slot.version)
         self.metrics = ControlMetrics(self.gateway.gateway.registry)
         self.metrics.swap(self.key, self.state.phase.value, slot.version)
@@ -340,8 +338,9 @@ class LocalRuntime:
         elif isinstance(action, swap.Flip):
             router = self.slots[action.slot].router
             assert router is not None
+            assert self.spec is not None
             self.routing.flip(Target(action.slot, action.version, f"http://{router.http_url}",
-                                     router.grpc_url))
+                                     router.grpc_url, model=self.spec.model.name))
         elif isinstance(action, swap.DeleteSlot):
             self._jobs.pop(f"create:{action.slot}", None)
             self._jobs.pop(f"canary:{action.slot}", None)
@@ -361,18 +360,14 @@ class LocalRuntime:
         self.say(f"slot {slot}: version {version} ready in {time.monotonic() - t0:.1f} s")
 
     def _canary(self, slot: Slot, version: int) -> tuple[bool, str]:
-        """The canary input through the slot's router must give the expected output."""
-        ids, expected = load_canary(self.slots[slot].repository, version)
+        """The version's canary through the slot's router (the operator's check): its
+        stored input's logits, and its stored prompt's greedy tokens."""
         router = self.slots[slot].router
         assert router is not None
-        with httpclient.InferenceServerClient(router.http_url) as c:
-            inp = httpclient.InferInput("INPUT_IDS", list(ids.shape), "INT64")
-            inp.set_data_from_numpy(ids)
-            res = c.infer("router", [inp])
-        got, served = res.as_numpy("LOGITS"), int(res.as_numpy("MODEL_VERSION")[0])
-        err = float(np.max(np.abs(got - expected)))
-        ok = served == version and bool(np.allclose(got, expected, rtol=1e-4, atol=1e-4))
-        return ok, f"version {served} answered, max abs error {err:.3g}"
+        ok, detail = canary.check(f"http://{router.http_url}", version, timeout=30)
+        if ok is None:  # no answer: on this machine that is a failure, not a wait
+            return False, detail
+        return ok, detail
 
     # -- autoscaling -----------------------------------------------------------------------
 
@@ -387,6 +382,14 @@ class LocalRuntime:
             return
         self._restarted_at = time.monotonic()
         self.say(f"prometheus exited with {prom.popen.returncode}; restarting it")
+        sc = self.scaling
+        if self.spec is not None and self.spec.autoscaling.enabled and sc.metrics_ok:
+            # Unavailable from now, not from the next round: a restart faster than the
+            # interval must still hold replicas and say so until a round succeeds again.
+            sc.metrics_ok = False
+            sc.reason = f"prometheus exited with {prom.popen.returncode}"
+            self.say(f"autoscaler: metrics unavailable: {sc.reason}; holding replicas")
+            self.write_status()
         self._restart = self._pool.submit(self._restart_prometheus, prom)
 
     def _restart_prometheus(self, prom: PrometheusServer) -> None:

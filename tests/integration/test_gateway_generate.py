@@ -1,0 +1,387 @@
+"""Text generation through the gateway on real tritonserver processes: the stock ``openai``
+client (chat and completions, streamed and not) and Triton's generate extension get the
+in-process engine's greedy tokens, alone and 8 at once; refusals are OpenAI-style 4xx; a
+client that disconnects mid-stream frees its sequence at once; a generation stays on the slot
+it started on and is counted in flight until it ends."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+
+from autoglm.engine.scheduler import Engine
+from autoglm.engine.service import TextEngine
+from autoglm.engine.text import Tokenizer
+from autoglm.gateway.app import GatewayServer, Routing, Target
+from autoglm.local.dataplane import DataPlane
+from autoglm.models.tiny import PRESETS
+from autoglm.procs import free_port
+from autoglm.repository import build, load_reference
+
+pytestmark = pytest.mark.triton
+MODEL = "tiny-moe"
+GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+@dataclass
+class Served:
+    plane: DataPlane
+    gateway: GatewayServer
+    reference: TextEngine
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.port}"
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0,
+                             **kw)
+
+    def expect(self, max_tokens: int, **prompt: Any) -> tuple[list[int], str, int]:
+        """The in-process engine's greedy (ids, text, prompt tokens), EOS ignored."""
+        te = self.reference
+        rid = te.submit({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+                        **prompt)
+        ids: list[int] = []
+        text, n = "", 0
+        while te.engine.has_work():
+            for c in te.step():
+                if c.id == rid:
+                    ids += c.token_ids
+                    text += c.text
+                    n = c.prompt_tokens
+        return ids, text, n
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    repo = tmp_path_factory.mktemp("repo")
+    build(repo, MODEL, 1, PRESETS["tiny"])
+    model = load_reference(repo, 1)
+    engine = Engine(model.router, model.local_fanout, kv_capacity_tokens=1024,
+                    max_batch_tokens=64, prefill_chunk=32)
+    reference = TextEngine(engine, Tokenizer.from_dir(repo / "router" / "1" / "hf"))
+    plane = DataPlane(repo, 1, tmp_path_factory.mktemp("v1"))
+    plane.start(replicas=1)
+    try:
+        router = plane.router
+        assert router is not None
+        gateway = GatewayServer(Routing(Target("a", 1, f"http://{router.http_url}",
+                                               router.grpc_url, model=MODEL)),
+                                free_port()).start()
+        try:
+            yield Served(plane, gateway, reference)
+        finally:
+            gateway.stop()
+    finally:
+        plane.stop()
+
+
+def post(url: str, body: bytes | dict[str, Any]) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, bytes(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, bytes(e.read())
+
+
+def events(payload: bytes) -> list[Any]:
+    """The ``data:`` payloads of a server-sent event stream."""
+    out = []
+    for block in payload.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            return float(m.group(2))
+    return None
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
+
+
+def test_models_lists_the_served_model(served: Served) -> None:
+    assert [m.id for m in served.client().models.list()] == [MODEL]
+    assert served.client().models.retrieve(MODEL).id == MODEL
+
+
+def test_completions_greedy_equal_the_engine(served: Served) -> None:
+    client = served.client()
+    for prompt in ("Hello there", "def f(x):"):
+        ids, text, n = served.expect(24, text=prompt)
+        assert len(ids) == 24
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, **GREEDY)
+        assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
+        assert r.usage is not None
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+            (n, 24, n + 24)
+        assert r.system_fingerprint == "v1"
+        chunks = list(client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, stream=True,
+            stream_options={"include_usage": True}, **GREEDY))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == n
+    # a prompt of token ids
+    ids, text, n = served.expect(24, ids=[5, 17, 42, 99])
+    r = client.completions.create(model=MODEL, prompt=[5, 17, 42, 99], max_tokens=24, **GREEDY)
+    assert r.choices[0].text == text and r.usage is not None and r.usage.prompt_tokens == 4
+
+
+def test_chat_greedy_equals_the_engine(served: Served) -> None:
+    client = served.client()
+    messages: list[Any] = [{"role": "system", "content": "You are terse."},
+                           {"role": "user", "content": "Hi! What is 2+2?"}]
+    _, text, n = served.expect(24, messages=messages)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24,
+                                       **GREEDY)
+    assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (n, 24)
+    # max_completion_tokens, streamed, with the usage chunk
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=24, stream=True,
+        stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens,
+                                  usage.total_tokens) == (n, 24, n + 24)
+    # without include_usage: no usage chunk; text parts are joined
+    parts: Any = [{"role": "user", "content": [{"type": "text", "text": "Hi! "},
+                                          {"type": "text", "text": "What is 2+2?"}]}]
+    _, text2, _ = served.expect(8, messages=[{"role": "user", "content": "Hi! What is 2+2?"}])
+    chunks = list(client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8,
+                                                 stream=True, **GREEDY))
+    assert all(c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text2
+
+
+def test_eight_concurrent_streams_each_get_their_own_tokens(served: Served) -> None:
+    prompts = [("Once upon a time" * (1 + i % 3), 6 + 5 * i) for i in range(8)]
+    want = [served.expect(m, text=p)[1] for p, m in prompts]
+    client = served.client()
+    start = threading.Barrier(8)
+
+    def one(i: int) -> str:
+        p, m = prompts[i]
+        start.wait()
+        stream = client.completions.create(model=MODEL, prompt=p, max_tokens=m, stream=True,
+                                           **GREEDY)
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(8)))
+    assert got == want
+
+
+def test_generate_extension(served: Served) -> None:
+    ids, text, n = served.expect(24, text="Hello there")
+    body = {"text_input": "Hello there",
+            "parameters": {"max_tokens": 24, "temperature": 0, "ignore_eos": True}}
+    for name in ("generate", MODEL):
+        status, raw = post(f"{served.base}/v2/models/{name}/generate", body)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["model_name"] == name and answer["model_version"] == "1"
+        assert answer["text_output"] == text and answer["output_ids"] == ids
+        assert answer["finish_reason"] == "length"
+        assert (answer["prompt_tokens"], answer["completion_tokens"]) == (n, 24)
+    status, raw = post(f"{served.base}/v2/models/generate/generate_stream", body)
+    assert status == 200
+    got = events(raw)
+    assert "".join(e["text_output"] for e in got) == text
+    assert [t for e in got for t in e["output_ids"]] == ids
+    assert got[-1]["finish_reason"] == "length" and got[-1]["completion_tokens"] == 24
+    assert all(e["finish_reason"] == "" for e in got[:-1])
+    # top-level parameters (as TensorRT-LLM's models take them), chat messages
+    messages = [{"role": "user", "content": "Hi"}]
+    _, chat_text, _ = served.expect(5, messages=messages)
+    status, raw = post(f"{served.base}/v2/models/generate/generate",
+                       {"messages": json.dumps(messages), "max_tokens": 5,
+                        "temperature": 0, "ignore_eos": True})
+    assert status == 200 and json.loads(raw)["text_output"] == chat_text
+    # Triton's error shape
+    status, raw = post(f"{served.base}/v2/models/generate/generate",
+                       {"text_input": "x", "parameters": {"max_tokens": 0}})
+    assert status == 400 and "max_tokens must be an integer >= 1" in json.loads(raw)["error"]
+
+
+BAD: list[tuple[str, dict[str, Any] | bytes, int, str, str | None]] = [
+    ("chat/completions", b'{"model": "tiny-moe", "messages": [', 400, "not valid JSON", None),
+    ("chat/completions", {"model": MODEL}, 400, "Missing required parameter: 'messages'",
+     "messages"),
+    ("completions", {"model": MODEL}, 400, "Missing required parameter: 'prompt'", "prompt"),
+    ("chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+     404, "The model `gpt-4` does not exist", "model"),
+    ("completions", {"model": MODEL, "prompt": "hello " * 200}, 400,
+     "exceeds the context window", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400,
+     "max_tokens must be an integer >= 1", "max_tokens"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                          "max_completion_tokens": 100000}, 400, "exceeds the context window",
+     "messages"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400,
+     "temperature must be in [0, 100]", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0, "stream": True}, 400,
+     "top_p must be in (0, 1]", "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n must be 1", "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 2, "echo": True}, 400,
+     "not supported: logprobs, echo", "logprobs"),
+    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "batch of prompts", "prompt"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message", "param"), BAD,
+                         ids=[f"{i}-{b[3][:24]}" for i, b in enumerate(BAD)])
+def test_refusals_are_openai_errors(served: Served, path: str, body: dict[str, Any] | bytes,
+                                    status: int, message: str, param: str | None) -> None:
+    got, raw = post(f"{served.base}/v1/{path}", body)
+    assert got == status, raw
+    error = json.loads(raw)["error"]
+    assert message in error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    # nothing serving is disturbed
+    r = served.client().completions.create(model=MODEL, prompt="ok", max_tokens=3, **GREEDY)
+    assert r.usage is not None and r.usage.completion_tokens == 3
+
+
+def test_stock_client_raises_on_refusals(served: Served) -> None:
+    client = served.client()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       temperature=-1, stream=True)
+
+
+def test_upstream_unreachable_is_503(served: Served) -> None:
+    gone = Target("b", 2, f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
+                  model=MODEL)
+    gateway = GatewayServer(Routing(gone), free_port()).start()
+    try:
+        status, raw = post(f"http://127.0.0.1:{gateway.port}/v1/completions",
+                           {"model": MODEL, "prompt": "hi"})
+        assert status == 503
+        error = json.loads(raw)["error"]
+        assert "slot b" in error["message"] and error["type"] == "service_unavailable"
+        status, raw = post(f"http://127.0.0.1:{gateway.port}/v2/models/generate/generate",
+                           {"text_input": "hi"})
+        assert status == 503 and "slot b" in json.loads(raw)["error"]
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting"])
+def test_a_client_that_goes_away_frees_its_sequence(served: Served, stream: bool) -> None:
+    """Mid-stream, or waiting for a whole answer: the generation is cancelled at once."""
+    router = served.plane.router
+    assert router is not None
+
+    def router_metric(name: str) -> float:
+        value = sample(scrape(router.metrics_url), name, version="1")
+        assert value is not None, f"the router exports no {name}"
+        return value
+
+    def gone() -> float:
+        text = scrape(f"{served.base}/metrics")
+        return sample(text, "autoglm_gateway_requests_total", slot="a", code="499") or 0.0
+
+    assert router_metric("autoglm_kv_cache_used_tokens") == 0
+    generated, gone_before = router_metric("autoglm_generated_tokens_total"), gone()
+    gw = served.gateway.gateway
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 120, "stream": stream,
+            "temperature": 0, "ignore_eos": True}
+    conn = http.client.HTTPConnection("127.0.0.1", served.gateway.port, timeout=30)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        if stream:
+            r = conn.getresponse()
+            assert r.status == 200
+            assert r.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        while router_metric("autoglm_kv_cache_used_tokens") == 0:
+            assert time.monotonic() - t0 < 3, "the generation did not start"
+            time.sleep(0.02)
+        assert gw.inflight.get("a") == 1  # counted in flight while it runs
+    finally:
+        conn.close()
+    # the client went away after a few tokens: its cache is freed at once, long before
+    # the 120 tokens it asked for would be made
+    t0 = time.monotonic()
+    while router_metric("autoglm_kv_cache_used_tokens") > 0:
+        assert time.monotonic() - t0 < 3, "the sequence's KV cache was not freed"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert router_metric("autoglm_generated_tokens_total") - generated < 120
+    assert gw.inflight.get("a") == 0
+    assert gone() == gone_before + 1
+
+
+def test_a_generation_finishes_on_the_slot_it_started_on(served: Served) -> None:
+    """A flip mid-stream moves new requests only; the open stream ends on its slot, and the
+    slot counts it in flight until its last token."""
+    gw = served.gateway.gateway
+    before = gw.routing.active
+    assert before is not None
+    _, text, _ = served.expect(100, text="Swap")
+    elsewhere = Target("b", 2, f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
+                       model=MODEL)
+    client = served.client()
+    try:
+        stream = client.completions.create(model=MODEL, prompt="Swap", max_tokens=100,
+                                           stream=True, **GREEDY)
+        chunks = iter(stream)
+        got = next(chunks).choices[0].text
+        gw.routing.flip(elsewhere)
+        assert gw.inflight.get("a") == 1
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model=MODEL, prompt="new", max_tokens=2)
+        assert err.value.status_code == 503
+        got += "".join(c.choices[0].text for c in chunks if c.choices)
+        assert got == text
+        # it leaves right after its last write ([DONE]), which the client may see first
+        t0 = time.monotonic()
+        while gw.inflight.get("a") != 0:
+            assert time.monotonic() - t0 < 2, "the finished generation is still counted"
+            time.sleep(0.01)
+    finally:
+        gw.routing.flip(before)
+
+
+def test_unknown_v1_path_and_other_models_generate(served: Served) -> None:
+    status, raw = post(f"{served.base}/v1/embeddings", {"input": "x"})
+    assert status == 404 and json.loads(raw)["error"]["code"] == "unknown_url"
+    # any other model's generate is the router's own answer, forwarded as before
+    router = served.plane.router
+    assert router is not None
+    status, raw = post(f"{served.base}/v2/models/router/generate", {})
+    want_status, want = post(f"http://{router.http_url}/v2/models/router/generate", {})
+    assert status == want_status and json.loads(raw).keys() == json.loads(want).keys()
+    assert json.loads(raw).get("model_name") == "router"
+
