@@ -7,11 +7,13 @@ the experts by editing the file, and shows `autoglm status` along the way.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,21 @@ def main() -> int:
         print(f"demo: {n} requests in {dt:.1f} s ({n / dt:.0f}/s), all answered by "
               f"version(s) {sorted(versions)}", flush=True)
 
+    def chat() -> None:
+        body = json.dumps({"model": "tiny-moe", "stream": True, "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "Hi!"}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        text, chunks = "", 0
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data: {"):
+                    chunks += 1
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+        print(f"demo:    {chunks} chunks: {text!r} (a tiny random model: any text)", flush=True)
+
     def status() -> None:
         out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", f"--home={home}"],
                              capture_output=True, text=True, check=False).stdout
@@ -60,6 +77,8 @@ def main() -> int:
         wait_for("serving tiny")
         print("demo: 2. traffic through the gateway with the stock tritonclient.http")
         traffic(200)
+        print("demo:    a streaming chat completion through the OpenAI API (SSE):")
+        chat()
         status()
         print("demo: 3. roll to version 2 by editing spec.model.version: it loads beside v1, "
               "answers the canary, then takes traffic; v1 stays warm")

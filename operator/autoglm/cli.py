@@ -144,12 +144,16 @@ def _up(args: argparse.Namespace) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
     port = args.port
+    model = rt.spec.model.name if rt.spec is not None else ""
     print(f"""
   send requests (KServe v2 / Triton HTTP; tritonclient.http works unchanged):
     curl -s localhost:{port}/v2/models/router
     curl -s -X POST localhost:{port}/v2/models/router/infer -H 'Content-Type: application/json' \\
       -d '{{"inputs":[{{"name":"INPUT_IDS","datatype":"INT64","shape":[1,4],"data":[1,2,3,4]}}]}}'
   or Triton's gRPC protocol on localhost:{args.grpc_port} (tritonclient.grpc works unchanged)
+  generate text (OpenAI API; the openai client works with base_url http://localhost:{port}/v1):
+    curl -N localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' \
+      -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hi!"}}],"stream":true}}'
   see it:   autoglm status      metrics: {rt.prometheus.url if rt.prometheus else ""}
   roll a version: edit spec.model.version in {args.file} (the file is watched;
     the new version loads beside the old one and takes traffic once it answers the canary)
