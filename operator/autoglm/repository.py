@@ -48,8 +48,16 @@ from safetensors.torch import save_file
 
 from autoglm.models.checkpoint import Checkpoint
 from autoglm.models.config import ModelConfig
-from autoglm.models.decoder import ExpertSlice, Model, RouterTier, forward, layer_prefix
+from autoglm.models.decoder import (
+    ExpertFanout,
+    ExpertSlice,
+    Model,
+    RouterTier,
+    forward,
+    layer_prefix,
+)
 from autoglm.models.errors import CheckpointError
+from autoglm.models.layers import swiglu
 from autoglm.models.tiny import TinySpec, as_dict, write_tiny_checkpoint
 from autoglm.plan import expert_model, generate_model, router_model
 
@@ -191,8 +199,6 @@ class _StreamedExperts:
 
     def __call__(self, layer: int, sends: Mapping[int, torch.Tensor],
                  ) -> dict[int, torch.Tensor]:
-        from autoglm.models.layers import swiglu
-
         out = {}
         for e, h in sends.items():
             with safe_open(str(self.folders[e] / WEIGHTS), framework="pt") as st:
@@ -203,9 +209,8 @@ class _StreamedExperts:
         return out
 
 
-def greedy_tokens(router: RouterTier, fanout: Callable[[int, Mapping[int, torch.Tensor]],
-                                                    Mapping[int, torch.Tensor]],
-                  prompt: torch.Tensor, n: int) -> torch.Tensor:
+def greedy_tokens(router: RouterTier, fanout: ExpertFanout, prompt: torch.Tensor,
+                  n: int) -> torch.Tensor:
     """The reference's greedy continuation of ``prompt`` [S] (a whole forward per token:
     no cache, so it checks the generation engine's cache path independently)."""
     ids = prompt.unsqueeze(0)

@@ -10,6 +10,7 @@ tensor is read one expert's slice at a time, so memory follows the slice being w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -161,7 +162,9 @@ class Checkpoint:
         self.module = module_for(self.hf)
         self.config = model_config(self.hf)
         self._where: dict[str, _Where] = {}
-        self._itemsize: dict[str, int] = {}  # bytes per element, by the name in the file
+        # from the headers, by the name in the file: checked and sized without reopening
+        self._itemsize: dict[str, int] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
         self._index()
 
     def _files(self) -> list[Path]:
@@ -201,10 +204,12 @@ class Checkpoint:
                     if m and int(m.group(1)) >= cfg.num_layers and \
                             int(m.group(1)) < cfg.num_layers + cfg.extra_layers:
                         continue  # multi-token-prediction layers: not served
-                    self._itemsize[raw] = _ITEMSIZE.get(st.get_slice(raw).get_dtype(), 4)
+                    header = st.get_slice(raw)
+                    self._itemsize[raw] = _ITEMSIZE.get(header.get_dtype(), 4)
+                    self._shape[raw] = tuple(header.get_shape())
                     if fused := _FUSED.match(raw):
                         self._index_fused(f, raw, fused.group(1), fused.group(2),
-                                          tuple(st.get_slice(raw).get_shape()))
+                                          self._shape[raw])
                         continue
                     self._add(self.module.canonical(raw), _Where(f, raw))
 
@@ -248,8 +253,7 @@ class Checkpoint:
         for name, where in self._where.items():
             if where.expert is not None:
                 continue  # the fused tensor's shape was checked whole
-            with self._open(where.file) as st:
-                shape = tuple(st.get_slice(where.name).get_shape())
+            shape = self._shape[where.name]
             if shape != want[name]:
                 raise CheckpointError(f"{where.name}: shape {list(shape)} does not fit the "
                                       f"config (expected {list(want[name])})")
@@ -265,11 +269,15 @@ class Checkpoint:
         return sorted(n for n in self._where if owner(n) == expert)
 
     def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors, one at a time, in the checkpoint's dtype."""
-        for name in names:
-            w = self._where[name]
-            try:
-                with self._open(w.file) as st:
+        """The tensors, one at a time, in the checkpoint's dtype (each file opened once)."""
+        with contextlib.ExitStack() as stack:
+            files: dict[Path, Any] = {}
+            for name in names:
+                w = self._where[name]
+                if w.file not in files:
+                    files[w.file] = stack.enter_context(self._open(w.file))
+                st = files[w.file]
+                try:
                     if w.expert is None:
                         t = st.get_tensor(w.name)
                     else:
@@ -277,8 +285,6 @@ class Checkpoint:
                         if w.half is not None:
                             i = self.config.moe_intermediate_size
                             t = t[w.half * i:(w.half + 1) * i]
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{w.file}: reading {w.name} failed: {e}") from None
-            yield name, t.contiguous()
+                except Exception as e:
+                    raise CheckpointError(f"{w.file}: reading {w.name} failed: {e}") from None
+                yield name, t.contiguous()

@@ -97,6 +97,20 @@ def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFan
     return (y if shared is None else y + shared), {e: int(t.shape[0]) for e, t in sends.items()}
 
 
+def mlp_block(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
+              on_route: RouteObserver | None, tokens: dict[int, int]) -> torch.Tensor:
+    """A layer's MLP half on post-norm tokens h [T, d]: the MoE fan-out (adding the tokens
+    it routed to ``tokens``) or the dense MLP."""
+    if router.cfg.is_moe(layer):
+        out, sent = moe_layer(router, layer, h, fanout, on_route)
+        for e, n in sent.items():
+            tokens[e] = tokens.get(e, 0) + n
+        return out
+    dense = router.local_mlp(layer, h)
+    assert dense is not None  # a dense layer always has its MLP
+    return dense
+
+
 def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
             positions: torch.Tensor | None = None, cache: L.KVCache | None = None,
             on_route: RouteObserver | None = None) -> tuple[torch.Tensor, dict[int, int]]:
@@ -110,12 +124,7 @@ def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
     for layer in range(router.cfg.num_layers):
         x = router.attention(layer, x, positions, cache)
         h = router.post_norm(layer, x).reshape(b * s, -1)
-        if router.cfg.is_moe(layer):
-            out, sent = moe_layer(router, layer, h, fanout, on_route)
-            for e, n in sent.items():
-                tokens[e] = tokens.get(e, 0) + n
-        else:
-            out = router.local_mlp(layer, h)  # type: ignore[assignment]
+        out = mlp_block(router, layer, h, fanout, on_route, tokens)
         x = x + out.view(b, s, -1)
     return router.head(x), tokens
 
@@ -139,12 +148,7 @@ def forward_rows(router: RouterTier, ids: torch.Tensor, positions: torch.Tensor,
         x = router.attention(layer, x, positions, cache)
         flat = x.view(r * s, -1)
         h = router.post_norm(layer, flat if dense else flat.index_select(0, keep))
-        if router.cfg.is_moe(layer):
-            out, sent = moe_layer(router, layer, h, fanout, on_route)
-            for e, n in sent.items():
-                tokens[e] = tokens.get(e, 0) + n
-        else:
-            out = router.local_mlp(layer, h)  # type: ignore[assignment]
+        out = mlp_block(router, layer, h, fanout, on_route, tokens)
         if dense:
             flat += out.to(flat.dtype)  # x is attention's fresh output: update it in place
         else:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from autoglm.models.config import MLAConfig, ModelConfig, common, need
-from autoglm.models.glm4_moe import first_dense, sigmoid_gate
+from autoglm.models.glm4_moe import sigmoid_moe
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 
@@ -23,20 +23,13 @@ def config(hf: Mapping[str, Any]) -> ModelConfig:
                     rope_interleave=bool(hf.get("rope_interleave", True)))
     # RoPE covers only the rope part of each head.
     c["head_dim"] = mla.qk_rope_head_dim
-    moe_size = int(need(hf, "moe_intermediate_size"))
+    bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         **c,
-        num_experts=int(need(hf, "n_routed_experts", "num_local_experts")),
-        top_k=int(need(hf, "num_experts_per_tok")),
-        moe_intermediate_size=moe_size,
-        intermediate_size=int(need(hf, "intermediate_size")),
-        moe_layers=first_dense(hf, c["num_layers"], 3),
-        gate=sigmoid_gate(hf, 2.5),
-        shared_intermediate_size=moe_size * int(hf.get("n_shared_experts") or 0),
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        o_bias=bool(hf.get("attention_bias", False)),
+        **sigmoid_moe(hf, c["num_layers"], first_dense_default=3, scale_default=2.5),
+        qkv_bias=bias,
+        o_bias=bias,
         mla=mla,
-        extra_layers=int(hf.get("num_nextn_predict_layers") or 0),
     )
 
 

@@ -18,6 +18,17 @@ def moe_layers(hf: Mapping[str, Any], layers: int) -> tuple[int, ...]:
                  if i not in dense and experts > 0 and (i + 1) % step == 0)
 
 
+def softmax_moe(hf: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """The MoE fields Qwen2-MoE and Qwen3-MoE read alike."""
+    return {"num_experts": int(need(hf, "num_experts", "num_local_experts")),
+            "top_k": int(need(hf, "num_experts_per_tok")),
+            "moe_intermediate_size": int(need(hf, "moe_intermediate_size")),
+            "intermediate_size": int(hf.get("intermediate_size") or 0),
+            "moe_layers": moe_layers(hf, layers),
+            "gate": GateConfig(scoring="softmax",
+                               norm_topk_prob=bool(hf.get("norm_topk_prob", False)))}
+
+
 def sliding_window(hf: Mapping[str, Any]) -> int | None:
     return int(hf["sliding_window"]) if hf.get("use_sliding_window") else None
 
@@ -33,12 +44,7 @@ def config(hf: Mapping[str, Any]) -> ModelConfig:
         raise UnsupportedConfig("use_sliding_window is not supported for Qwen2-MoE")
     return ModelConfig(
         **c,
-        num_experts=int(need(hf, "num_experts", "num_local_experts")),
-        top_k=int(need(hf, "num_experts_per_tok")),
-        moe_intermediate_size=int(need(hf, "moe_intermediate_size")),
-        intermediate_size=int(hf.get("intermediate_size") or 0),
-        moe_layers=moe_layers(hf, c["num_layers"]),
-        gate=GateConfig(scoring="softmax", norm_topk_prob=bool(hf.get("norm_topk_prob", False))),
+        **softmax_moe(hf, c["num_layers"]),
         shared_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
         shared_expert_gate=bool(hf.get("shared_expert_intermediate_size")),
         qkv_bias=bool(hf.get("qkv_bias", True)),

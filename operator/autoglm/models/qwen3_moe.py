@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from autoglm.models.config import GateConfig, ModelConfig, common, need
-from autoglm.models.qwen2_moe import moe_layers, sliding_window
+from autoglm.models.config import ModelConfig, common
+from autoglm.models.qwen2_moe import sliding_window, softmax_moe
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 
@@ -17,12 +17,7 @@ def config(hf: Mapping[str, Any]) -> ModelConfig:
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         **c,
-        num_experts=int(need(hf, "num_experts", "num_local_experts")),
-        top_k=int(need(hf, "num_experts_per_tok")),
-        moe_intermediate_size=int(need(hf, "moe_intermediate_size")),
-        intermediate_size=int(hf.get("intermediate_size") or 0),
-        moe_layers=moe_layers(hf, c["num_layers"]),
-        gate=GateConfig(scoring="softmax", norm_topk_prob=bool(hf.get("norm_topk_prob", False))),
+        **softmax_moe(hf, c["num_layers"]),
         qkv_bias=bias,
         o_bias=bias,
         qk_norm=True,
