@@ -73,6 +73,21 @@ def traffic(port: int, stop: threading.Event, errors: list[str]) -> None:
                 errors.append(str(e))
 
 
+def generations(port: int, stop: threading.Event, errors: list[str]) -> None:
+    """Streamed completions through the OpenAI API, for the generation panels."""
+    body = json.dumps({"model": "tiny-moe", "prompt": "Once upon a time", "max_tokens": 8,
+                       "stream": True, "ignore_eos": True}).encode()
+    while not stop.wait(0.3):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                if not r.read().rstrip().endswith(b"data: [DONE]"):
+                    errors.append("a stream ended without [DONE]")
+        except Exception as e:
+            errors.append(f"generation: {e}")
+
+
 def api(prometheus_port: int, path: str, **params: str) -> tuple[object, str]:
     """(data, "") of a Prometheus HTTP API call, or (None, why it failed)."""
     url = f"http://127.0.0.1:{prometheus_port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
@@ -120,6 +135,7 @@ def test_every_dashboard_query_has_data(up: Up) -> None:
     stop = threading.Event()
     clients = [threading.Thread(target=traffic, args=(up.port, stop, errors))
                for _ in range(2)]
+    clients.append(threading.Thread(target=generations, args=(up.port, stop, errors)))
     # A step that does not happen is noted, not fatal: the queries still run, so one
     # failure lists every query without data.
     notes: list[str] = []

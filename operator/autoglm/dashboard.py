@@ -67,9 +67,16 @@ def rate(metric: str, extra: str = "") -> str:
     return f"rate({metric}{{{sel}}}[{RI}])"
 
 
-def quantile(q: float) -> str:
-    return (f"histogram_quantile({q}, sum by (version, le) "
-            f"({rate('autoglm_gateway_request_seconds_bucket')}))")
+def quantile(q: float, metric: str = "autoglm_gateway_request_seconds",
+             by: str = "version") -> str:
+    return (f"histogram_quantile({q}, sum by ({by}, le) "
+            f"({rate(f'{metric}_bucket')}))")
+
+
+def generation_latency(title: str, metric: str, description: str) -> Panel:
+    return Panel(title, "timeseries", tuple(
+        Query(quantile(q, metric, "slot, version"), f"{{{{slot}}}} v{{{{version}}}} p{p}")
+        for q, p in ((0.5, 50), (0.99, 99))), unit="s", width=8, description=description)
 
 
 ERRORS = rate("autoglm_gateway_requests_total", 'code!~"2.."')
@@ -155,6 +162,27 @@ ROWS: tuple[Row, ...] = (
                   "{{model}}"),
         ), unit="ms", description="Mean time a request waits in Triton's queue, per expert "
                                   "(the autoscaler's queue-time guard)."),
+    )),
+    Row("Generation", (
+        generation_latency("Time to first token", "autoglm_time_to_first_token_seconds",
+                           "From a generation's arrival at the router to its first token: "
+                           "queueing for KV cache and prefill."),
+        generation_latency("Inter-token latency", "autoglm_inter_token_latency_seconds",
+                           "Between consecutive tokens of one generation: one engine step."),
+        Panel("Generated tokens/s", "timeseries", (
+            Query(f"sum by (slot, version) ({rate('autoglm_generated_tokens_total')})",
+                  "{{slot}} v{{version}}"),
+        ), unit="suffix: tok/s", width=8),
+        Panel("Sequences", "timeseries", (
+            Query(f"sum by (slot) (autoglm_generate_running{{{D}}})", "{{slot}} running"),
+            Query(f"sum by (slot) (autoglm_generate_waiting{{{D}}})", "{{slot}} waiting"),
+        ), description="Generations running in each slot's engines, and those waiting for "
+                       "KV cache.", decimals=0),
+        Panel("KV cache use", "timeseries", (
+            Query(f"sum by (slot) (autoglm_kv_cache_used_tokens{{{D}}}) / "
+                  f"sum by (slot) (autoglm_kv_cache_capacity_tokens{{{D}}})", "{{slot}}"),
+        ), unit="percentunit", description="KV cache reserved by running generations "
+                                           "(prompt + max_tokens each, reserved at admission)."),
     )),
     Row("Swap", (
         Panel("Swap phase over time", "state-timeline", (

@@ -199,6 +199,33 @@ def test_eight_concurrent_streams_each_get_their_own_tokens(served: Served) -> N
     assert got == want
 
 
+def test_latency_histograms_count_every_token(served: Served) -> None:
+    """Time to first token once per generation, inter-token latency once per later token,
+    labelled with the version (Prometheus adds the slot from the scrape target)."""
+    router = served.plane.router
+    assert router is not None
+
+    def counts() -> tuple[float, float]:
+        text = scrape(router.metrics_url)
+        first, later = (sample(text, f"autoglm_{name}_seconds_count", version="1") or 0.0
+                        for name in ("time_to_first_token", "inter_token_latency"))
+        return first, later
+
+    ttft, itl = counts()
+    client = served.client()
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt="Tick", max_tokens=7, stream=stream,
+                                      **GREEDY)
+        if stream:
+            list(r)
+    eventually(lambda: counts() == (ttft + 2, itl + 12),
+               "2 first tokens and 12 later ones observed", timeout=30)
+    text = scrape(router.metrics_url)
+    buckets = [line for line in text.splitlines()
+               if line.startswith("autoglm_inter_token_latency_seconds_bucket")]
+    assert any('le="+Inf"' in b for b in buckets) and len(buckets) > 2
+
+
 def test_generate_extension(served: Served) -> None:
     ids, text, n = served.expect(24, text="Hello there")
     body = {"text_input": "Hello there",

@@ -81,6 +81,22 @@ def test_chat_messages_use_the_checkpoint_template(
     assert chunks[-1].prompt_tokens == len(te.tokenizer.encode_chat(messages))
 
 
+def test_max_tokens_defaults_as_openai_does(served: tuple[TextEngine, Any, Path]) -> None:
+    """A completion makes 16 tokens; a chat reply may run to the end of the window."""
+    te, _, _ = served
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat = te.submit({"temperature": 0, "ignore_eos": True}, messages=messages)
+    text = te.submit({"temperature": 0, "ignore_eos": True}, text="Hi!")
+    out = run(te)
+    assert out[text][-1].completion_tokens == 16
+    last = out[chat][-1]
+    assert last.finish_reason == "length"
+    assert last.prompt_tokens + last.completion_tokens == te.engine.context_window
+    long = [{"role": "user", "content": "x" * te.engine.context_window}]
+    with pytest.raises(RequestError, match="leaves no room in the context window"):
+        te.submit({}, messages=long)
+
+
 @pytest.mark.parametrize(("params", "message"), [
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ({"max_tokens": "5"}, "max_tokens must be int"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ from autoglm.engine.text import Tokenizer
 from autoglm.models.decoder import RouterTier
 from autoglm.plan import router_model
 from autoglm.repository import load_part_config, load_weights
+
+# Seconds. Time to first token spans queueing and prefill; inter-token latency one step.
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+ITL_BUCKETS = [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -75,6 +80,7 @@ class TritonPythonModel:
 
     def _metrics(self) -> None:
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        histogram = pb_utils.MetricFamily.HISTOGRAM
         self._families = {
             name: pb_utils.MetricFamily(name=name, description=doc, kind=kind)
             for name, doc, kind in (
@@ -82,10 +88,18 @@ class TritonPythonModel:
                 ("autoglm_generate_waiting", "Sequences waiting for KV cache", gauge),
                 ("autoglm_kv_cache_used_tokens", "KV cache reserved, in tokens", gauge),
                 ("autoglm_kv_cache_capacity_tokens", "KV cache capacity, in tokens", gauge),
-                ("autoglm_generated_tokens_total", "Tokens generated", counter))}
+                ("autoglm_generated_tokens_total", "Tokens generated", counter),
+                ("autoglm_time_to_first_token_seconds",
+                 "From a generation's arrival to its first token", histogram),
+                ("autoglm_inter_token_latency_seconds",
+                 "Between consecutive tokens of a generation", histogram))}
         labels = {"version": str(self.version)}
-        self.m = {name: fam.Metric(labels=labels) for name, fam in self._families.items()}
+        buckets = {"autoglm_time_to_first_token_seconds": TTFT_BUCKETS,
+                   "autoglm_inter_token_latency_seconds": ITL_BUCKETS}
+        self.m = {name: fam.Metric(labels=labels, buckets=buckets[name]) if name in buckets
+                  else fam.Metric(labels=labels) for name, fam in self._families.items()}
         self._generated = 0
+        self._last: dict[int, float] = {}  # request → arrival, then its last token's time
 
     def _observe(self) -> None:
         stats = self.text.engine.stats()
@@ -122,6 +136,8 @@ class TritonPythonModel:
                     continue
                 self.requests[rid] = request
                 self.senders[rid] = sender
+                if rid not in self.canaries:
+                    self._last[rid] = time.monotonic()
                 self._observe()
                 self.work.notify()
         return None
@@ -188,6 +204,7 @@ class TritonPythonModel:
                                np.array([c.completion_tokens], dtype=np.int32)),
                pb_utils.Tensor("model_version", np.array([self.version], dtype=np.int64))]
         final = c.finish_reason is not None
+        self._latency(c, final)
         if final and c.id in self.canaries:
             self.canaries.discard(c.id)
             out.append(pb_utils.Tensor("canary_expected", self.canary[1].astype(np.int64)))
@@ -197,7 +214,20 @@ class TritonPythonModel:
             self.requests.pop(c.id, None)
             self.senders.pop(c.id, None)
 
+    def _latency(self, c: Chunk, final: bool) -> None:
+        """Each chunk carries the one token a step made for its request."""
+        last = self._last.pop(c.id, None) if final else self._last.get(c.id)
+        if last is None:  # a canary
+            return
+        now = time.monotonic()
+        name = ("autoglm_time_to_first_token_seconds" if c.completion_tokens == 1
+                else "autoglm_inter_token_latency_seconds")
+        self.m[name].observe(now - last)
+        if not final:
+            self._last[c.id] = now
+
     def _fail(self, rid: int, message: str) -> None:
+        self._last.pop(rid, None)
         sender = self.senders.pop(rid, None)
         self.requests.pop(rid, None)
         if sender is None:
@@ -206,6 +236,7 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _close(self, rid: int) -> None:
+        self._last.pop(rid, None)
         sender = self.senders.pop(rid, None)
         self.requests.pop(rid, None)
         if sender is not None:

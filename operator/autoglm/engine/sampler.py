@@ -22,9 +22,10 @@ _SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens. ``temperature`` 0 is greedy; ``top_k`` 0 and
-    ``top_p`` 1 disable those filters; ``seed`` None draws a fresh random seed."""
+    ``top_p`` 1 disable those filters; ``seed`` None draws a fresh random seed;
+    ``max_tokens`` None runs to the end of the context window (the chat API's default)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -32,8 +33,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise :class:`SamplingError` naming the first parameter out of range."""
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
-                or self.max_tokens < 1:
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool)
+                                            or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
             raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _real(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise SamplingError(f"temperature must be in [0, 100], got {self.temperature!r}")

@@ -81,6 +81,7 @@ class _Sequence:
     params: SamplingParams
     ends: frozenset[int]    # eos and stop ids
     generator: torch.Generator
+    max_tokens: int         # params.max_tokens, the rest of the window when that is None
     computed: int = 0       # tokens whose keys/values are in the cache
 
     @property
@@ -142,19 +143,24 @@ class Engine:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         params = request.params
         params.validate()
-        span = len(prompt) + params.max_tokens
+        # None: the rest of the window
+        max_tokens = params.max_tokens or self.context_window - len(prompt)
+        if max_tokens < 1:
+            raise RequestError(f"the prompt ({len(prompt)} tokens) leaves no room in the "
+                               f"context window ({self.context_window} tokens)")
+        span = len(prompt) + max_tokens
         if span > self.cfg.max_position_embeddings:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens "
-                               f"({params.max_tokens}) exceeds the context window "
+                               f"({max_tokens}) exceeds the context window "
                                f"({self.cfg.max_position_embeddings} tokens)")
         if span > self.pool.capacity:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens "
-                               f"({params.max_tokens}) exceeds the KV cache capacity "
+                               f"({max_tokens}) exceeds the KV cache capacity "
                                f"({self.pool.capacity} tokens)")
         ends = frozenset(int(t) for t in (*(request.eos_ids or ()), *request.stop_ids))
         with self._lock:
             seq = _Sequence(next(self._ids), prompt, len(prompt), params, ends,
-                            generator_for(params))
+                            generator_for(params), max_tokens)
             self._waiting[seq.id] = seq
             return seq.id
 
@@ -230,7 +236,7 @@ class Engine:
         # FIFO without overtaking: a large request is not starved by smaller ones behind it
         while self._waiting and len(self._running) < self.max_batch_tokens:
             seq = next(iter(self._waiting.values()))
-            if not self.pool.reserve(seq.id, seq.prompt_len + seq.params.max_tokens):
+            if not self.pool.reserve(seq.id, seq.prompt_len + seq.max_tokens):
                 return
             del self._waiting[seq.id]
             self._running[seq.id] = seq
@@ -274,7 +280,7 @@ class Engine:
         finish: FinishReason | None = None
         if token in s.ends:
             finish = "stop"
-        elif s.generated >= s.params.max_tokens:
+        elif s.generated >= s.max_tokens:
             finish = "length"
         if finish is not None:
             del self._running[s.id]

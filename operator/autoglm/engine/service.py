@@ -20,6 +20,7 @@ from autoglm.engine.sampler import SamplingParams
 from autoglm.engine.scheduler import Engine, Request, StepError
 from autoglm.engine.text import Detokenizer, Tokenizer, TokenizerError
 
+# OpenAI's defaults: a completion makes 16 tokens, a chat reply runs to the end of the window
 DEFAULT_MAX_TOKENS = 16
 # request parameters a client may set, and their types
 PARAMETERS: dict[str, tuple[type, ...]] = {
@@ -48,7 +49,8 @@ class _Live:
     completion_tokens: int = 0
 
 
-def parse_parameters(given: Mapping[str, Any]) -> tuple[SamplingParams, list[str], bool]:
+def parse_parameters(given: Mapping[str, Any], chat: bool = False,
+                     ) -> tuple[SamplingParams, list[str], bool]:
     """(sampling, stop strings, ignore_eos) from a request's parameters; RequestError names
     the parameter that is wrong. Unknown keys are ignored (transports add their own)."""
     p: dict[str, Any] = {}
@@ -68,7 +70,7 @@ def parse_parameters(given: Mapping[str, Any]) -> tuple[SamplingParams, list[str
     if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a non-empty string or a list of at most 16 of them")
     ignore_eos = bool(p.pop("ignore_eos", False))
-    params = SamplingParams(max_tokens=p.pop("max_tokens", DEFAULT_MAX_TOKENS),
+    params = SamplingParams(max_tokens=p.pop("max_tokens", None if chat else DEFAULT_MAX_TOKENS),
                             temperature=float(p.pop("temperature", 1.0)),
                             top_p=float(p.pop("top_p", 1.0)), top_k=p.pop("top_k", 0),
                             seed=p.pop("seed", None))
@@ -101,7 +103,7 @@ class TextEngine:
                messages: Sequence[Mapping[str, Any]] | None = None,
                ids: Sequence[int] | None = None) -> int:
         """Queue a generation; :class:`RequestError` (one line) if it cannot be served."""
-        sampling, stop, ignore_eos = parse_parameters(params)
+        sampling, stop, ignore_eos = parse_parameters(params, chat=messages is not None)
         prompt = self.prompt_ids(text, messages, ids)
         eos = () if ignore_eos else self.tokenizer.stop_token_ids
         try:
