@@ -1,7 +1,10 @@
 """Each architecture imported from a Hugging Face checkpoint and served disaggregated on real
 tritonserver — a router server and expert servers over gRPC, with 1 and then 2 replicas per
 expert — equals transformers' forward of the same checkpoint, and routes the same tokens to
-the same experts."""
+the same experts. Its greedy generations, through the gateway by every API (the stock
+``openai`` client streamed and not, Triton's generate extension, a gRPC stream), 8 of
+different lengths at once, are transformers' ``generate(do_sample=False)``; seeded sampling
+repeats itself."""
 
 from __future__ import annotations
 
@@ -10,16 +13,21 @@ import os
 import re
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 import torch
 import tritonclient.http as httpclient
 
 from autoglm import canary
+from autoglm.engine.text import Tokenizer
+from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.plan import expert_model, router_model
+from autoglm.procs import free_port
 from autoglm.repository import import_checkpoint, router_server_models
 from autoglm.testing import eventually
 from autoglm.testing.checkpoints import (
@@ -146,15 +154,78 @@ def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, serve
     # generation: the decoupled ``generate`` model streams transformers' greedy tokens,
     # for two prompts of different lengths generating at once on one gRPC stream
     prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 9)]
-    got = generate_stream(router, prompts, max_tokens=24)
+    got = generate_stream(router.grpc_url, prompts, max_tokens=24)
     for prompt, tokens in zip(prompts, got, strict=True):
         x = torch.tensor([prompt])
         want = theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24,
                                do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
         assert tokens == want
 
+    gateway_generations(router, theirs, Tokenizer.from_dir(served.repo / "router" / "1" / "hf"),
+                        [rng.integers(0, vocab, 3 + 2 * i).tolist() for i in range(8)])
 
-def generate_stream(router: TritonServer, prompts: list[list[int]],
+
+def gateway_generations(router: TritonServer, theirs: Any, tok: Tokenizer,
+                        prompts: list[list[int]]) -> None:
+    """8 greedy generations at once through the gateway, two by each API, equal
+    transformers'; then seeded sampling twice, the same both times."""
+    new = 24
+    want = [theirs.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
+                            max_new_tokens=new, do_sample=False,
+                            eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    server = GatewayServer(Routing(Target("a", 1, f"http://{router.http_url}",
+                                          router.grpc_url, "m")),
+                           free_port(), grpc_port=free_port()).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused",
+                           max_retries=0)
+    greedy: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+    def openai_text(prompt: list[int], stream: bool, **kw: Any) -> str:
+        args = {**greedy, **kw}
+        if not stream:
+            r = client.completions.create(model="m", prompt=prompt, max_tokens=new, **args)
+            assert r.usage is not None and r.usage.completion_tokens == new
+            text: str = r.choices[0].text
+            return text
+        chunks = client.completions.create(model="m", prompt=prompt, max_tokens=new,
+                                           stream=True, **args)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    def extension(prompt: list[int], **params: Any) -> list[int]:
+        body = json.dumps({"input_ids": prompt, "max_tokens": new, "temperature": 0,
+                           "ignore_eos": True, **params}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/v2/models/generate/generate_stream", body,
+            {"Content-Type": "application/json"})
+        ids: list[int] = []
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: "):
+                    ids += json.loads(line[6:])["output_ids"]
+        return ids
+
+    def one(i: int) -> None:
+        p, w = prompts[i], want[i]
+        match i % 4:
+            case 0 | 1:  # text: special tokens are left out, as vLLM does by default
+                text = tok.decode(w, skip_special_tokens=True)
+                assert openai_text(p, stream=i % 4 == 1) == text, f"openai {i}"
+            case 2:
+                assert extension(p) == w, f"generate extension {i}"
+            case 3:
+                assert generate_stream(f"127.0.0.1:{server.grpc_port}", [p], new) == [w]
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(8)))
+        seeded = {"temperature": 0.9, "top_p": 0.9, "seed": 1234}
+        assert len({openai_text(prompts[0], stream=s, **seeded) for s in (False, True)}) == 1
+        assert extension(prompts[1], **seeded) == extension(prompts[1], **seeded)
+    finally:
+        server.stop()
+
+
+def generate_stream(url: str, prompts: list[list[int]],
                     max_tokens: int) -> list[list[int]]:
     """Greedy generations over one Triton gRPC stream (stock tritonclient), token ids."""
     import queue
@@ -163,7 +234,7 @@ def generate_stream(router: TritonServer, prompts: list[list[int]],
 
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    with grpcclient.InferenceServerClient(router.grpc_url) as client:
+    with grpcclient.InferenceServerClient(url) as client:
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         for i, prompt in enumerate(prompts):
             ids = grpcclient.InferInput("input_ids", [len(prompt)], "INT64")
