@@ -3,12 +3,25 @@ bytes to the active slot's router, so stock ``tritonclient.grpc`` works unchange
 
 Messages are never decoded: each method is registered without (de)serializers, with its
 arity taken from the service descriptor (ModelStreamInfer is the one stream-stream method).
-As on the HTTP side, a call reads the active slot once and is served entirely by it, is
+As on the HTTP side, a unary call reads the active slot once and is served entirely by it, is
 counted in flight for that slot (exact drain) and in the same metrics, its status as the
 equivalent HTTP ``code`` (OK is 200, so ``code!~"2.."`` stays the error rate of both
 protocols). A unary call that ends UNAVAILABLE (the router unreachable or its connection
 lost; Triton also answers so when it served nothing) is tried once more, then fails
-UNAVAILABLE naming the slot; a stream is not retried, its messages already went upstream.
+UNAVAILABLE naming the slot.
+
+A ``ModelStreamInfer`` stream carries independent requests, so each request goes to the slot
+active when it arrives: the stream is served by one sub-stream ("leg") per slot, opened with
+the first request for it, and the responses of all legs are merged into the client's stream.
+When the active slot changes (at the next request, or within ``FLIP_POLL_SECONDS`` for an
+idle stream), the old slot's leg is half-closed: Triton answers every request it already has,
+a decoupled one (many responses, e.g. ``generate``) to its last response, then ends the leg,
+so a request finishes on the slot it started on. Each leg counts as one call in flight on its
+slot from its first request to its end, so draining the old slot waits exactly for its
+outstanding responses and no longer than that for an open client stream. The client
+half-closing half-closes every leg and ends OK once all have ended; a client that goes away
+cancels them. A leg that fails fails the stream with its status (UNAVAILABLE naming the
+slot); a stream is not retried, its messages already went upstream.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc  # type: ignore[import-untyped]
@@ -35,6 +49,8 @@ HTTP_CODE = {"OK": 200, "CANCELLED": 499, "INVALID_ARGUMENT": 400, "DEADLINE_EXC
              "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
              "UNAUTHENTICATED": 401}
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+FLIP_POLL_SECONDS = 0.1  # how soon an idle client stream lets go of a slot no longer active
+EVENT_BUFFER = 64  # a stream's messages on their way through the gateway, both directions
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -58,7 +74,9 @@ class GrpcProxy:
         self._server: Any = None
         self._channels: dict[str, Any] = {}  # router address -> grpc.aio channel
         self._methods: dict[tuple[str, str], Any] = {}  # (address, path) -> multicallable
-        self._calls: dict[str, int] = {}  # calls in flight per address
+        self._calls: dict[str, int] = {}  # calls and stream legs in flight per address
+        self._streams: set[_Stream] = set()  # client streams open
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> None:
         self._server = grpc.aio.server(options=UNLIMITED)
@@ -66,8 +84,12 @@ class GrpcProxy:
         if self._server.add_insecure_port(f"{host}:{port}") == 0:
             raise OSError(f"gRPC: cannot listen on {host}:{port}")
         await self._server.start()
+        self._watcher = asyncio.create_task(self._watch_flips())
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -75,6 +97,15 @@ class GrpcProxy:
             await channel.close()
         self._channels.clear()
         self._methods.clear()
+
+    async def _watch_flips(self) -> None:
+        """Lets go of every stream's leg to a slot no longer active, so an idle client stream
+        holds no old slot's drain longer than ``FLIP_POLL_SECONDS`` after a flip."""
+        while True:
+            await asyncio.sleep(FLIP_POLL_SECONDS)
+            active = self.gateway.routing.active
+            for stream in self._streams:
+                stream.let_go_unless(active)
 
     def _handler(self) -> Any:
         service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -166,31 +197,157 @@ class GrpcProxy:
                                                        AsyncIterator[bytes]]:
         async def behavior(requests: AsyncIterator[bytes], context: Any,
                            ) -> AsyncIterator[bytes]:
-            target = self.gateway.routing.active
-            if target is None or not target.grpc_url:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "no active slot")
-            assert target is not None
-            t0, code = self._start(target), grpc.StatusCode.UNKNOWN
+            # an async generator function itself: grpc.aio runs any other in a thread
+            stream = _Stream(self, path, requests, context)
             try:
-                method = await self._method(target.grpc_url, path, streaming=True)
-                call = method(requests, metadata=_passable(context.invocation_metadata()),
-                              timeout=context.time_remaining())
-                try:
-                    async for response in call:
-                        yield response
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except grpc.aio.AioRpcError as e:
-                    code = e.code()
-                    await context.abort(code, e.details() or "",
-                                        _passable(e.trailing_metadata()))
-                code = grpc.StatusCode.OK
-                context.set_trailing_metadata(_passable(await call.trailing_metadata()))
+                while (response := await stream.next()) is not None:
+                    yield response
             finally:
-                self._end(target, t0, code)
+                stream.close()
 
         return behavior
+
+
+@dataclass(eq=False)
+class _Leg:
+    """A client stream's sub-stream to one slot's router: the requests that arrived while
+    that slot was active, and their responses."""
+
+    target: Target
+    t0: float  # counted in flight on its slot since
+    requests: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    call: Any = None
+    pump: asyncio.Task[None] | None = None
+
+
+# (kind, leg, payload): "request" (a client message), "eof" (the client half-closed),
+# "response" (a leg's message), "end" (a leg ended: None, or its AioRpcError)
+_Event = tuple[str, _Leg | None, Any]
+
+
+async def _until_none(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    """A leg's request iterator: its end half-closes the leg."""
+    while (message := await queue.get()) is not None:
+        yield message
+
+
+class _Stream:
+    """One client's ``ModelStreamInfer``, its requests spread over legs (:class:`_Leg`).
+
+    One loop (:meth:`next`) owns the state; the client's reader and each leg's pump only
+    post events to it, in order per source. The proxy's flip watcher only lets go of the
+    current leg (:meth:`let_go_unless`), which is safe at any await of the loop."""
+
+    def __init__(self, proxy: GrpcProxy, path: str, requests: AsyncIterator[bytes],
+                 context: Any) -> None:
+        self.proxy, self.path, self.context = proxy, path, context
+        self.metadata = _passable(context.invocation_metadata())
+        self.events: asyncio.Queue[_Event] = asyncio.Queue(EVENT_BUFFER)
+        self.legs: list[_Leg] = []  # open, in the order they opened
+        self.current: _Leg | None = None  # the one new requests go to while its slot is active
+        self.client_done = False  # the client half-closed
+        self.trailing: Metadata = ()
+        self.reader = asyncio.create_task(self._read(requests))
+        proxy._streams.add(self)
+
+    async def next(self) -> bytes | None:
+        """The next response for the client; None once the client half-closed and every leg
+        ended (the stream then ends OK, with the trailing metadata of the last leg)."""
+        while not self.client_done or self.legs:
+            kind, leg, payload = await self.events.get()
+            if kind == "response":
+                return bytes(payload)
+            if kind == "request":
+                await self._route(payload)
+            elif kind == "end":
+                assert leg is not None
+                await self._ended(leg, payload)
+            elif kind == "eof":
+                if payload is not None:
+                    raise payload
+                self.client_done = True
+                self._let_go()
+        self.context.set_trailing_metadata(_passable(self.trailing))
+        return None
+
+    def close(self) -> None:
+        """Stops reading the client; a leg still open (the client went away, or the stream
+        failed) is cancelled upstream and counted CANCELLED."""
+        self.proxy._streams.discard(self)
+        self.reader.cancel()
+        for leg in self.legs:
+            if leg.call is not None:
+                leg.call.cancel()
+            if leg.pump is not None:
+                leg.pump.cancel()
+            self.proxy._end(leg.target, leg.t0, grpc.StatusCode.CANCELLED)
+        self.legs.clear()
+        self.current = None
+
+    async def _read(self, requests: AsyncIterator[bytes]) -> None:
+        try:
+            async for message in requests:
+                await self.events.put(("request", None, message))
+        except Exception as e:  # reading the client failed: so does the stream
+            await self.events.put(("eof", None, e))
+        else:
+            await self.events.put(("eof", None, None))
+
+    async def _pump(self, leg: _Leg) -> None:
+        try:
+            async for message in leg.call:
+                await self.events.put(("response", leg, message))
+        except Exception as e:  # an AioRpcError: the leg's status
+            await self.events.put(("end", leg, e))
+        else:
+            await self.events.put(("end", leg, None))
+
+    async def _route(self, message: bytes) -> None:
+        """``message`` to the leg of the slot active now, opened if need be."""
+        target = self.proxy.gateway.routing.active
+        if target is None or not target.grpc_url:
+            await self.context.abort(grpc.StatusCode.UNAVAILABLE, "no active slot")
+        assert target is not None
+        if self.current is None or self.current.target != target:
+            self._let_go()
+            method = await self.proxy._method(target.grpc_url, self.path, streaming=True)
+            leg = _Leg(target, self.proxy._start(target))
+            self.legs.append(leg)
+            leg.call = method(_until_none(leg.requests), metadata=self.metadata,
+                              timeout=self.context.time_remaining())
+            leg.pump = asyncio.create_task(self._pump(leg))
+            self.current = leg
+        self.current.requests.put_nowait(message)
+
+    def let_go_unless(self, active: Target | None) -> None:
+        """Half-close the current leg unless its slot is ``active``."""
+        if self.current is not None and self.current.target != active:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Half-close the current leg: its router answers what it has, then ends it."""
+        if self.current is not None:
+            self.current.requests.put_nowait(None)
+            self.current = None
+
+    async def _ended(self, leg: _Leg, error: BaseException | None) -> None:
+        self.legs.remove(leg)
+        if leg is self.current:  # ended by its router on its own: the next request reopens
+            self.current = None
+        if error is None:
+            self.trailing = await leg.call.trailing_metadata()
+            self.proxy._end(leg.target, leg.t0, grpc.StatusCode.OK)
+            return
+        if not isinstance(error, grpc.aio.AioRpcError):
+            self.proxy._end(leg.target, leg.t0, grpc.StatusCode.UNKNOWN)
+            raise error
+        code = error.code()
+        self.proxy._end(leg.target, leg.t0, code)
+        details = error.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = (f"slot {leg.target.slot} ({leg.target.grpc_url}) unavailable: "
+                       f"{details}")
+        await self.context.abort(code, details, _passable(error.trailing_metadata()))
 
 
 async def _relay_metadata(call: Any, context: Any) -> None:
