@@ -34,22 +34,92 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from autoglm.spec import KIND, InvalidSpec, parse
+    """One line per file, ``FILE: valid``, or one per error, naming its field (every error of
+    every document at once); exit status 1 if any file is invalid. Documents of other kinds
+    are skipped, as are empty ones; ``-`` reads standard input."""
+    from pathlib import Path
+    from typing import Any
+
+    from autoglm.spec import KIND, validate_resource
+
+    class Loader(yaml.SafeLoader):
+        """YAML as kubectl reads it: a repeated key is an error, a date is a string."""
+
+    Loader.yaml_implicit_resolvers = {
+        k: [r for r in v if r[0] != "tag:yaml.org,2002:timestamp"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def mapping(loader: Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # unhashable: construct_mapping says so
+                pass
+        return loader.construct_mapping(node, deep=True)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+
+    def check_document(doc: Any, where: str) -> tuple[list[str], int]:
+        """Error lines (prefixed by ``where``) and the AutoGLMDeployments seen."""
+        if doc is None:
+            return [], 0
+        if not isinstance(doc, dict):
+            what = {"list": "a list", "str": "a string", "bool": "a boolean", "int": "a number",
+                    "float": "a number", "bytes": "binary data"}.get(type(doc).__name__,
+                                                                    type(doc).__name__)
+            return [f"{where}not a mapping but {what}: expected an {KIND}"], 0
+        kind = doc.get("kind")
+        if kind == "List" and isinstance(doc.get("items"), list):  # kubectl's v1 List
+            out: list[str] = []
+            found = 0
+            for j, item in enumerate(doc["items"]):
+                lines, n = check_document(item, f"{where}items[{j}]: ")
+                out, found = out + lines, found + n
+            return out, found
+        if kind is None:
+            return [f"{where}kind: required (expected {KIND})"], 0
+        if kind != KIND:
+            return [], 0  # another kind of object: not ours to check
+        return [f"{where}{e}" for e in validate_resource(doc)], 1
 
     status = 0
     for path in args.files:
-        with open(path) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d]
-        for doc in docs:
-            if doc.get("kind") != KIND:
-                continue
-            name = doc.get("metadata", {}).get("name", "?")
-            try:
-                parse(doc.get("spec") or {}, name)
-                print(f"{path}: {name}: valid")
-            except InvalidSpec as e:
-                print(f"{path}: {name}: {e}", file=sys.stderr)
-                status = 1
+        try:
+            data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        except OSError as e:
+            print(f"{path}: cannot read: {e.strerror or e}")
+            status = 1
+            continue
+        docs: list[Any] = []  # those read before any YAML error are still checked
+        broken = ""
+        try:
+            docs.extend(yaml.load_all(data, Loader=Loader))  # a SafeLoader
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            broken = f"not valid YAML: {at}{getattr(e, 'problem', None) or e}"
+        except RecursionError:
+            broken = "not valid YAML: nested too deeply"
+        lines: list[str] = []
+        found = 0
+        for i, doc in enumerate(docs):
+            errors, n = check_document(doc, f"document {i + 1}: " if len(docs) > 1 else "")
+            lines, found = lines + errors, found + n
+        lines += [broken] if broken else []
+        if not lines and not found:
+            lines.append(f"no {KIND} in this file" if any(d is not None for d in docs)
+                         else "empty: no document")
+        for line in lines or ["valid"]:
+            print(f"{path}: {line}")
+        status = status or int(bool(lines))
     return status
 
 
@@ -152,8 +222,9 @@ def _up(args: argparse.Namespace) -> int:
       -d '{{"inputs":[{{"name":"INPUT_IDS","datatype":"INT64","shape":[1,4],"data":[1,2,3,4]}}]}}'
   or Triton's gRPC protocol on localhost:{args.grpc_port} (tritonclient.grpc works unchanged)
   generate text (OpenAI API; the openai client works with base_url http://localhost:{port}/v1):
-    curl -N localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' \
-      -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hi!"}}],"stream":true}}'
+    curl -N localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hi!"}}],"max_tokens":32,\
+"stream":true}}'
   see it:   autoglm status      metrics: {rt.prometheus.url if rt.prometheus else ""}
   roll a version: edit spec.model.version in {args.file} (the file is watched;
     the new version loads beside the old one and takes traffic once it answers the canary)
@@ -252,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="port of the operator's Prometheus metrics (0: off)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(fn=_operator)
-    val = sub.add_parser("validate", help="check AutoGLMDeployment files offline")
-    val.add_argument("files", nargs="+")
+    val = sub.add_parser("validate", help="check AutoGLMDeployment files offline, as the API "
+                                          "server and the operator would (exit 1 if invalid)")
+    val.add_argument("files", nargs="+", metavar="FILE", help="a YAML file ('-': stdin)")
     val.set_defaults(fn=_validate)
     model = sub.add_parser("model", help="model repository tools").add_subparsers(
         dest="model_command", required=True)

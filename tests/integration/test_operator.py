@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm.spec import GROUP, PLURAL
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import ControlPlane
@@ -127,19 +128,33 @@ INVALID_BY_API: list[tuple[str, dict[str, Any]]] = [
     ("spec.autoscaling.signal", {"autoscaling__signal": "cpu"}),
     ("spec.model.version", {"model__version": 0}),
     ("unknown field \"spec.experts.replicas\"", {"experts__replicas": 2}),
-]
-INVALID_BY_OPERATOR: list[tuple[str, dict[str, Any]]] = [
-    ("spec.experts.resources.requests.memory",
+    # once reported by the operator as InvalidSpec, now refused at once (CEL rules)
+    ('spec.experts.resources.requests: Invalid value: "object": requests must not exceed '
+     "limits",
      {"experts__resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}),
-    ("spec.experts.resources.limits.nvidia.com/gpu",
+    ('spec.experts.resources.limits: Invalid value: "object": nvidia.com/gpu: set GPUs with',
      {"experts__resources": {"limits": {"nvidia.com/gpu": 1}}}),
-    ("spec.triton.extraArgs[0]", {"triton__extraArgs": ["--model-repository=/elsewhere"]}),
-    ("spec.model.repository", {"model__repository": "models/relative"}),
+    ('spec.triton.extraArgs[0]: Invalid value: "string": a flag the operator sets',
+     {"triton__extraArgs": ["--model-repository=/elsewhere"]}),
+    ('spec.model.repository: Invalid value: "string": must be an absolute path',
+     {"model__repository": "models/relative"}),
+    ('spec.model.repository: Invalid value: "string": must be an absolute path',
+     {"model__repository": "http://host/models"}),
 ]
+INVALID_NAMES: list[tuple[str, str]] = [
+    ('metadata.name: Invalid value: "object": too long', "x" * 53),
+    ('metadata.name: Invalid value: "object": must be a DNS-1035 label', "1tiny"),
+    ("metadata.name: Invalid value: \"Tiny\": a lowercase RFC 1123 subdomain", "Tiny"),
+]
+# A spec stored before its rule was in the CRD (an upgrade): only the operator sees it.
+STORED_BEFORE_THE_RULE = (
+    "spec.model.repository", {"model__repository": "models/relative"},
+    "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/model/properties/"
+    "repository/x-kubernetes-validations")
 
 
 def test_invalid_specs_are_refused_or_reported_and_serving_is_untouched(
-        cluster: Cluster) -> None:
+        cluster: Cluster, control_plane: ControlPlane) -> None:
     cluster.apply(tiny())
     cluster.wait_ready("tiny")
     before = cluster.serving_snapshot("tiny")
@@ -149,22 +164,34 @@ def test_invalid_specs_are_refused_or_reported_and_serving_is_untouched(
         out = cluster.apply(tiny(**change), check=False)
         assert out.returncode != 0, change
         assert message in out.stderr, (message, out.stderr)
+    for message, name in INVALID_NAMES:
+        out = cluster.apply(tiny(name), check=False)
+        assert out.returncode != 0 and message in out.stderr, (message, out.stderr)
 
-    for field, change in INVALID_BY_OPERATOR:
-        cluster.apply(tiny(**change))
+    # the operator reports what the API server could not refuse: a spec stored before the
+    # CRD had its rule (an upgrade)
+    field, change, rule = STORED_BEFORE_THE_RULE
+    crd = f"crd/{PLURAL}.{GROUP}"
+    control_plane.kubectl("patch", crd, "--type=json",
+                          "-p", json.dumps([{"op": "remove", "path": rule}]))
+    try:
+        eventually(lambda: cluster.apply(tiny(**change), check=False).returncode == 0,
+                   "the spec applied under the CRD without the rule")
+    finally:  # as installed (manifests/ labels the CRD)
+        control_plane.kubectl("apply", "-k", str(REPO_ROOT / "manifests"))
 
-        def reported(field: str = field) -> bool:
-            c = cluster.condition("tiny", "Ready")
-            return bool(c and c["reason"] == "InvalidSpec" and c["message"].startswith(field))
+    def reported() -> bool:
+        c = cluster.condition("tiny", "Ready")
+        return bool(c and c["reason"] == "InvalidSpec" and c["message"].startswith(field))
 
-        eventually(reported, f"Ready=False/InvalidSpec naming {field}")
-        r = cluster.resource("tiny")
-        assert r["status"]["phase"] == "Invalid"
-        assert r["status"]["activeVersion"] == 1, "what serves is still reported"
-        warnings = [e for e in cluster.events("tiny")
-                    if e["type"] == "Warning" and e["reason"] == "InvalidSpec"]
-        assert any(field in e["message"] for e in warnings)
-        assert cluster.serving_snapshot("tiny") == before, f"{field} disturbed serving"
+    eventually(reported, f"Ready=False/InvalidSpec naming {field}")
+    r = cluster.resource("tiny")
+    assert r["status"]["phase"] == "Invalid"
+    assert r["status"]["activeVersion"] == 1, "what serves is still reported"
+    warnings = [e for e in cluster.events("tiny")
+                if e["type"] == "Warning" and e["reason"] == "InvalidSpec"]
+    assert any(field in e["message"] for e in warnings)
+    assert cluster.serving_snapshot("tiny") == before, f"{field} disturbed serving"
 
     cluster.apply(tiny())
     cluster.wait_ready("tiny")

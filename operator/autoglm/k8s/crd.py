@@ -3,7 +3,7 @@
 Pydantic's JSON schema is turned into a Kubernetes *structural* schema: references inlined,
 optionals unwrapped, titles dropped, constants as one-value enums, factory defaults written
 out (so the API server fills them in), and each class's :class:`~autoglm.spec.Rule` added
-as a CEL validation.
+as a CEL validation (the resource's own rules, which see metadata.name, at the root).
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ def _decorate(schema: dict[str, Any], cls: type[BaseModel]) -> dict[str, Any]:
             _decorate(target, sub)
     rules = getattr(cls, "rules", ())
     if rules:
-        schema["x-kubernetes-validations"] = [
-            {"rule": r.cel, "message": r.message, "fieldPath": f".{r.field}"} for r in rules
-        ]
+        schema["x-kubernetes-validations"] = _validations(rules)
     return schema
+
+
+def _validations(rules: tuple[s.Rule, ...]) -> list[dict[str, str]]:
+    return [{"rule": r.cel, "message": r.message, "fieldPath": f".{r.field}"} for r in rules]
 
 
 def openapi_schema(cls: type[BaseModel]) -> dict[str, Any]:
@@ -141,10 +143,13 @@ def crd() -> dict[str, Any]:
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
+                        # name declared: the resource's rules report at metadata.name
+                        "metadata": {"type": "object",
+                                     "properties": {"name": {"type": "string"}}},
                         "spec": openapi_schema(s.AutoGLMSpec),
                         "status": _status_schema(),
                     },
+                    "x-kubernetes-validations": _validations(s.RESOURCE_RULES),
                 }},
             }],
         },
