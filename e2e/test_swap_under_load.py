@@ -1,6 +1,10 @@
-"""Double-buffered swaps under load on the local runtime: not one request fails, and every
-response comes from a version that was active while the request was in flight. Persistent
-``tritonclient.http`` and ``tritonclient.grpc`` clients send the load through the gateway.
+"""Double-buffered swaps under load on the local runtime: not one request fails, not one
+stream breaks, and every response comes from a version that was active while the request was
+in flight. Through the gateway: persistent ``tritonclient.http`` and ``tritonclient.grpc``
+clients (logits), the stock ``openai`` client streaming completions (SSE), and
+``tritonclient.grpc`` streams held open for the whole run, across every flip and the old
+slot's retirement, each carrying logits requests and streamed generations in turn. Every
+generation must come whole (all its tokens, a finish reason) from one version.
 
 ``AUTOGLM_SWAP_REQUESTS`` (default 20000) keeps flipping back and forth until that many
 requests were served; 0 runs only the fixed sequence of flips and the aborted rollout."""
@@ -8,6 +12,7 @@ requests were served; 0 runs only the fixed sequence of flips and the aborted ro
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import threading
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -30,7 +36,11 @@ from autoglm.testing.up import UpProcess as Run
 pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[1]
 FLIPPED = re.compile(r"Flipped: traffic now on slot (\w) \(version (\d+)\)")
-CLIENTS = {"http": 2, "grpc": 2}  # persistent clients per protocol
+# persistent clients per protocol: logits over HTTP and gRPC, SSE streams (OpenAI API), and
+# long-lived gRPC streams carrying logits requests and decoupled generations in turn
+CLIENTS = {"http": 2, "grpc": 2, "sse": 1, "stream": 1}
+NEW_TOKENS = 16
+PACE = 0.25  # seconds between a stream client's generations: the rollouts need the cores too
 
 
 @dataclass
@@ -62,7 +72,80 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         yield r
 
 
+def sse(run: Run, stop: threading.Event, out: list[Result]) -> None:
+    """Streamed completions: all NEW_TOKENS tokens and a finish reason, every chunk naming
+    the same version (``system_fingerprint``), or the stream counts as broken."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.port}/v1", api_key="unused",
+                           max_retries=0, timeout=120)
+    while not stop.wait(PACE):
+        t0 = time.monotonic()
+        try:
+            chunks = list(client.completions.create(
+                model="tiny-moe", prompt="Once upon a time", max_tokens=NEW_TOKENS,
+                stream=True, temperature=0.8, extra_body={"ignore_eos": True}))
+            versions = {c.system_fingerprint for c in chunks}
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            if len(versions) != 1 or finish[-1:] != ["length"] or not text:
+                raise RuntimeError(f"broken stream: versions {versions}, finish {finish}")
+            out.append(Result("sse", t0, time.monotonic(), int((versions.pop() or "v0")[1:])))
+        except Exception as e:
+            out.append(Result("sse", t0, time.monotonic(), None, str(e)))
+
+
+def stream(run: Run, stop: threading.Event, out: list[Result]) -> None:
+    """One gRPC stream for the whole run: a logits request, then a generation, and again.
+    Each request goes to the slot active when it arrives; a generation's responses all
+    come from one version."""
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    rng = np.random.default_rng(7)
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{run.grpc_port}") as c:
+        c.start_stream(callback=lambda result, error: got.put((result, error)))
+        try:
+            while not stop.wait(PACE):
+                for model in ("router", "generate"):
+                    t0 = time.monotonic()
+                    try:
+                        version = _stream_request(c, got, model, rng)
+                        out.append(Result("stream", t0, time.monotonic(), version))
+                    except Exception as e:
+                        out.append(Result("stream", t0, time.monotonic(), None,
+                                          f"{model}: {e}"))
+        finally:
+            c.stop_stream()
+
+
+def _stream_request(c: Any, got: queue.Queue[tuple[Any, Any]], model: str,
+                    rng: np.random.Generator) -> int:
+    if model == "router":
+        inp = grpcclient.InferInput("INPUT_IDS", [1, 8], "INT64")
+        inp.set_data_from_numpy(rng.integers(0, 256, (1, 8)).astype(np.int64))
+        c.async_stream_infer("router", [inp])
+        result, error = got.get(timeout=120)
+        if error is not None:
+            raise RuntimeError(str(error))
+        return int(result.as_numpy("MODEL_VERSION")[0])
+    inp = grpcclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"Once upon a time"], dtype=np.object_))
+    c.async_stream_infer("generate", [inp], parameters={
+        "max_tokens": NEW_TOKENS, "temperature": 0.8, "ignore_eos": True})
+    versions, tokens = set(), 0
+    while True:
+        result, error = got.get(timeout=120)
+        if error is not None:
+            raise RuntimeError(str(error))
+        versions.add(int(result.as_numpy("model_version")[0]))
+        tokens += result.as_numpy("output_ids").size
+        if result.as_numpy("finish_reason")[0]:
+            break
+    if len(versions) != 1 or tokens != NEW_TOKENS:
+        raise RuntimeError(f"broken generation: versions {versions}, {tokens} tokens")
+    return versions.pop()
+
+
 def traffic(protocol: str, run: Run, stop: threading.Event, out: list[Result]) -> None:
+    if protocol in ("sse", "stream"):
+        return (sse if protocol == "sse" else stream)(run, stop, out)
     rng = np.random.default_rng(threading.get_ident() % 2**32)
     lib: Any = grpcclient if protocol == "grpc" else httpclient
     port = run.grpc_port if protocol == "grpc" else run.port
@@ -99,7 +182,7 @@ def test_versions_flip_back_and_forth_under_load_without_a_failed_request(run: R
         t_edit = time.monotonic()
         run.file.write_text(text)
         eventually(lambda: run.count(expect) > before, f"{expect!r} for version {version}",
-                   timeout=180)
+                   timeout=360)
         if expect == "Flipped":
             asked.append((version, t_edit, "warm" if run.count("FlipBack") > backs
                           else "staged"))
@@ -152,6 +235,8 @@ def test_versions_flip_back_and_forth_under_load_without_a_failed_request(run: R
     near = np.array([any(abs(r.sent - ft) < 5 for ft, _ in flips) for r in results])
     steady = np.array([r.done < steady_until for r in results])
 
+    logits = np.isin(proto, ["http", "grpc"])  # one answer each; streams last longer
+
     def p99(mask: Any) -> float:
         return float(np.percentile(lat[mask], 99) * 1e3) if mask.any() else float("nan")
 
@@ -159,9 +244,10 @@ def test_versions_flip_back_and_forth_under_load_without_a_failed_request(run: R
     print(f"\n{len(results)} requests ({per}), 0 failed, {len(flips)} flips + 1 aborted "
           f"rollout of the bad version, in {elapsed:.0f} s ({fixed[0]} requests in the "
           f"fixed sequence, {fixed[1]:.0f} s)")
-    print(f"p99 steady {p99(steady):.1f} ms (n={steady.sum()}), within 5 s of a flip "
-          f"{p99(near):.1f} ms (n={near.sum()}): ratio {p99(near) / p99(steady):.2f}; "
-          f"elsewhere {p99(~near & ~steady):.1f} ms")
+    near_l, steady_l = near & logits, steady & logits
+    print(f"logits p99 steady {p99(steady_l):.1f} ms (n={steady_l.sum()}), within 5 s of a "
+          f"flip {p99(near_l):.1f} ms (n={near_l.sum()}): ratio "
+          f"{p99(near_l) / p99(steady_l):.2f}; elsewhere {p99(~near & ~steady & logits):.1f} ms")
     for x in CLIENTS:
         print(f"  {x}: p99 steady {p99(steady & (proto == x)):.1f} ms, near a flip "
               f"{p99(near & (proto == x)):.1f} ms")
