@@ -11,8 +11,10 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 
@@ -63,3 +65,51 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=timeout) as r:
         return bool(r.status == 200)
     return False
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat): with the pid,
+    it names one process, as a pid alone does not once reused. None: no such process, or a
+    zombie (it has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state) on: comm may hold spaces
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def running(pid: int, started: int | None) -> bool:
+    """Whether the process that was ``pid`` started at ``started`` still runs."""
+    return started is not None and process_start(pid) == started
+
+
+def processes_with(markers: Sequence[str]) -> list[int]:
+    """Our user's live processes (not this one) whose command line contains one of
+    ``markers``."""
+    out, uid = [], os.getuid()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if d.stat().st_uid != uid:
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmd for m in markers) and process_start(int(d.name)) is not None:
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def kill_all(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
+    """SIGKILL each of ``pids`` and wait until they are gone; those that are not."""
+    starts = {pid: process_start(pid) for pid in pids}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while (left := [p for p, s in starts.items() if running(p, s)]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left

@@ -5,7 +5,9 @@ Facts this relies on (DESIGN.md §7): the Python 3.11 stub goes in a backend fol
 own; the virtualenv's ``bin`` first on PATH makes the stub use the virtualenv's packages;
 ``--disable-auto-complete-config`` halves start-up; a short ``--exit-timeout-secs`` keeps a
 keep-alive client from delaying shutdown. Each server gets its own shared-memory prefix so
-that stopping it can remove exactly its ``/dev/shm`` regions.
+that stopping it can remove exactly its ``/dev/shm`` regions; a ``shm_group`` (one per
+``autoglm up``) starts the prefixes of every server of a group, so that what a killed group
+left can be found and removed (:func:`shm_group_regions`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ from autoglm.repository import pinned_config
 SHM_PREFIX = "triton_python_backend_shm_region_autoglm_"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def shm_prefix(group: str = "") -> str:
+    """A new server's shared-memory prefix: ``<SHM_PREFIX><12 hex>_``, or in a group
+    ``<SHM_PREFIX><group>-<8 hex>_`` (a group of hex digits: no ungrouped prefix starts with
+    a group's)."""
+    own = uuid.uuid4().hex
+    return f"{SHM_PREFIX}{group}-{own[:8]}_" if group else f"{SHM_PREFIX}{own[:12]}_"
+
+
+def shm_group_marker(group: str) -> str:
+    """What the shared-memory regions of a group's servers start with, and what the command
+    lines of its servers and their Python-backend stubs contain."""
+    return f"{SHM_PREFIX}{group}-"
+
+
+def shm_group_regions(group: str) -> list[Path]:
+    """The ``/dev/shm`` regions of every server of ``group``."""
+    return sorted(Path("/dev/shm").glob(f"{shm_group_marker(group)}*")) if group else []
 
 
 class TritonError(RuntimeError):
@@ -142,6 +163,7 @@ class TritonServer:
     metrics_port: int = 0
     extra_args: list[str] = field(default_factory=list)
     load_timeout: float = 120.0  # a stub that cannot start makes a load hang, not fail
+    shm_group: str = ""  # starts the server's shared-memory prefix ("": none)
     popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
     startup_seconds: float = field(default=0.0, init=False)
     _shm: str = field(default="", init=False)
@@ -164,7 +186,7 @@ class TritonServer:
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        self._shm = f"{SHM_PREFIX}{uuid.uuid4().hex[:12]}_"
+        self._shm = shm_prefix(self.shm_group)
         cmd = [
             str(tritonserver_binary()),
             f"--model-repository={self.repository}",

@@ -1,12 +1,15 @@
 """One slot's Triton servers on this machine: a router and servers per expert replica,
 wired by an endpoints file the router re-reads (the local counterpart of a headless
-Service). Replicas can be added and removed while serving.
+Service). Replicas can be added and removed while serving, and a server that died is
+restarted in place (:meth:`DataPlane.restart`: its ports again, as a pod's Service keeps its
+address).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from autoglm.plan import expert_model
 from autoglm.repository import read_meta, router_server_models
-from autoglm.triton import TritonServer
+from autoglm.triton import TritonError, TritonServer
 
 
 @dataclass
@@ -28,9 +31,12 @@ class DataPlane:
     # version must be, and the instance kind), as the pods get it on Kubernetes.
     router_env: dict[str, str] = field(default_factory=dict)
     expert_env: dict[str, str] = field(default_factory=dict)
+    shm_group: str = ""  # starts every server's shared-memory prefix (autoglm.triton)
     router: TritonServer | None = field(default=None, init=False)
     closed: bool = field(default=False, init=False)  # stopped: starts nothing more
     experts: dict[int, list[TritonServer]] = field(default_factory=dict, init=False)
+    # held while a server is restarted or removed: one change of a server at a time
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @property
     def num_experts(self) -> int:
@@ -53,7 +59,7 @@ class DataPlane:
         server = TritonServer(self.repository, {expert_model(expert): self.version},
                               env=dict(self.expert_env),
                               log_path=self.workdir / f"expert-{expert}-{n}.log",
-                              grpc_port=grpc_port)
+                              grpc_port=grpc_port, shm_group=self.shm_group)
         server.start()
         self.experts.setdefault(expert, []).append(server)
         if self.closed:  # stopped while this replica was starting
@@ -85,7 +91,7 @@ class DataPlane:
                  "AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
                  "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),
                  "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
-            log_path=self.workdir / "router.log")
+            log_path=self.workdir / "router.log", shm_group=self.shm_group)
         self.router.start()
         if self.closed:
             self.router.stop()
@@ -97,10 +103,53 @@ class DataPlane:
         servers = self.experts.get(expert, [])
         if len(servers) <= 1:
             return
-        victim = servers.pop()
-        self.write_endpoints()
-        time.sleep(2 * self.resolve_seconds)  # the router has stopped choosing it
-        victim.stop()
+        with self._lock:
+            victim = servers.pop()
+            self.write_endpoints()
+            time.sleep(2 * self.resolve_seconds)  # the router has stopped choosing it
+            victim.stop()
+
+    def dead(self) -> list[TritonServer]:
+        """The servers that exited on their own (killed, crashed) and were not restarted
+        yet; a server whose restart failed is one (its process is gone)."""
+        return [s for s in self.servers() if s.popen is None or s.popen.poll() is not None]
+
+    def role(self, server: TritonServer) -> str:
+        """``router`` or ``expert <e> replica <i>/<n>``."""
+        if server is self.router:
+            return "router"
+        for e, servers in self.experts.items():
+            if server in servers:
+                return f"expert {e} replica {servers.index(server) + 1}/{len(servers)}"
+        return f"server of {', '.join(server.models)}"
+
+    def restart(self, server: TritonServer) -> bool:
+        """Start a server that died again: what is left of it reaped (its stubs, its shared
+        memory), then the same models on the same ports, so that the router (an expert) or
+        the gateway and Prometheus (the router) find it where it was; ports taken meanwhile:
+        new ones (the endpoints file names them; the caller re-points the rest). Out of the
+        endpoints file until it serves. False: not restarted (the slot stopped, the replica
+        was removed, or it runs)."""
+        with self._lock:
+            if self.closed or server not in self.servers() or \
+                    (server.popen is not None and server.popen.poll() is None):
+                return False
+            server.stop()  # SIGKILLs the stubs left in its process group; unlinks its regions
+            if server is not self.router:
+                self.write_endpoints()
+            try:
+                server.start()
+            except TritonError:
+                if self.closed:
+                    raise
+                server.http_port = server.grpc_port = server.metrics_port = 0
+                server.start()
+            if self.closed:  # stopped meanwhile: it must not outlive the slot
+                server.stop()
+                return False
+            if server is not self.router:
+                self.write_endpoints()
+            return True
 
     def failure(self) -> str | None:
         """A server that died on its own, if any."""
@@ -118,5 +167,6 @@ class DataPlane:
 
     def stop(self) -> None:
         self.closed = True
-        for s in self.servers():
-            s.stop()
+        with self._lock:  # a restart under way ends first (it sees ``closed``)
+            for s in self.servers():
+                s.stop()

@@ -9,7 +9,15 @@ With ``spec.autoscaling.enabled``, every ``intervalSeconds`` the runtime asks it
 Prometheus (``prometheusUrl`` is for clusters) for each expert's routed tokens/s, lets
 :func:`autoglm.autoscale.decide` choose the replicas, and adds or removes expert replicas of
 the active slot in a background job (one at a time; never during a swap: the standby copies
-the active slot's counts when it is created). A Prometheus that exits is restarted.
+the active slot's counts when it is created). A Prometheus that exits is restarted, and so is
+a Triton server of the active (or the warm) slot that dies: on its own ports, so the router
+and the gateway find it where it was.
+
+One ``autoglm up`` per resource and home: ``run/<name>/instance.json`` says which (its pid)
+and names what it starts (the shared-memory group of its Triton servers). An ``autoglm up``
+that was killed (SIGKILL, a crash) cannot clean up; the next one started on the same home
+finds its file and removes what it left: processes (Python-backend stubs outlive a killed
+tritonserver), shared-memory regions in ``/dev/shm``, and so the ports they held.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,10 +42,11 @@ from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
+from autoglm.procs import kill_all, process_start, processes_with, running
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import build, read_meta
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse
-from autoglm.triton import TritonError
+from autoglm.triton import TritonError, TritonServer, shm_group_marker, shm_group_regions
 
 Say = Callable[[str], None]
 SCRAPE_SECONDS = 1.0  # our Prometheus' scrape interval
@@ -104,6 +114,8 @@ class LocalRuntime:
     _prom: Prometheus | None = None  # the client of our Prometheus
     _restart: Future[None] | None = None  # Prometheus being restarted
     _restarted_at: float = 0.0
+    shm_group: str = ""  # of this run's Triton servers; "": not claimed (another one runs)
+    _healing: dict[int, tuple[Future[bool], float]] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _mtime: float = 0.0
     _jobs: dict[str, Future[Any]] = dataclasses.field(default_factory=dict)
@@ -113,6 +125,10 @@ class LocalRuntime:
     @property
     def workdir(self) -> Path:
         return self.home / "run" / self.name
+
+    @property
+    def instance_file(self) -> Path:
+        return self.workdir / "instance.json"
 
     @property
     def repository(self) -> Path:
@@ -136,6 +152,7 @@ class LocalRuntime:
         self._mtime = self.path.stat().st_mtime
         self.name, spec = read_resource(self.path)
         self.spec = spec
+        self._claim()
         try:
             self._start(spec)
         except BaseException as e:
@@ -144,6 +161,54 @@ class LocalRuntime:
                 raise LocalError(f"{self.path}: {e.summary} (server logs in {self.workdir})"
                                  ) from None
             raise
+
+    def _claim(self) -> None:
+        """This home's run of the resource, ours: refused while another `autoglm up` serves
+        it; what one that was killed left is removed first."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            old = json.loads(self.instance_file.read_text())
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and isinstance(old.get("pid"), int):
+            if running(old["pid"], old.get("started")):
+                raise LocalError(f"{self.name} is already served from {self.home} by "
+                                 f"`autoglm up` (pid {old['pid']}): stop it first, or give "
+                                 "another --home")
+            self._reclaim(old)
+        self.shm_group = uuid.uuid4().hex[:12]
+        me = {"pid": os.getpid(), "started": process_start(os.getpid()),
+              "shm_group": self.shm_group, "gateway_port": self.gateway_port,
+              "grpc_port": self.grpc_port, "prometheus_port": self.prometheus_port}
+        tmp = self.instance_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(me))
+        os.replace(tmp, self.instance_file)
+
+    def _reclaim(self, old: dict[str, Any]) -> None:
+        """What a killed `autoglm up` of this resource and home left: its processes (found by
+        their command lines: its servers' shared-memory group, its Prometheus' data
+        directory; nothing of another run has either), then its shared-memory regions."""
+        group = str(old.get("shm_group") or "")
+        markers = [f"--storage.tsdb.path={self.workdir / 'prometheus-data'}"]
+        if group:
+            markers.append(shm_group_marker(group))
+        pids = processes_with(markers)
+        left = kill_all(pids)
+        regions = shm_group_regions(group)
+        size = 0
+        for f in regions:
+            try:
+                size += f.stat().st_size
+                f.unlink()
+            except OSError:
+                pass
+        (self.workdir / "status.json").unlink(missing_ok=True)
+        what = (f"{len(pids)} process{'es' if len(pids) != 1 else ''}, {len(regions)} "
+                f"shared-memory region{'s' if len(regions) != 1 else ''} "
+                f"({size / 2**20:.1f} MiB)") if pids or regions else "nothing"
+        self.say(f"the previous `autoglm up` of {self.name} (pid {old['pid']}) did not stop; "
+                 f"reclaimed what it left: {what}"
+                 + (f"; still running: {', '.join(map(str, left))}" if left else ""))
 
     def _model(self, version: int) -> Path:
         """The repository serving ``version``: spec.model.repository as it is when it is a
@@ -210,7 +275,8 @@ class LocalRuntime:
         assert self.spec is not None
         plane = DataPlane(repository, version, self.workdir / f"slot-{slot}",
                           router_env=p.workload_env(self.spec, "router"),
-                          expert_env=p.workload_env(self.spec, "expert"))
+                          expert_env=p.workload_env(self.spec, "expert"),
+                          shm_group=self.shm_group)
         plane.workdir.mkdir(parents=True, exist_ok=True)
         self.slots[slot] = plane
         return plane
@@ -323,6 +389,7 @@ class LocalRuntime:
             self._update_targets()
             self.write_status()
         self._watch_prometheus()
+        self._heal()
         self._autoscale()
 
     def _do(self, action: swap.Action) -> None:
@@ -391,6 +458,59 @@ class LocalRuntime:
             self.say(f"autoscaler: metrics unavailable: {sc.reason}; holding replicas")
             self.write_status()
         self._restart = self._pool.submit(self._restart_prometheus, prom)
+
+    # -- servers that die ----------------------------------------------------------------
+
+    def _heal(self) -> None:
+        """A Triton server of the active slot (or of the warm one, between swaps) that died
+        is started again in the background; one whose restart failed, again 5 s later. A
+        standby's servers are the swap's (a crash there fails the rollout)."""
+        assert self.state is not None
+        st = self.state
+        slots = [st.active_slot]
+        if st.phase == swap.Phase.IDLE and st.previous is not None:
+            slots.append(st.previous.slot)
+        for slot in slots:
+            plane = self.slots.get(slot)
+            if plane is None or plane.closed:
+                continue
+            for server in plane.dead():
+                job, at = self._healing.get(id(server), (None, 0.0))
+                if job is not None and (not job.done() or time.monotonic() - at < 5.0):
+                    continue
+                code = server.popen.returncode if server.popen is not None else None
+                self.say(f"{slot}: {plane.role(server)} "
+                         + (f"exited with {code}" if code is not None else "not running")
+                         + "; restarting it")
+                self._healing[id(server)] = (
+                    self._pool.submit(self._restart_server, slot, plane, server),
+                    time.monotonic())
+        for key in [k for k, (job, _) in self._healing.items() if job.done()]:
+            if time.monotonic() - self._healing[key][1] > 60:
+                del self._healing[key]
+
+    def _restart_server(self, slot: Slot, plane: DataPlane, server: TritonServer) -> bool:
+        before = (server.http_url, server.grpc_url, server.metrics_port)
+        try:
+            if not plane.restart(server):
+                return False
+        except (TritonError, OSError) as e:
+            summary = e.summary if isinstance(e, TritonError) else str(e)
+            if not plane.closed:
+                self.say(f"{slot}: {plane.role(server)} did not restart: {summary}")
+            return False
+        moved = before != (server.http_url, server.grpc_url, server.metrics_port)
+        if server is plane.router and moved and \
+                self.state is not None and self.state.active_slot == slot:
+            assert self.spec is not None
+            self.routing.flip(Target(slot, plane.version, f"http://{server.http_url}",
+                                     server.grpc_url, model=self.spec.model.name))
+        self.say(f"{slot}: {plane.role(server)} restarted "
+                 f"{'on new ports' if moved else 'on its ports'}, gRPC {server.grpc_url} "
+                 f"({server.startup_seconds:.1f} s)")
+        self._update_targets()
+        self.write_status()
+        return True
 
     def _restart_prometheus(self, prom: PrometheusServer) -> None:
         try:
@@ -519,10 +639,11 @@ class LocalRuntime:
                 "role": ("active" if slot == st.active_slot else
                          "warm" if st.previous and st.previous.slot == slot else "standby"),
                 "router": plane.router.http_url if plane.router else None,
+                "router_pid": _pid(plane.router),
                 "expert_replicas": {str(e): len(s) for e, s in plane.experts.items()},
                 # each replica is its own server with its own metrics
-                "expert_servers": {str(e): [{"grpc": x.grpc_url, "metrics": x.metrics_url}
-                                            for x in list(s)]
+                "expert_servers": {str(e): [{"grpc": x.grpc_url, "metrics": x.metrics_url,
+                                             "pid": _pid(x)} for x in list(s)]
                                    for e, s in plane.experts.items()},
             } for slot, plane in sorted(dict(self.slots).items())},
             "autoscaling": self._autoscaling_status(),
@@ -571,5 +692,11 @@ class LocalRuntime:
         if self.prometheus is not None:
             self.prometheus.stop()
             self.prometheus = None
-        if self.name:
+        if self.shm_group:  # ours (not another run's, which refused us)
             (self.workdir / "status.json").unlink(missing_ok=True)
+            self.instance_file.unlink(missing_ok=True)
+            self.shm_group = ""
+
+
+def _pid(server: TritonServer | None) -> int | None:
+    return server.popen.pid if server is not None and server.popen is not None else None

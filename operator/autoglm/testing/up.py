@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,9 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoglm.procs import die_with_parent, free_port
+from autoglm.procs import die_with_parent, free_port, processes_with
 from autoglm.testing import eventually
-from autoglm.triton import SHM_PREFIX
+from autoglm.triton import SHM_PREFIX, shm_group_marker, shm_group_regions
 
 
 @dataclass
@@ -29,11 +30,15 @@ class UpProcess:
     grpc_port: int
     # (monotonic time it arrived, line): what `autoglm up` printed
     lines: list[tuple[float, str]] = field(default_factory=list)
+    # the shared-memory groups of its Triton servers (its instance.json, once it serves)
+    groups: set[str] = field(default_factory=set)
 
     @classmethod
-    def start(cls, file: Path, home: Path, echo: str | None = None) -> UpProcess:
-        """Start on free ports; ``echo`` prefixes a copy of each line on our stdout."""
-        port, pport, gport = free_port(), free_port(), free_port()
+    def start(cls, file: Path, home: Path, echo: str | None = None,
+              ports: tuple[int, int, int] | None = None) -> UpProcess:
+        """Start on free ports, or ``ports`` (gateway, Prometheus, gRPC: e.g. those of a run
+        that was killed); ``echo`` prefixes a copy of each line on our stdout."""
+        port, pport, gport = ports or (free_port(), free_port(), free_port())
         popen = subprocess.Popen(
             [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
              f"--grpc-port={gport}", f"--prometheus-port={pport}", f"--home={home}"],
@@ -65,6 +70,21 @@ class UpProcess:
         eventually(lambda: self.said("serving ") or self.popen.poll() is not None,
                    "autoglm up to serve", timeout=timeout)
         assert self.popen.poll() is None, "\n".join(self.text)
+        for f in self.home.glob("run/*/instance.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self.groups.add(str(json.loads(f.read_text())["shm_group"]))
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        """Gateway, Prometheus, gRPC: as :meth:`start` takes them."""
+        return self.port, self.prometheus_port, self.grpc_port
+
+    def kill(self) -> None:
+        """SIGKILL `autoglm up` alone, as the OOM killer or a crash would: it cleans up
+        nothing (its servers and Prometheus die with it; what they leave stays)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=60)
 
     def stop(self, timeout: float = 120) -> int:
         """SIGTERM, as Ctrl-C does; the exit status."""
@@ -74,12 +94,17 @@ class UpProcess:
         return self.popen.wait(timeout=timeout)
 
     def leftovers(self) -> list[str]:
-        """What a stopped run left behind: processes of its session, shared-memory regions
-        of its Triton servers, listening ports (empty: a clean stop)."""
-        out = [f"process {p}" for p in subprocess.run(
-            ["pgrep", "-s", str(self.popen.pid)], capture_output=True, text=True,
-        ).stdout.split()]
-        out += [f"/dev/shm/{f.name}" for f in Path("/dev/shm").glob(f"{SHM_PREFIX}*")]
+        """What a stopped run left behind: processes of its session or of its servers (a
+        Python-backend stub outlives a killed tritonserver), shared-memory regions of its
+        Triton servers (of its groups; any of ours when it never said which), listening
+        ports (empty: a clean stop)."""
+        pids = set(subprocess.run(["pgrep", "-s", str(self.popen.pid)], capture_output=True,
+                                  text=True).stdout.split())
+        pids |= {str(p) for p in processes_with([shm_group_marker(g) for g in self.groups])}
+        out = [f"process {p}" for p in sorted(pids)]
+        regions = ([f for g in sorted(self.groups) for f in shm_group_regions(g)]
+                   if self.groups else sorted(Path("/dev/shm").glob(f"{SHM_PREFIX}*")))
+        out += [f"/dev/shm/{f.name}" for f in regions]
         return out + [f"port {p}" for p in (self.port, self.grpc_port, self.prometheus_port)
                       if port_open(p)]
 
