@@ -209,8 +209,11 @@ def table(r: Run) -> None:
     def s(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f} s"
 
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1e3:.0f} ms"
+
     for f in r.figures:
-        print(f"| {f.case} | {f.requests} | {f.failed} | {s(f.first_failure)} | "
+        print(f"| {f.case} | {f.requests} | {f.failed} | {ms(f.first_failure)} | "
               f"{s(f.serving_again)} | {s(f.restored)} |")
     for f in r.figures:
         if f.error:
