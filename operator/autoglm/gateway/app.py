@@ -9,6 +9,13 @@ histogram and an in-flight gauge per slot. The gRPC side (``grpc_proxy``) shares
 the counts and the metrics, as does text generation: the OpenAI-compatible ``/v1`` API
 (``openai``) and Triton's generate extension (``triton_generate``), streamed from the slot's
 ``generate`` model over gRPC (``generation``), one generation counted until its last token.
+
+Hostile clients are bounded (:class:`Limits`, each also an environment variable): a request
+body over ``max_body_bytes`` is refused with 413 (on every route; on the gRPC side a message
+over it is RESOURCE_EXHAUSTED); a connection that has not sent a whole request's headers
+within ``idle_timeout`` of opening or of its last response is closed (keep-alive included),
+and one whose body has not fully arrived within ``body_timeout`` gets 408 and is closed; at
+most ``max_connections`` are open at once (past it a new one is answered 503 and closed).
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
+import re
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
@@ -30,12 +40,54 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from autoglm.gateway.generation import GenerateClient
 from autoglm.gateway.grpc_proxy import GrpcProxy
 from autoglm.gateway.openai import OpenAIRoutes
+from autoglm.gateway.openai import error as openai_error
 from autoglm.gateway.triton_generate import GenerateRoutes
 
 # Headers that describe one hop's connection or body, not the request (RFC 9110 §7.6.1).
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content-length",
                "upgrade", "te", "trailer", "proxy-connection"}
+# ... and the body's encoding: aiohttp decodes a compressed request body as it reads it, so
+# what goes upstream is the decoded body
+NOT_FORWARDED = HOP_HEADERS | {"content-encoding"}
 RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+log = logging.getLogger("autoglm.gateway")
+# Triton's answers (as 500) to a request whose JSON does not parse or has the wrong types
+TRITON_PARSE_ERROR = re.compile(r"^(failed to parse the request JSON buffer|Unable to parse )")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold of the gateway (environment variables in parentheses)."""
+
+    max_body_bytes: int = 64 * 2**20  # AUTOGLM_GATEWAY_MAX_BODY_BYTES
+    idle_timeout: float = 60.0  # AUTOGLM_GATEWAY_IDLE_TIMEOUT: to a request's whole headers
+    body_timeout: float = 60.0  # AUTOGLM_GATEWAY_BODY_TIMEOUT: to its whole body
+    max_connections: int = 10_000  # AUTOGLM_GATEWAY_MAX_CONNECTIONS (HTTP, open at once)
+
+    ENV: ClassVar[dict[str, str]] = {"max_body_bytes": "AUTOGLM_GATEWAY_MAX_BODY_BYTES",
+           "idle_timeout": "AUTOGLM_GATEWAY_IDLE_TIMEOUT",
+           "body_timeout": "AUTOGLM_GATEWAY_BODY_TIMEOUT",
+           "max_connections": "AUTOGLM_GATEWAY_MAX_CONNECTIONS"}
+
+    def __post_init__(self) -> None:
+        for name in self.ENV:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """The defaults, overridden by the environment's variables that are set."""
+        env = os.environ if environ is None else environ
+        given: dict[str, Any] = {}
+        for name, var in cls.ENV.items():
+            raw = env.get(var, "").strip()
+            if raw:
+                kind = int if name in ("max_body_bytes", "max_connections") else float
+                try:
+                    given[name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{var} must be a {kind.__name__}, got {raw!r}") from None
+        return cls(**given)
 
 
 @dataclass(frozen=True)
@@ -63,8 +115,10 @@ class Routing:
 
 
 class Gateway:
-    def __init__(self, routing: Routing, upstream_timeout: float = 60.0) -> None:
+    def __init__(self, routing: Routing, upstream_timeout: float = 60.0,
+                 limits: Limits | None = None) -> None:
         self.routing = routing
+        self.limits = Limits.from_env() if limits is None else limits
         self.timeout = aiohttp.ClientTimeout(total=upstream_timeout)
         self.registry = CollectorRegistry()
         self.requests = Counter("autoglm_gateway_requests_total",
@@ -85,7 +139,8 @@ class Gateway:
         self.generate = GenerateClient(routing)  # gRPC streams to the routers' `generate`
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=256 * 2**20)
+        app = web.Application(client_max_size=self.limits.max_body_bytes,
+                              middlewares=[self._bounded])
         app.router.add_get("/v2/health/live", self._live)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/routing", self._routing)
@@ -106,6 +161,30 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
         await self.generate.close()
+
+    @web.middleware
+    async def _bounded(self, request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                       ) -> web.StreamResponse:
+        """Every request's body read whole here, within the limits, before its handler."""
+        limit = self.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            # refused before reading: the connection ends (after a bounded lingering read)
+            return _refusal(request, 413, f"the request body is larger than {limit} bytes")
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(self.limits.body_timeout):
+                    await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _refusal(request, 413, f"the request body is larger than {limit} bytes")
+            except TimeoutError:
+                return _refusal(request, 408, "the request body did not arrive within "
+                                f"{self.limits.body_timeout:g} s")
+            except ConnectionError:
+                raise  # the client went away: nobody to answer
+            except Exception as e:  # a malformed body (chunked or compressed encoding)
+                return _refusal(request, 400, f"cannot read the request body: {e}")
+        return await handler(request)
 
     async def _live(self, _: web.Request) -> web.Response:
         return web.Response(text="")
@@ -128,7 +207,8 @@ class Gateway:
         if target is None:
             return _error(503, "no active slot")
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in NOT_FORWARDED}
         # Ask the router for exactly the encoding the client asked for (aiohttp would
         # otherwise request gzip and hand a client that cannot read it a compressed body).
         headers.setdefault("Accept-Encoding", "identity")
@@ -164,7 +244,8 @@ class Gateway:
                     payload = await up.read()
                     out = {k: v for k, v in up.headers.items()
                            if k.lower() not in HOP_HEADERS}
-                    return web.Response(status=up.status, body=payload, headers=out)
+                    return web.Response(status=_client_error(up.status, payload),
+                                        body=payload, headers=out)
             except RETRYABLE as e:
                 # nothing came back: the router never answered, so trying again is safe
                 if attempt == 2:
@@ -172,7 +253,22 @@ class Gateway:
                 self.retries.labels(target.slot).inc()
             except TimeoutError:
                 return _error(504, f"slot {target.slot} did not answer in time")
+            except aiohttp.ClientError as e:  # the connection broke mid-answer
+                return _error(502, f"slot {target.slot} unavailable: its answer broke off: "
+                                   f"{e!r}")
         raise AssertionError("unreachable")
+
+
+def _client_error(status: int, payload: bytes) -> int:
+    """``status``, but 400 for Triton's 500 that refuses a malformed request: its HTTP
+    frontend answers 500 when a request's JSON does not parse or has the wrong types."""
+    if status != 500 or len(payload) > 4096:
+        return status
+    try:
+        message = json.loads(payload).get("error")
+    except (ValueError, AttributeError):
+        return status
+    return 400 if isinstance(message, str) and TRITON_PARSE_ERROR.match(message) else status
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -180,13 +276,63 @@ def _error(status: int, message: str) -> web.Response:
                         content_type="application/json")
 
 
+def _refusal(request: web.Request, status: int, message: str) -> web.Response:
+    """A refusal of the request as a whole, in its API's error shape; the connection ends."""
+    if request.path.startswith("/v1"):
+        response = openai_error(status, message)
+    else:
+        response = _error(status, message)
+    response.force_close()
+    return response
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection past ``max_connections``: 503 and closed at once."""
+
+    BODY = json.dumps({"error": "too many connections"}).encode()
+    ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+              b"Connection: close\r\nRetry-After: 1\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self.ANSWER)
+        transport.close()
+
+
+class _BoundedSite(web.TCPSite):
+    """A TCP site that serves at most ``max_connections`` connections of its runner at once."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int,
+                 max_connections: int) -> None:
+        super().__init__(runner, host, port)
+        self.max_connections = max_connections
+        self.refused = 0
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self.max_connections:
+                self.refused += 1
+                return _Refuse()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            connection, self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+
+
 class GatewayServer:
     """The gateway on its own event loop in a thread; metrics also on ``metrics_port``,
     Triton's gRPC protocol on ``grpc_port``."""
 
     def __init__(self, routing: Routing, port: int, host: str = "127.0.0.1",
-                 metrics_port: int | None = None, grpc_port: int | None = None) -> None:
-        self.gateway = Gateway(routing)
+                 metrics_port: int | None = None, grpc_port: int | None = None,
+                 limits: Limits | None = None) -> None:
+        self.gateway = Gateway(routing, limits=limits)
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.grpc_port = grpc_port
         self.grpc = GrpcProxy(self.gateway)
@@ -202,11 +348,16 @@ class GatewayServer:
         self._thread.start()
 
         async def up() -> None:
-            self._runner = web.AppRunner(self.gateway.app(), access_log=None)
+            limits = self.gateway.limits
+            # keep-alive: the time to a request's whole headers, from the connection's start
+            # or its last response (aiohttp closes the connection then if still waiting)
+            self._runner = web.AppRunner(self.gateway.app(), access_log=None,
+                                         keepalive_timeout=limits.idle_timeout)
             await self._runner.setup()
-            await web.TCPSite(self._runner, self.host, self.port).start()
-            if self.metrics_port:
-                await web.TCPSite(self._runner, self.host, self.metrics_port).start()
+            for port in (self.port, self.metrics_port):
+                if port:
+                    await _BoundedSite(self._runner, self.host, port,
+                                       limits.max_connections).start()
             if self.grpc_port:
                 await self.grpc.start(self.host, self.grpc_port)
 

@@ -60,6 +60,14 @@ def _passable(md: Metadata | None) -> tuple[tuple[str, str | bytes], ...]:
                  and not k.startswith("grpc-") and k not in HOP_METADATA)
 
 
+def _client_code(code: Any, details: str) -> Any:
+    """``code``, but INVALID_ARGUMENT for a request that does not parse: gRPC's C++ server
+    (Triton's) answers INTERNAL "Unable to parse request" to a malformed message."""
+    if code == grpc.StatusCode.INTERNAL and details.startswith("Unable to parse request"):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return code
+
+
 def _identity(b: bytes) -> bytes:
     return b
 
@@ -79,7 +87,10 @@ class GrpcProxy:
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self._server = grpc.aio.server(options=UNLIMITED)
+        # a message over the gateway's body limit is refused (RESOURCE_EXHAUSTED) unread
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", self.gateway.limits.max_body_bytes)])
         self._server.add_generic_rpc_handlers((self._handler(),))
         if self._server.add_insecure_port(f"{host}:{port}") == 0:
             raise OSError(f"gRPC: cannot listen on {host}:{port}")
@@ -182,7 +193,7 @@ class GrpcProxy:
                         if code == grpc.StatusCode.UNAVAILABLE:
                             details = (f"slot {target.slot} ({target.grpc_url}) unavailable, "
                                        f"tried twice: {details}")
-                        await context.abort(code, details,
+                        await context.abort(_client_code(code, details), details,
                                             _passable(e.trailing_metadata()))
                     code = grpc.StatusCode.OK
                     await _relay_metadata(call, context)
@@ -347,7 +358,8 @@ class _Stream:
         if code == grpc.StatusCode.UNAVAILABLE:
             details = (f"slot {leg.target.slot} ({leg.target.grpc_url}) unavailable: "
                        f"{details}")
-        await self.context.abort(code, details, _passable(error.trailing_metadata()))
+        await self.context.abort(_client_code(code, details),
+                                 details, _passable(error.trailing_metadata()))
 
 
 async def _relay_metadata(call: Any, context: Any) -> None:

@@ -107,6 +107,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as e:  # UnicodeDecodeError included
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body

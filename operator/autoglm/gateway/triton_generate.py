@@ -112,6 +112,9 @@ class GenerateRoutes:
                 body = json.loads(await request.read())
             except ValueError as e:
                 raise BadRequest(f"the request body is not valid JSON: {e}") from None
+            except RecursionError:
+                raise BadRequest("the request body is not valid JSON: nested too deeply",
+                                 ) from None
             prompt, given, rid = _request(body)
             params = upstream_parameters(given)
         except BadRequest as e:
