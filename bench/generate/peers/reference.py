@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -26,7 +27,7 @@ def load_prompts(path: Path) -> list[list[int]]:
     return [[int(t) for t in p] for p in data]
 
 
-def greedy(model, prompt: list[int], n: int) -> list[int]:
+def greedy(model: Any, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     out = model.generate(
         ids,
@@ -37,7 +38,7 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
         eos_token_id=None,
         pad_token_id=0,
     )
-    new = out[0, len(prompt):].tolist()
+    new = [int(t) for t in out[0, len(prompt) :].tolist()]
     assert len(new) == n, f"generated {len(new)} tokens, wanted {n}"
     return new
 
@@ -50,7 +51,8 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, help="a peer's --dump-tokens file")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+    model.eval()
     # EOS ignored: generation stops at max_new_tokens only.
     model.generation_config.eos_token_id = None
     with torch.inference_mode():
@@ -61,10 +63,12 @@ def main() -> int:
     peer = json.loads(args.compare.read_text())["tokens"]
     ok = True
     for i, (r, p) in enumerate(zip(ref, peer, strict=True)):
-        agree = next((k for k, (a, b) in enumerate(zip(r, p)) if a != b), min(len(r), len(p)))
+        pairs = enumerate(zip(r, p, strict=False))
+        agree = next((k for k, (a, b) in pairs if a != b), min(len(r), len(p)))
         same = agree == len(r) == len(p)
         ok &= same
-        print(f"prompt {i}: {'match' if same else 'DIFFER'} ({agree}/{len(r)} leading tokens agree)")
+        verdict = "match" if same else "DIFFER"
+        print(f"prompt {i}: {verdict} ({agree}/{len(r)} leading tokens agree)")
     return 0 if ok else 1
 
 

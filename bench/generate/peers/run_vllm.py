@@ -20,7 +20,7 @@ k tokens counts k gaps of (its gap / k)).
 
 Prints ONE JSON line on stdout, the same as run_llamacpp.py:
     {"engine", "concurrency", "tokens", "seconds", "tokens_per_s", "ttft_ms": {"p50","p99"},
-     "itl_ms": {"p50","p99"}, "first_tokens"}
+     "itl_ms": {"p50","p99"}, "first_tokens", "settings"}
 --dump-tokens FILE writes every prompt's new tokens ({"tokens": [[...], ...]}) for
 reference.py --compare.
 """
@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def load_prompts(path: Path) -> list[list[int]]:
@@ -51,42 +53,50 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)), 3)
 
 
-async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    import vllm
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
-    from vllm.v1.engine.async_llm import AsyncLLM
+async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    import vllm  # type: ignore[import-not-found,unused-ignore]
+    from vllm.engine.arg_utils import AsyncEngineArgs  # type: ignore[import-not-found,unused-ignore]
+    from vllm.inputs import TokensPrompt  # type: ignore[import-not-found,unused-ignore]
+    from vllm.sampling_params import RequestOutputKind, SamplingParams  # type: ignore[import-not-found,unused-ignore]
+    from vllm.v1.engine.async_llm import AsyncLLM  # type: ignore[import-not-found,unused-ignore]
 
     c = min(args.concurrency, len(prompts))
     max_len = max(len(p) for p in prompts) + args.new_tokens
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(args.checkpoint),
-        dtype="float32",
-        max_model_len=max(max_len, 64),
-        max_num_seqs=c,
-        enforce_eager=not args.compile,
-        disable_log_stats=True,
-        seed=0,
-    ))
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=str(args.checkpoint),
+            dtype="float32",
+            max_model_len=max(max_len, 64),
+            max_num_seqs=c,
+            enforce_eager=not args.compile,
+            disable_log_stats=True,
+            seed=0,
+        )
+    )
     serial = 0
 
     async def one(prompt: list[int], n: int) -> tuple[list[int], float, list[float]]:
         nonlocal serial
         serial += 1
-        params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True,
-                                output_kind=RequestOutputKind.DELTA)
+        # ignore_eos + max_tokens: exactly n tokens, EOS may be picked (min_tokens would mask it).
+        params = SamplingParams(
+            temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
         t0 = time.perf_counter()
-        last, tokens, times = t0, [], []
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
-                                         f"r{serial}"):
+        last = t0
+        tokens: list[int] = []
+        times: list[float] = []
+        async for out in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, f"r{serial}"
+        ):
             new = list(out.outputs[0].token_ids)
             if not new:
                 continue
             now = time.perf_counter()
             step = (now - last) / len(new)
-            times += [last + step * (k + 1) for k in range(len(new))] if tokens else \
-                [now] * len(new)
+            times += (
+                [last + step * (k + 1) for k in range(len(new))] if tokens else [now] * len(new)
+            )
             tokens += new
             last = now
         return tokens, t0, times
@@ -95,7 +105,7 @@ async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         await one(prompts[0], min(4, args.new_tokens))  # warm-up
         sem = asyncio.Semaphore(c)
 
-        async def gated(p: list[int]):
+        async def gated(p: list[int]) -> tuple[list[int], float, list[float]]:
             async with sem:
                 return await one(p, args.new_tokens)
 
@@ -107,7 +117,7 @@ async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         engine = None  # shut down now, not from __del__ at interpreter exit
 
     ttft = [(times[0] - start) * 1e3 for _, start, times in results]
-    itl = [(b - a) * 1e3 for _, _, times in results for a, b in zip(times, times[1:])]
+    itl = [(b - a) * 1e3 for _, _, times in results for a, b in itertools.pairwise(times)]
     total = sum(len(toks) for toks, _, _ in results)
     if args.dump_tokens:
         args.dump_tokens.write_text(json.dumps({"tokens": [toks for toks, _, _ in results]}))
@@ -120,6 +130,11 @@ async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
         "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
         "first_tokens": results[0][0][:8],
+        "settings": {
+            "threads": args.threads or "auto",
+            "eager": not args.compile,
+            "dtype": "float32",
+        },
     }
 
 
@@ -129,13 +144,20 @@ def main() -> int:
     ap.add_argument("--prompts", type=Path, required=True)
     ap.add_argument("--new-tokens", type=int, required=True)
     ap.add_argument("--concurrency", type=int, required=True)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU cores for the model (VLLM_CPU_OMP_THREADS_BIND=0-(N-1)); "
-                         "default: vLLM's own choice")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU cores for the model (VLLM_CPU_OMP_THREADS_BIND=0-(N-1)); "
+        "default: vLLM's own choice",
+    )
     ap.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
-    ap.add_argument("--compile", action="store_true",
-                    help="let vLLM torch.compile the model (default: eager, as compiling on two "
-                         "cores takes minutes)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="let vLLM torch.compile the model (default: eager, as compiling on two "
+        "cores takes minutes)",
+    )
     ap.add_argument("--verbose", action="store_true", help="vLLM's INFO log on stderr")
     ap.add_argument("--dump-tokens", type=Path, help="write every prompt's new tokens here")
     args = ap.parse_args()
