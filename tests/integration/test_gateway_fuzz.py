@@ -645,10 +645,12 @@ def router_live(served: Served) -> bool:
         return False
 
 
-@pytest.mark.xfail(reason="the router's tritonserver dies of SIGSEGV under this load (fuzzed "
-                          "generations from 4 clients at once), so requests after it fail "
-                          "UNAVAILABLE; cf. Triton's gRPC cancellation races "
-                          "(triton-inference-server/server#8034, #7368)", strict=False)
+@pytest.mark.xfail(reason="the router's tritonserver 2.51 aborts (std::bad_alloc, log: "
+                          "'terminate called after throwing an instance of std::bad_alloc') "
+                          "on a fuzzed request, presumably a tensor shape far larger than its "
+                          "body; the gateway does not check shapes against bodies yet. (The "
+                          "SIGSEGV on refused generations in Triton's strict gRPC error mode "
+                          "is fixed: the gateway no longer uses that mode.)", strict=False)
 def test_fuzzed_requests(served: Served) -> None:
     shares = {"kserve": (kserve(), 0.26), "binary": (binary(), 0.12), "other": (other(), 0.1),
               "openai": (openai(), 0.2), "generate": (generate(), 0.12),

@@ -34,7 +34,7 @@ import triton_python_backend_utils as pb_utils
 from autoglm.backends.expect import check_expectations
 from autoglm.backends.fanout import ExpertFanout
 from autoglm.backends.placement import placement
-from autoglm.engine.errors import RequestError
+from autoglm.engine.errors import FAILED, RequestError
 from autoglm.engine.scheduler import Engine, StepError
 from autoglm.engine.service import Chunk, TextEngine
 from autoglm.engine.text import Tokenizer
@@ -232,7 +232,7 @@ class TritonPythonModel:
         self.requests.pop(rid, None)
         if sender is None:
             return
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(FAILED + message)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _close(self, rid: int) -> None:

@@ -7,3 +7,8 @@ class RequestError(ValueError):
 
 class SamplingError(RequestError):
     """A sampling parameter out of its range."""
+
+
+# How a generation that failed while running (an expert down) begins its error message, so
+# that a client of the ``generate`` model tells it from a refusal of the request.
+FAILED = "generation failed: "
