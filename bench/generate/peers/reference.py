@@ -17,14 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peer_common import load_prompts
 from transformers import AutoModelForCausalLM
-
-
-def load_prompts(path: Path) -> list[list[int]]:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        data = data["prompts"]
-    return [[int(t) for t in p] for p in data]
 
 
 def greedy(model: Any, prompt: list[int], n: int) -> list[int]:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from peer_common import load_prompts, pct
 
 DEFAULT_CACHE = Path.home() / ".cache" / "autoglm" / "bench-peers" / "gguf"
 # The converter setup.sh copied out of the sdist: <venv>/converter.
@@ -110,17 +111,6 @@ def convert(ckpt: Path, cache: Path, converter: Path) -> Path:
     tmp.rename(out)
     log(f"converted {ckpt} -> {out} in {time.perf_counter() - t0:.1f}s")
     return out
-
-
-def load_prompts(path: Path) -> list[list[int]]:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        data = data["prompts"]
-    return [[int(t) for t in p] for p in data]
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    return round(float(np.percentile(xs, q)), 3) if xs else None
 
 
 @dataclass

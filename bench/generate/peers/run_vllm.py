@@ -37,20 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def load_prompts(path: Path) -> list[list[int]]:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        data = data["prompts"]
-    return [[int(t) for t in p] for p in data]
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    import numpy as np
-
-    return round(float(np.percentile(xs, q)), 3)
+from peer_common import load_prompts, pct
 
 
 async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
