@@ -35,6 +35,15 @@ ASSETS_SCRIPT = REPO_ROOT / ".ci" / "k8s-assets.sh"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
             "kwok")
 
+# The cluster's addresses, all inside 198.18.0.0/15 (RFC 2544's benchmarking range, used on no
+# network here) so that nothing kube-proxy programs can route off the machine: Services,
+# kwok's pods and nodes, and (autoglm.testing.node) the real node's pods and address.
+GUARDED_RANGE = "198.18.0.0/15"
+SERVICE_CIDR = "198.19.0.0/16"
+KUBERNETES_SERVICE_IP = "198.19.0.1"  # the first address of SERVICE_CIDR
+KWOK_POD_CIDR = "198.18.128.0/18"
+KWOK_NODE_IP = "198.18.192.1"
+
 # What each fake node advertises: enough for the tiny example and for GPU-requesting pods.
 NODE_CAPACITY = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"}
 
@@ -87,22 +96,66 @@ def provision_assets() -> Path:
     return bin_dir
 
 
-def _write_pki(d: Path) -> None:
-    """A CA, a serving certificate for 127.0.0.1/localhost and a ServiceAccount signing key."""
+def _pem_key(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def issue_cert(pki: Path, name: str, common_name: str, organizations: tuple[str, ...] = (),
+               ips: tuple[str, ...] = (), dns: tuple[str, ...] = (),
+               server: bool = False) -> tuple[Path, Path]:
+    """A certificate signed by the test CA in ``pki`` (written there as ``name``.crt/.key):
+    a client certificate (the apiserver maps CN to the user, O to groups) or, with
+    ``server``, a serving one for ``ips`` and ``dns``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False)
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    (pki / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki / f"{name}.key").write_bytes(_pem_key(key))
+    return pki / f"{name}.crt", pki / f"{name}.key"
+
+
+def _write_pki(d: Path, address: str) -> None:
+    """A CA, a serving certificate for ``address``/localhost/the ``kubernetes`` Service, the
+    apiserver's client certificate for kubelets and a ServiceAccount signing key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import NameOID
 
-    def pem_key(key: Any) -> bytes:
-        return bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
+    pem_key = _pem_key
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autoglm-test-ca")])
@@ -127,11 +180,12 @@ def _write_pki(d: Path) -> None:
     )
     srv_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.DNSName("kubernetes.default.svc"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+        x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default",
+                                  "kubernetes.default.svc",
+                                  "kubernetes.default.svc.cluster.local")
     ]
+    sans += [x509.IPAddress(ipaddress.ip_address(a))
+             for a in sorted({"127.0.0.1", KUBERNETES_SERVICE_IP, address})]
     srv = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
@@ -152,6 +206,9 @@ def _write_pki(d: Path) -> None:
     (d / "apiserver.crt").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
     (d / "apiserver.key").write_bytes(pem_key(srv_key))
     (d / "sa.key").write_bytes(pem_key(sa_key))
+    # what the apiserver presents to kubelets (exec, logs, port-forward): system:masters
+    issue_cert(d, "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+               ("system:masters",))
 
 
 def kubeconfig_yaml(server: str, ca_file: Path, token: str, user: str = "admin") -> str:
@@ -186,6 +243,10 @@ class ControlPlane:
 
     bin_dir: Path
     nodes: int = 2
+    # Where kube-apiserver binds and what it advertises. Loopback for kwok-only clusters;
+    # a real node (autoglm.testing.node) needs an address its pods reach through the
+    # `kubernetes` Service, so the endpoint reconciler then runs too.
+    address: str = "127.0.0.1"
     node_capacity: dict[str, str] = field(default_factory=lambda: dict(NODE_CAPACITY))
     workdir: Path = field(init=False)
     server: str = field(init=False, default="")
@@ -228,11 +289,11 @@ class ControlPlane:
         w = self.workdir
         pki = w / "pki"
         pki.mkdir()
-        _write_pki(pki)
+        _write_pki(pki, self.address)
         self.token = secrets.token_hex(16)
         (w / "tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        self.server = f"https://{self.address}:{api_port}"
         self.kubeconfig.write_text(kubeconfig_yaml(self.server, self.ca_file, self.token))
         kc = str(self.kubeconfig)
         deadline = time.monotonic() + timeout
@@ -248,12 +309,16 @@ class ControlPlane:
         ])
         self._wait(f"{etcd_url}/health", "etcd", deadline)
 
+        loopback = ipaddress.ip_address(self.address).is_loopback
         self._spawn("kube-apiserver", [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", f"--secure-port={api_port}",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}", f"--secure-port={api_port}",
+            f"--advertise-address={self.address}",
             # the kubernetes Service would point at loopback, which Endpoints reject
-            "--endpoint-reconciler-type=none",
+            *(["--endpoint-reconciler-type=none"] if loopback else []),
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--cert-dir={w / 'apiserver-certs'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -263,7 +328,7 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.key'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.96.0.0/16",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--profiling=false",
         ])
         self._wait(f"{self.server}/readyz", "kube-apiserver", deadline, auth=True)
@@ -287,7 +352,7 @@ class ControlPlane:
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--manage-nodes-with-label-selector=",
-            "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1",
+            f"--cidr={KWOK_POD_CIDR}", f"--node-ip={KWOK_NODE_IP}",
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{free_port()}",
         ])
@@ -326,6 +391,10 @@ class ControlPlane:
         """A kubeconfig for another identity (e.g. a ServiceAccount token)."""
         path.write_text(kubeconfig_yaml(self.server, self.ca_file, token, user))
         return path
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.workdir / "pki"
 
     def memory_rss(self) -> dict[str, int]:
         """Resident memory of each component, in bytes."""
