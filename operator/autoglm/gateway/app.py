@@ -39,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from autoglm.gateway.generation import GenerateClient
 from autoglm.gateway.grpc_proxy import GrpcProxy
+from autoglm.gateway.infer_check import HEADER_LENGTH, infer_refusal
 from autoglm.gateway.openai import OpenAIRoutes
 from autoglm.gateway.openai import error as openai_error
 from autoglm.gateway.triton_generate import GenerateRoutes
@@ -215,6 +216,12 @@ class Gateway:
         self.enter(target.slot)
         status, t0 = 502, time.perf_counter()
         try:
+            refusal = (infer_refusal(body, request.headers.get(HEADER_LENGTH))
+                       if request.method == "POST" and request.path.endswith("/infer")
+                       else None)
+            if refusal is not None:
+                status = 400
+                return _error(400, refusal)
             response = await self._upstream(target, request, body, headers)
             status = response.status
             return response

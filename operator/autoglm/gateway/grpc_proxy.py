@@ -1,8 +1,11 @@
 """The gateway's gRPC side: Triton's ``inference.GRPCInferenceService`` forwarded as raw
 bytes to the active slot's router, so stock ``tritonclient.grpc`` works unchanged.
 
-Messages are never decoded: each method is registered without (de)serializers, with its
-arity taken from the service descriptor (ModelStreamInfer is the one stream-stream method).
+Messages are not decoded on the way: each method is registered without (de)serializers,
+with its arity taken from the service descriptor (ModelStreamInfer is the one stream-stream
+method). Only a stream's requests are parsed, to refuse one that is not a
+``ModelInferRequest`` (INVALID_ARGUMENT) before it goes upstream: tritonserver 2.51 fails the
+whole stream INTERNAL on one (measured).
 As on the HTTP side, a unary call reads the active slot once and is served entirely by it, is
 counted in flight for that slot (exact drain) and in the same metrics, its status as the
 equivalent HTTP ``code`` (OK is 200, so ``code!~"2.."`` stays the error rate of both
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 if TYPE_CHECKING:
@@ -315,6 +319,11 @@ class _Stream:
 
     async def _route(self, message: bytes) -> None:
         """``message`` to the leg of the slot active now, opened if need be."""
+        try:
+            service_pb2.ModelInferRequest.FromString(message)
+        except DecodeError as e:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"Unable to parse request: not a ModelInferRequest ({e})")
         target = self.proxy.gateway.routing.active
         if target is None or not target.grpc_url:
             await self.context.abort(grpc.StatusCode.UNAVAILABLE, "no active slot")
