@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -250,8 +251,14 @@ def _status(args: argparse.Namespace) -> int:
     if not files:
         print("nothing is running (start it with: autoglm up examples/tiny.yaml)")
         return 1
+    alive = 0
     for f in files:
         st = json.loads(f.read_text())
+        if not _serving(f.parent):
+            print(f"{st['name']}: not running: the `autoglm up` that served it was killed "
+                  "(the next `autoglm up` of it reclaims what it left)")
+            continue
+        alive += 1
         active = st["active"] or {}
         grpc = f" (gRPC {st['grpc']})" if st.get("grpc") else ""
         print(f"{st['name']}: gateway {st['gateway']}{grpc}, serving v{active.get('version')} "
@@ -280,7 +287,21 @@ def _status(args: argparse.Namespace) -> int:
                     if serving and auto.get("enabled") else None
                 want = f", desired {desired}" if desired is not None else ""
                 print(f"    expert {e}: {n} replica(s){want}, load {load}")
-    return 0
+    return 0 if alive else 1
+
+
+def _serving(run_dir: Path) -> bool:
+    """Whether the `autoglm up` that wrote ``run_dir`` is still alive (SIGKILL leaves the
+    status file behind)."""
+    import json
+
+    from autoglm.procs import running
+
+    try:
+        me = json.loads((run_dir / "instance.json").read_text())
+        return bool(running(me["pid"], me.get("started")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _loads(prometheus: str, name: str, slot: str | None) -> dict[str, float]:

@@ -122,3 +122,18 @@ def test_a_killed_instance_that_left_nothing(tmp_path: Path) -> None:
     rt._claim()
     assert said[0].endswith("reclaimed what it left: nothing")
     rt.stop()
+
+
+def test_status_says_a_killed_instance_is_not_running(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    workdir = tmp_path / "run" / "tiny"
+    workdir.mkdir(parents=True)
+    (workdir / "instance.json").write_text(json.dumps(
+        {"pid": gone.pid, "started": 1, "shm_group": "x"}))
+    (workdir / "status.json").write_text(json.dumps({"name": "tiny"}))
+    out = subprocess.run([sys.executable, "-m", "autoglm.cli", "status", "--home",
+                          str(tmp_path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 1, out.stderr
+    assert out.stdout == ("tiny: not running: the `autoglm up` that served it was killed (the "
+                          "next `autoglm up` of it reclaims what it left)\n")
