@@ -13,7 +13,7 @@ VENV_CACHED := $(VENV_HOME)/$(DEPS_HASH)
 STAMP := .venv.$(DEPS_HASH).$(shell pwd | sha1sum | cut -c1-8).stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-assets prometheus lint test test-unit run demo bench crd dashboard
+.PHONY: help venv k8s-assets prometheus images lint test test-unit run demo bench crd dashboard
 
 help:
 	@echo "make run    - set up, then 'autoglm up examples/tiny.yaml' (the local runtime)"
@@ -45,6 +45,12 @@ $(STAMP): pyproject.toml
 # built once into ~/.cache/autoglm (see README).
 k8s-assets:
 	@bash .ci/k8s-assets.sh >/dev/null
+
+# The operator image and the Triton images (CPU and GPU variants) as OCI archives for
+# `ctr images import`, built without a Docker engine and cached by content in
+# ~/.cache/autoglm/images (.ci/images.py; needs root); prints the archives' paths.
+images:
+	@$(PYTHON) .ci/images.py build
 
 lint: venv
 	$(BIN)/ruff check operator tests bench e2e examples

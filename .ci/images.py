@@ -238,7 +238,9 @@ def ensure_tools() -> None:
 CHROOT = r"""
 set -euo pipefail
 merged=$1 lower=$2 upper=$3 work=$4 inputs=$5; shift 5
-mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work,redirect_dir=off,metacopy=off,index=off" "$merged"
+opts="lowerdir=$lower,upperdir=$upper,workdir=$work"
+# whole-file copy-ups and no redirects: the upper directory is then the layer as it is
+mount -t overlay overlay -o "$opts,redirect_dir=off,metacopy=off,index=off" "$merged"
 mount -t proc proc "$merged/proc"
 mount --rbind /dev "$merged/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$merged/tmp"
@@ -266,7 +268,7 @@ def chroot_run(lowers: list[Path], upper: Path, inputs: Path, env: dict[str, str
 class _Hashing(io.RawIOBase):
     """A write-only file that hashes and counts what passes through to `out`."""
 
-    def __init__(self, out: IO[bytes] | None) -> None:
+    def __init__(self, out: io.RawIOBase | IO[bytes] | None) -> None:
         self.out, self.hash, self.size = out, hashlib.sha256(), 0
 
     def writable(self) -> bool:
@@ -286,7 +288,7 @@ class _ParallelGzip(io.RawIOBase):
     input (no name, mtime 0), and any gzip reader (Go's, Python's) reads the members as one
     stream."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: io.RawIOBase | IO[bytes]) -> None:
         self.out, self.buf = out, bytearray()
         self.pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
         self.pending: list[concurrent.futures.Future[bytes]] = []
@@ -720,7 +722,7 @@ def _requirements() -> dict[str, list[str]]:
 def is_cuda_only(name: str) -> bool:
     """Wheels the CPU image leaves out: CUDA libraries and torch's GPU kernel compiler."""
     n = name.lower().replace("_", "-")
-    return n.startswith("nvidia-") and n != "nvidia-pytriton" or n == "triton"
+    return (n.startswith("nvidia-") and n != "nvidia-pytriton") or n == "triton"
 
 
 def lock() -> None:
