@@ -140,7 +140,8 @@ if missing images/pause.tar images/busybox.tar; then
   cp "$bin_dir/pause" "$root/pause/pause"
   image_archive "$PAUSE_IMAGE" "$root/pause" "$dir/images/pause.tar" '["/pause"]'
   cp "$bin_dir/busybox" "$root/busybox/bin/busybox"
-  for a in sh ls cat echo sleep wget nslookup nc ip ps hostname httpd mkdir env id; do
+  # (no wget: Debian's static busybox wget segfaults; nc speaks HTTP well enough)
+  for a in sh ls cat echo printf sleep nslookup nc ip ps hostname httpd mkdir env id; do
     ln -s busybox "$root/busybox/bin/$a"
   done
   echo 'root:x:0:0:root:/:/bin/sh' >"$root/busybox/etc/passwd"

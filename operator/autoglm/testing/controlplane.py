@@ -110,10 +110,10 @@ def _pem_key(key: Any) -> bytes:
 
 def issue_cert(pki: Path, name: str, common_name: str, organizations: tuple[str, ...] = (),
                ips: tuple[str, ...] = (), dns: tuple[str, ...] = (),
-               server: bool = False) -> tuple[Path, Path]:
-    """A certificate signed by the test CA in ``pki`` (written there as ``name``.crt/.key):
-    a client certificate (the apiserver maps CN to the user, O to groups) or, with
-    ``server``, a serving one for ``ips`` and ``dns``."""
+               server: bool = False, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """A certificate signed by the test CA in ``pki``, written as ``name``.crt/.key into
+    ``out_dir`` (default ``pki``): a client certificate (the apiserver maps CN to the user,
+    O to groups) or, with ``server``, a serving one for ``ips`` and ``dns``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -142,9 +142,10 @@ def issue_cert(pki: Path, name: str, common_name: str, organizations: tuple[str,
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    (pki / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (pki / f"{name}.key").write_bytes(_pem_key(key))
-    return pki / f"{name}.crt", pki / f"{name}.key"
+    out = out_dir or pki
+    (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}.key").write_bytes(_pem_key(key))
+    return out / f"{name}.crt", out / f"{name}.key"
 
 
 def _write_pki(d: Path, address: str) -> None:
@@ -358,7 +359,8 @@ class ControlPlane:
         ])
         self._wait(f"https://127.0.0.1:{kcm_port}/healthz", "kube-controller-manager", deadline)
         self._wait(f"https://127.0.0.1:{sched_port}/healthz", "kube-scheduler", deadline)
-        self.kubectl("apply", "-f", "-", input=json.dumps(self._nodes_manifest()))
+        if self.nodes:
+            self.kubectl("apply", "-f", "-", input=json.dumps(self._nodes_manifest()))
         self._until(deadline, "kwok nodes Ready", self._nodes_ready)
         # Pods can only be admitted once the ServiceAccount controller made `default`.
         self._until(deadline, "the default ServiceAccount",

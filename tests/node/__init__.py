@@ -1,0 +1,1 @@
+"""Tests on the real node (marker ``node``)."""
