@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from autoglm.procs import free_port
 from autoglm.testing import eventually
 from autoglm.testing.controlplane import GUARDED_RANGE
 from autoglm.testing.node import (
@@ -188,20 +187,33 @@ def test_node_port_and_port_forward_from_the_host(real_cluster: RealCluster, ns:
     # ... and a ClusterIP from the host
     assert fetch(f"http://{svc['spec']['clusterIP']}:80/") in names
     # kubectl port-forward (apiserver -> kubelet -> containerd streaming)
-    port = free_port()
-    cmd = [str(real_cluster.control_plane.bin_dir / "kubectl"),
-           f"--kubeconfig={real_cluster.control_plane.kubeconfig}", "port-forward", "-n", ns,
-           "service/web", f"{port}:80"]
-    pf = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert eventually(lambda: fetch(f"http://127.0.0.1:{port}/"), "port-forward",
-                          timeout=30) in names
-    finally:
-        pf.kill()
-        pf.wait()
+    with real_cluster.port_forward(ns, "service/web", 80) as port:
+        assert fetch(f"http://127.0.0.1:{port}/") in names
 
 
 # -- nothing leaves the machine ---------------------------------------------------------------
+
+def test_images_are_never_pulled(real_cluster: RealCluster, ns: str) -> None:
+    """An image that is not imported fails to pull, the pull having gone to a closed
+    loopback port (a fully qualified name and a short one, which would mean the default
+    registry)."""
+    for name, image in (("qualified", "autoglm.local/not-imported:1"),
+                        ("short", "not-imported:1")):
+        spec = pod_spec(image, "true")
+        spec["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+        apply(real_cluster, {"apiVersion": "v1", "kind": "Pod",
+                             "metadata": {"name": name, "namespace": ns}, "spec": spec})
+
+    def pull_errors() -> list[str] | None:
+        out = real_cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout
+        msgs = [e["message"] for e in json.loads(out)["items"]
+                if e["reason"] == "Failed" and "pull" in e["message"]]
+        pods_failed = {m.split('"')[1] for m in msgs}
+        return msgs if len(pods_failed) == 2 else None
+
+    for msg in eventually(pull_errors, "both pulls to fail", timeout=60):
+        assert "127.0.0.1:9" in msg, msg
+
 
 GUARD_TEST_NS = "autoglm-guardtest"
 GUARD_TEST_IF = "autoglm-gt0"
@@ -261,8 +273,12 @@ def test_stop_leaves_nothing(node_holder: NodeClusterHolder, busybox: str, ns: s
     rules) and compare the host with its state before the first start."""
     cluster = node_holder.ensure()
     web(cluster, ns, busybox, replicas=1)
-    node_holder.stop()
     assert node_holder.before is not None
+    # the snapshot sees what a running node makes (so an empty diff below means something)
+    running = node_holder.before.diff(node_holder.snapshot())
+    assert {"processes", "mounts", "netns", "links", "routes", "iptables",
+            "cgroups"} <= set(running), running.keys()
+    node_holder.stop()
     diff = node_holder.before.diff(node_holder.snapshot())
     assert not diff, f"left behind (before, after): {diff}"
 

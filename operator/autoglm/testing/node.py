@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -290,7 +291,7 @@ def _tool_env(bin_dir: Path) -> dict[str, str]:
 def host_state(assets: Path, also: tuple[Path, ...] = ()) -> HostState:
     """A snapshot of what a real node touches on the host: its processes (executables from
     ``assets`` or ``also``, anything in its cgroups), its mounts (under its work directories
-    and the runtime's host paths, and every overlay and network-namespace mount), network
+    and the runtime's host paths: container root file systems, volumes, netns pins), network
     namespaces, links, routes, iptables rules and nftables tables, its cgroups, the
     :data:`SYSCTLS`, /dev/shm and :data:`HOST_PATHS`."""
     bin_dir = assets / "bin"
@@ -299,8 +300,8 @@ def host_state(assets: Path, also: tuple[Path, ...] = ()) -> HostState:
         procs |= _pids_running(str(prefix))
     prefixes = (tempfile.gettempdir() + "/autoglm-node-", tempfile.gettempdir() + "/autoglm-k8s-",
                 *(str(p) for p in HOST_PATHS))
-    mounts = sorted(m for m in _mountpoints(with_type=True)
-                    if m.startswith(prefixes) or m.endswith((" overlay", " nsfs")))
+    # (by path only: another runtime on the machine may mount overlays of its own)
+    mounts = sorted(m for m in _mountpoints(with_type=True) if m.startswith(prefixes))
     processes = sorted(f"{p} {_exe(p)}" for p in procs if _exe(p))
     netns_dir = Path("/run/netns")
     netns = sorted(p.name for p in netns_dir.iterdir()) if netns_dir.is_dir() else []
@@ -382,18 +383,20 @@ class NodeNetwork:
         write_sysctl("net.ipv4.ip_forward", "1")
 
     def _install_guard(self) -> None:
-        self.ipt("-N", GUARD_CHAIN)
+        # mangle POSTROUTING sees every packet about to leave, the host's and forwarded
+        # ones, with its final interface and before any SNAT; kube-proxy puts its ACCEPTs
+        # ahead of anything in filter OUTPUT/FORWARD but never hooks here.
+        self.ipt("-t", "mangle", "-N", GUARD_CHAIN)
         self._guard = True
         for ifname in ("lo", HOST_IF, BRIDGE):
-            self.ipt("-A", GUARD_CHAIN, "-o", ifname, "-j", "RETURN")
+            self.ipt("-t", "mangle", "-A", GUARD_CHAIN, "-o", ifname, "-j", "RETURN")
         for flag in ("-d", "-s"):
-            self.ipt("-A", GUARD_CHAIN, flag, GUARDED_RANGE, "-j", "DROP")
-        for chain in ("OUTPUT", "FORWARD"):
-            self.ipt("-I", chain, "1", "-j", GUARD_CHAIN)
+            self.ipt("-t", "mangle", "-A", GUARD_CHAIN, flag, GUARDED_RANGE, "-j", "DROP")
+        self.ipt("-t", "mangle", "-I", "POSTROUTING", "1", "-j", GUARD_CHAIN)
 
     def guard_drops(self) -> int:
         """Packets the guard dropped so far."""
-        out = self.ipt("-L", GUARD_CHAIN, "-n", "-v", "-x")
+        out = self.ipt("-t", "mangle", "-L", GUARD_CHAIN, "-n", "-v", "-x")
         return sum(int(ln.split()[0]) for ln in out.splitlines()
                    if ln.split()[2:3] == ["DROP"])
 
@@ -408,11 +411,10 @@ class NodeNetwork:
                 errors.append(str(e))
 
         if self._guard:
-            for chain in ("OUTPUT", "FORWARD"):
-                attempt(functools.partial(self.ipt, "-D", chain, "-j", GUARD_CHAIN,
-                                          check=False))
-            attempt(functools.partial(self.ipt, "-F", GUARD_CHAIN))
-            attempt(functools.partial(self.ipt, "-X", GUARD_CHAIN))
+            attempt(functools.partial(self.ipt, "-t", "mangle", "-D", "POSTROUTING", "-j",
+                                      GUARD_CHAIN, check=False))
+            attempt(functools.partial(self.ipt, "-t", "mangle", "-F", GUARD_CHAIN))
+            attempt(functools.partial(self.ipt, "-t", "mangle", "-X", GUARD_CHAIN))
             self._guard = False
         for route in reversed(self._routes):
             attempt(functools.partial(_run, "ip", "route", "del", *route))
@@ -643,6 +645,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             f"--config={w / 'kubelet.yaml'}", f"--kubeconfig={w / 'kubelet.kubeconfig'}",
             f"--root-dir={w / 'kubelet'}", f"--cert-dir={w / 'pki'}",
             f"--hostname-override={self.name}", f"--node-ip={NODE_IP}",
+            # cAdvisor's own containerd client (container stats) defaults to /run/containerd
+            f"--containerd={self.containerd_socket}",
             f"--node-labels={NODE_LABEL}={NODE_SELECTOR[NODE_LABEL]}",
             "--v=1",
         ], self._env())
@@ -1014,6 +1018,33 @@ class RealCluster:
     def kubectl(self, *args: str, input: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.control_plane.kubectl(*args, input=input, check=check)
+
+    @contextlib.contextmanager
+    def port_forward(self, namespace: str, target: str, port: int,
+                     timeout: float = 30.0) -> Iterator[int]:
+        """``kubectl port-forward`` of ``target`` (``pod/x``, ``service/y``) ``port`` to a
+        free local port on 127.0.0.1; yields that port once it accepts connections."""
+        local = free_port()
+        cp = self.control_plane
+        log = (self.node.workdir / f"port-forward-{local}.log").open("wb")
+        proc = spawn([str(cp.bin_dir / "kubectl"), f"--kubeconfig={cp.kubeconfig}",
+                      "port-forward", "-n", namespace, target, f"{local}:{port}"], log)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise NodeError(f"kubectl port-forward exited {proc.returncode}: " +
+                                    Path(log.name).read_text(errors="replace"))
+                with contextlib.suppress(OSError), \
+                        socket.create_connection(("127.0.0.1", local), timeout=1):
+                    break
+                if time.monotonic() > deadline:
+                    raise NodeError(f"kubectl port-forward {target} {port}: no listener")
+                time.sleep(0.1)
+            yield local
+        finally:
+            terminate(proc, timeout=5)
+            log.close()
 
 
 @contextlib.contextmanager
