@@ -201,7 +201,7 @@ def mirror_state(sources: list[str]) -> tuple[str, int]:
     files = release_files()
     if not files:
         log("apt lists missing for the Debian sources: apt-get update")
-        run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+        run(["apt-get", "update", "-qq"], stdout=sys.stderr)
         files = release_files()
     if not files:
         raise SystemExit("images: apt-get update gave no Release file for " + ", ".join(sources))
@@ -260,7 +260,7 @@ def chroot_run(lowers: list[Path], upper: Path, inputs: Path, env: dict[str, str
         envs = [f"{k}={v}" for k, v in sorted(env.items())]
         run(["unshare", "--mount", "--propagation", "private", "--fork", "bash", "-c", CHROOT,
              "chroot", str(merged), ":".join(map(str, lowers)), str(upper), str(work),
-             str(inputs), *envs, "/bin/bash", "-euxc", script])
+             str(inputs), *envs, "/bin/bash", "-euxc", script], stdout=sys.stderr)
 
 
 # --- reproducible layers -------------------------------------------------------------------
@@ -448,7 +448,7 @@ def build_base(sources: list[str], mirror: str, epoch: int,
          # apt is configured)
          '--aptopt=Acquire::Check-Valid-Until "false"',
          *(f"--dpkgopt={o}" for o in DPKG_EXCLUDES), SUITE, str(layer.tree), *sources],
-        env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
+        env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}, stdout=sys.stderr)
     tree = layer.tree
     # The runtime provides /dev, /etc/resolv.conf and /etc/hostname.
     for p in [*(tree / "dev").iterdir(), tree / "etc/resolv.conf", tree / "etc/hostname"]:
@@ -671,11 +671,14 @@ def write_archive(img: Image, layers: list[Layer], epoch: int) -> dict[str, Any]
             "layers": [la.meta for la in layers]}
 
 
-def prune_projects(keep: set[str]) -> None:
-    """Project layers of earlier source trees: rebuilt in seconds, not worth the disk."""
-    for d in (CACHE / "project").glob("*"):
-        if d.name not in keep:
-            shutil.rmtree(d, ignore_errors=True)
+def prune(results: list[dict[str, Any]]) -> None:
+    """After building every image: drop the layers no image uses any more (earlier source
+    trees, locks or mirror states) — the cache holds one set of images."""
+    for i, stage in enumerate(("base", "deps", "project")):
+        keep = {r["layers"][i]["key"][:16] for r in results}
+        for d in (CACHE / stage).glob("*"):
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def build(names: list[str], rebuild: set[str]) -> list[dict[str, Any]]:
@@ -698,7 +701,7 @@ def build(names: list[str], rebuild: set[str]) -> list[dict[str, Any]]:
                 f"{res['unpacked'] >> 20} MiB unpacked, {res['seconds']} s)")
             results.append(res)
         if set(names) == set(IMAGES):
-            prune_projects({Path(r["layers"][2]["key"][:16]).name for r in results})
+            prune(results)
     return results
 
 
