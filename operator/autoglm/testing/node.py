@@ -93,6 +93,9 @@ HOST_PATHS = (Path("/run/containerd"), Path("/run/netns"), Path("/var/log/contai
               Path("/etc/cni"), Path("/opt/cni"))
 
 
+SYSCTL_STATE = Path(tempfile.gettempdir()) / "autoglm-sysctls-node.json"
+
+
 class NodeError(ControlPlaneError):
     """The real node could not be provisioned or started; the message says why."""
 
@@ -319,7 +322,8 @@ def host_state(assets: Path, also: tuple[Path, ...] = ()) -> HostState:
     # come and go with their regions, which are not the node's.
     shm = sorted(e for e in os.listdir("/dev/shm") if not e.startswith("triton_python_"))
     paths = [str(p) for p in HOST_PATHS if p.exists() or p.is_symlink()]
-    paths += [str(p / e) for p in HOST_PATHS if p.is_dir() for e in os.listdir(p)]
+    paths += [os.path.join(d, e) for p in HOST_PATHS if p.is_dir()
+              for d, dirs, files in os.walk(p) for e in (*dirs, *files)]
     return HostState(
         processes=processes, mounts=mounts, netns=netns, links=links,
         routes=routes, iptables=_iptables_rules(bin_dir, False) + _iptables_rules(bin_dir, True),
@@ -364,6 +368,8 @@ class NodeNetwork:
 
     def _up(self) -> None:
         self._saved_sysctls = read_sysctls()
+        # kept on disk too, so that reclaim() can restore them after a killed run
+        SYSCTL_STATE.write_text(json.dumps(self._saved_sysctls))
         if Path(f"/sys/class/net/{HOST_IF}").exists():
             raise NodeError(f"{HOST_IF} exists: another real node runs here, or one was "
                             f"left behind (remove it with `ip link del {HOST_IF}`)")
@@ -429,6 +435,7 @@ class NodeNetwork:
                 if _sysctl_path(name).read_text().strip() != value:
                     attempt(functools.partial(write_sysctl, name, value))
         self._saved_sysctls.clear()
+        SYSCTL_STATE.unlink(missing_ok=True)
         if errors:
             raise NodeError("network teardown: " + "; ".join(errors))
 
@@ -445,6 +452,55 @@ def _drop_new_tables(bin_dir: Path, before: HostState) -> None:
             continue
         _, family, name = line.split()
         _run(str(nft), "delete", "table", family, name, check=False, env=_tool_env(bin_dir))
+
+
+def _leftover_paths(workdirs: list[Path], netns_pins: list[str]) -> set[str]:
+    """Files under :data:`HOST_PATHS` a killed node left: its netns pins, CNI result caches
+    of its sandboxes, log links into its work directories, dead sockets (directories stay:
+    who made one cannot be told after the fact)."""
+    sandboxes = {d.name for w in workdirs for d in
+                 (w / "containerd/state/io.containerd.grpc.v1.cri/sandboxes").glob("*")}
+    bound = set(_sockets_under(Path("/")))
+
+    def ours(p: Path) -> bool:
+        if p.is_symlink():
+            return any(os.readlink(p).startswith(str(w)) for w in workdirs)
+        if p.is_dir():  # whose a directory is cannot be told after the fact: kept
+            return False
+        if str(p) in netns_pins:
+            return True
+        if p.parent.name == "results" and any(i in p.name for i in sandboxes):
+            return True
+        return p.is_socket() and str(p) not in bound
+
+    out = set()
+    for top in HOST_PATHS:
+        if top.is_dir():
+            for d, dirs, files in os.walk(top):
+                for e in [Path(d) / f for f in (*dirs, *files)]:
+                    if ours(e):
+                        out.add(str(e))
+        if (top.exists() or top.is_symlink()) and ours(top):
+            out.add(str(top))
+    return out
+
+
+def _drop_empty_xtables(bin_dir: Path) -> None:
+    """Delete iptables-nft's tables that hold no rule and no chain of their own (what a
+    killed node's tables are once its chains are gone; anyone's next use recreates them)."""
+    nft, env = bin_dir / "nft", _tool_env(bin_dir)
+    if not nft.exists():
+        return
+    for family, save in (("ip", "iptables-save"), ("ip6", "ip6tables-save")):
+        table, busy = "", False
+        for line in [*_run(str(bin_dir / save), env=env).stdout.splitlines(), "*END"]:
+            if line.startswith("*"):
+                if table and not busy:
+                    _run(str(nft), "delete", "table", family, table, check=False, env=env)
+                table, busy = line[1:], False
+            elif line.startswith("-A") or (line.startswith(":") and
+                                           line.split()[1] == "-"):
+                busy = True
 
 
 # -- the node ------------------------------------------------------------------------------
@@ -898,22 +954,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._cgroups_made = False
 
     def _remove_host_paths(self) -> None:
+        """What appeared under :data:`HOST_PATHS` since start (all of a directory that
+        appeared, unless another runtime started meanwhile and bound sockets there)."""
         before = set(self._host_before.paths) if self._host_before else set()
-        for p in HOST_PATHS:
-            if not (p.exists() or p.is_symlink()):
+
+        def remove(q: Path) -> None:
+            if q.is_symlink() or not q.is_dir():
+                q.unlink(missing_ok=True)
+            elif not _sockets_under(q):
+                shutil.rmtree(q, ignore_errors=True)
+
+        for top in HOST_PATHS:
+            if not (top.exists() or top.is_symlink()):
                 continue
-            if str(p) not in before:
-                # another runtime may have started meanwhile (its sockets are bound there)
-                if not _sockets_under(p):
-                    shutil.rmtree(p, ignore_errors=True)
+            if str(top) not in before:
+                remove(top)
                 continue
-            for e in os.listdir(p):
-                if str(p / e) not in before:
-                    q = p / e
-                    if q.is_symlink() or q.is_file():
-                        q.unlink()
-                    else:
-                        shutil.rmtree(q, ignore_errors=True)
+            for d, dirs, files in os.walk(top):
+                for name in files:
+                    if os.path.join(d, name) not in before:
+                        remove(Path(d) / name)
+                for name in list(dirs):
+                    if os.path.join(d, name) not in before:
+                        remove(Path(d) / name)
+                        dirs.remove(name)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -966,6 +1030,62 @@ def _cert_kubeconfig(server: str, ca: Path, crt: Path, key: Path) -> str:
     return json.dumps(cfg, indent=1)
 
 
+def reclaim(assets: Path) -> bool:
+    """Remove what a real node killed without its teardown (SIGKILL, a crash) left behind:
+    its containers and shims, mounts and files under its work directories, interfaces,
+    routes, iptables chains, cgroups, and the sysctls it recorded. Refuses while a kubelet
+    of ``assets`` runs (a live node). Whether there was anything to reclaim."""
+    tmp = Path(tempfile.gettempdir())
+    workdirs = sorted(tmp.glob("autoglm-node-*"))
+    workdirs = [d for d in workdirs if d.is_dir()]
+    leftovers = (workdirs or SYSCTL_STATE.exists() or
+                 Path(f"/sys/class/net/{HOST_IF}").exists() or
+                 any((h / CGROUP_ROOT).exists() for h in _cgroup_hierarchies()))
+    if not leftovers:
+        return False
+    if _pids_running(str(assets / "bin" / "kubelet")):
+        raise NodeError("a real node runs on this machine already (its kubelet is alive)")
+    errors: list[str] = []
+    now = host_state(assets)
+    # what the teardown below may unmount: the leftovers' mounts and pod netns pins (a pod's
+    # namespace holds an address of POD_CIDR), not other runtimes' namespaces
+    ours = [str(d) for d in workdirs]
+    for name in now.netns:
+        addrs = _run("ip", "-n", name, "-o", "-4", "addr", "show", check=False).stdout
+        if f" {POD_CIDR.rsplit('.', 1)[0]}." in addrs:
+            ours += [f"/run/netns/{name}", f"/var/run/netns/{name}"]
+    now.mounts = [m for m in now.mounts
+                  if not any(m.startswith((o + " ", o + "/")) for o in ours)]
+    now.paths = [p for p in now.paths if p not in _leftover_paths(workdirs, ours)]
+    for d in workdirs or [tmp / "autoglm-node-none"]:
+        node = RealNode.__new__(RealNode)  # only its teardown: no control plane needed
+        node.assets, node.workdir, node._procs = assets, d, []
+        node._host_before, node._cgroups_made = now, True
+        try:
+            node.stop()
+        except NodeError as e:
+            errors.append(str(e))
+    net = NodeNetwork(assets)
+    net._guard = True
+    net._links = [HOST_IF] if Path(f"/sys/class/net/{HOST_IF}").exists() else []
+    routes = _run("ip", "route", "show", GUARDED_RANGE, "type", "blackhole").stdout
+    net._routes = [["blackhole", GUARDED_RANGE]] if routes.strip() else []
+    if SYSCTL_STATE.exists():
+        with contextlib.suppress(ValueError):
+            net._saved_sysctls = json.loads(SYSCTL_STATE.read_text())
+    try:
+        net.down()
+    except NodeError as e:
+        # the guard chain may be gone already (that step alone failing is fine)
+        errors += [m for m in str(e).split("; ") if GUARD_CHAIN not in m]
+    SYSCTL_STATE.unlink(missing_ok=True)
+    with contextlib.suppress(NodeError):
+        _drop_empty_xtables(assets / "bin")
+    if errors:
+        raise NodeError("reclaiming a killed node's leftovers: " + "; ".join(errors))
+    return True
+
+
 # -- the whole ------------------------------------------------------------------------------
 
 @dataclass
@@ -996,6 +1116,7 @@ class RealCluster:
 
     def start(self) -> None:
         t0 = time.monotonic()
+        reclaim(self.node_assets)
         try:
             self.network.up()
             self.control_plane.start()
