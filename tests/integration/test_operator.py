@@ -14,6 +14,7 @@ from autoglm.spec import GROUP, PLURAL
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.monitoring import PODMONITOR_CRD
 from autoglm.testing.operator import REPO_ROOT, OperatorProcess, running_operator
 
 pytestmark = pytest.mark.k8s
@@ -275,18 +276,6 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
     assert len(pods) == experts + 2, "one pod per workload: no duplicate ReplicaSets"
     sets = cluster.get("replicasets")["items"]
     assert len([s for s in sets if s["metadata"]["name"].startswith("big-")]) == experts + 2
-
-
-PODMONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
-    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-             "names": {"kind": "PodMonitor", "plural": "podmonitors",
-                       "singular": "podmonitor"},
-             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
-                 "openAPIV3Schema": {"type": "object",
-                                     "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
 
 
 def test_pod_monitor_only_where_the_prometheus_operator_is(cluster: Cluster,

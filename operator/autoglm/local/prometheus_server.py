@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -29,14 +29,18 @@ def prometheus_binary() -> Path:
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, port: int, scrape_interval: str = "1s") -> None:
+    def __init__(self, workdir: Path, port: int, scrape_interval: str = "1s",
+                 host: str = "127.0.0.1",
+                 scrape_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """``scrape_configs`` replaces the file-discovered job (:meth:`set_targets`)."""
         self.workdir, self.port, self.interval = workdir, port, scrape_interval
+        self.host, self.scrape_configs = host, scrape_configs
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def targets_file(self) -> Path:
@@ -62,14 +66,16 @@ class PrometheusServer:
             "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
             # honor_labels: a series' own labels win over the target's (Triton's ``version``
             # label is the model version, as the target's)
-            "scrape_configs": [{"job_name": "autoglm", "honor_labels": True, "file_sd_configs": [
+            "scrape_configs": [dict(c) for c in self.scrape_configs]
+            if self.scrape_configs is not None else
+            [{"job_name": "autoglm", "honor_labels": True, "file_sd_configs": [
                 {"files": [str(self.targets_file)], "refresh_interval": "1s"}]}],
         }))
         self._log = (self.workdir / "prometheus.log").open("ab")
         self.popen = spawn(
             [str(binary), f"--config.file={config}",
              f"--storage.tsdb.path={self.workdir / 'prometheus-data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self._log)
+             f"--web.listen-address={self.host}:{self.port}", "--log.level=warn"], self._log)
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
