@@ -50,6 +50,7 @@ NAME = "tiny"
 MODEL = "tiny-moe"
 BUILDER = REPO_ROOT / ".ci" / "images.py"
 SMALL = {"requests": {"cpu": "50m", "memory": "256Mi"}}
+VERSIONS = (1, 2, 3)
 INPUTS = np.random.default_rng(13).integers(0, 256, (16, 1, 6)).astype(np.int64)
 
 
@@ -104,10 +105,10 @@ def system(node_holder: NodeClusterHolder) -> Iterator[System]:
     models_dir = Path(tempfile.mkdtemp(prefix="autoglm-node-models-"))
     models_dir.chmod(0o755)  # the pods read it as user 1000
     try:
-        for v in (1, 2):
+        for v in VERSIONS:
             build(models_dir, MODEL, v, PRESETS["tiny"])
         kube = Cluster(cluster.control_plane, NS)
-        sys_ = System(cluster, kube, {v: load_reference(models_dir, v) for v in (1, 2)})
+        sys_ = System(cluster, kube, {v: load_reference(models_dir, v) for v in VERSIONS})
         cluster.kubectl("create", "namespace", NS)
         cluster.kubectl("apply", "-f", "-", input=json.dumps(PODMONITOR_CRD))
         install(cluster.control_plane)
@@ -405,7 +406,8 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
 
 
 def test_the_operator_pod_deleted_mid_swap_resumes(system: System) -> None:
-    system.kube.apply(deployment(2))
+    # version 3: new pods to stage (2 is still warm on the standby slot: a flip, not a swap)
+    system.kube.apply(deployment(3))
 
     def staging() -> bool:
         st = system.kube.resource(NAME).get("status", {})
@@ -417,11 +419,11 @@ def test_the_operator_pod_deleted_mid_swap_resumes(system: System) -> None:
 
     def done() -> bool:
         st = system.kube.resource(NAME).get("status", {})
-        return bool(st.get("activeVersion") == 2
+        return bool(st.get("activeVersion") == 3
                     and (st.get("swap") or {}).get("phase") == "Idle")
 
     eventually(done, "the swap finished by the new operator pod", timeout=600)
-    assert http_infer(system.gateway(), INPUTS[0])[0] == 2
+    assert http_infer(system.gateway(), INPUTS[0])[0] == 3
 
 
 def test_deleting_the_resource_removes_every_child(system: System) -> None:
