@@ -72,7 +72,7 @@ class NoReplica(RuntimeError):
 
 
 @dataclass
-class _Replica(Generic[C]):
+class Replica(Generic[C]):
     address: str
     channel: C
     in_flight: int = 0
@@ -89,7 +89,7 @@ class Balancer(Generic[C]):
         self._penalty = penalty_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._replicas: dict[int, dict[str, _Replica[C]]] = {}
+        self._replicas: dict[int, dict[str, Replica[C]]] = {}
         # per expert: one counter shared by all experts lets a regular request mix always
         # land the same expert on the same replica (the parity of the other calls decides)
         self._rr: dict[int, int] = {}
@@ -102,7 +102,7 @@ class Balancer(Generic[C]):
                 current = self._replicas.setdefault(expert, {})
                 for a in addresses:
                     if a not in current:
-                        current[a] = _Replica(a, self._connect(a))
+                        current[a] = Replica(a, self._connect(a))
                 for a in list(current):
                     if a not in addresses:
                         closing.append(current.pop(a).channel)
@@ -113,7 +113,7 @@ class Balancer(Generic[C]):
         with self._lock:
             return sorted(self._replicas.get(expert, {}))
 
-    def acquire(self, expert: int, exclude: Sequence[str] = ()) -> _Replica[C]:
+    def acquire(self, expert: int, exclude: Sequence[str] = ()) -> Replica[C]:
         now = self._clock()
         with self._lock:
             pool = [r for r in self._replicas.get(expert, {}).values()
@@ -128,7 +128,7 @@ class Balancer(Generic[C]):
             chosen.in_flight += 1
             return chosen
 
-    def release(self, replica: _Replica[C], failed: bool = False) -> None:
+    def release(self, replica: Replica[C], failed: bool = False) -> None:
         with self._lock:
             replica.in_flight -= 1
             if failed:

@@ -11,17 +11,17 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2
 
-from autoglm.endpoints import Balancer, NoReplica, Resolver
+from autoglm.endpoints import Balancer, NoReplica, Replica, Resolver
 from autoglm.plan import expert_model
 
 MAX_TOKENS_PER_CALL = 4096  # the expert models' max_batch_size
@@ -37,12 +37,51 @@ class ExpertUnavailable(RuntimeError):
     pass
 
 
-def _connect(address: str) -> grpcclient.InferenceServerClient:
-    return grpcclient.InferenceServerClient(url=address, channel_args=CHANNEL_ARGS)
+INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def _close(client: grpcclient.InferenceServerClient) -> None:
-    client.close()
+@dataclass
+class _Conn:
+    """A channel to one expert replica and its ModelInfer method. Raw protobufs, not
+    tritonclient: its per-call Python work, times every expert of every layer of every
+    decode step, was most of the router's time in a step."""
+
+    channel: grpc.Channel
+    infer: Any
+
+
+def _connect(address: str) -> _Conn:
+    channel = grpc.insecure_channel(address, options=CHANNEL_ARGS)
+    return _Conn(channel, channel.unary_unary(
+        INFER, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=service_pb2.ModelInferResponse.FromString))
+
+
+def _close(conn: _Conn) -> None:
+    conn.channel.close()
+
+
+def _requests(expert: int, layer: int, h: NDArray[Any]) -> list[Any]:
+    """ModelInferRequests carrying ``h`` [T, d] (fp32) for ``layer``, at most the expert
+    model's max_batch_size tokens each."""
+    out = []
+    for start in range(0, h.shape[0], MAX_TOKENS_PER_CALL):
+        chunk = h[start:start + MAX_TOKENS_PER_CALL]
+        n = chunk.shape[0]
+        r = service_pb2.ModelInferRequest(model_name=expert_model(expert))
+        r.inputs.add(name="LAYER", datatype="INT32", shape=[n, 1])
+        r.inputs.add(name="HIDDEN", datatype="FP32", shape=list(chunk.shape))
+        r.outputs.add(name="OUTPUT")
+        r.raw_input_contents.extend([np.full((n, 1), layer, dtype=np.int32).tobytes(),
+                                     chunk.tobytes()])
+        out.append(r)
+    return out
+
+
+def _output(responses: list[Any]) -> NDArray[Any]:
+    arrays = [np.frombuffer(r.raw_output_contents[0], dtype=np.float32).reshape(
+        tuple(r.outputs[0].shape)) for r in responses]
+    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy()
 
 
 class ExpertFanout:
@@ -52,9 +91,7 @@ class ExpertFanout:
         self.num_experts = num_experts
         self.timeout = float(os.environ.get("AUTOGLM_EXPERT_TIMEOUT_SECONDS", "10"))
         self.resolver = Resolver.from_env()
-        self.balancer: Balancer[grpcclient.InferenceServerClient] = Balancer(_connect, _close)
-        self.pool = ThreadPoolExecutor(max_workers=min(2 * num_experts, 64),
-                                       thread_name_prefix="fanout")
+        self.balancer: Balancer[_Conn] = Balancer(_connect, _close)
         self._metrics()
         self.refresh()
         self._stop = threading.Event()
@@ -101,28 +138,30 @@ class ExpertFanout:
             except Exception as e:
                 pb_utils.Logger.log_warn(f"endpoint refresh failed: {e}")
 
-    def _call_replica(self, client: grpcclient.InferenceServerClient, expert: int, layer: int,
-                      h: NDArray[Any], timeout: float) -> NDArray[Any]:
-        outs = []
-        for start in range(0, h.shape[0], MAX_TOKENS_PER_CALL):
-            chunk = h[start:start + MAX_TOKENS_PER_CALL]
-            lay = grpcclient.InferInput("LAYER", [chunk.shape[0], 1], "INT32")
-            lay.set_data_from_numpy(np.full((chunk.shape[0], 1), layer, dtype=np.int32))
-            hid = grpcclient.InferInput("HIDDEN", list(chunk.shape), "FP32")
-            hid.set_data_from_numpy(chunk)
-            res = client.infer(expert_model(expert), [lay, hid],
-                               outputs=[grpcclient.InferRequestedOutput("OUTPUT")],
-                               client_timeout=timeout)
-            outs.append(res.as_numpy("OUTPUT"))
-        return np.concatenate(outs)
+    def _start(self, replica: Replica[_Conn], expert: int, layer: int, h: NDArray[Any],
+               timeout: float) -> list[Any]:
+        return [replica.channel.infer.future(r, timeout=timeout)
+                for r in _requests(expert, layer, h)]
 
-    def call(self, expert: int, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Try the replicas, least busy first, each at most once, within one timeout: a
-        dead replica refuses at once, so the next one still has time."""
-        arr = np.ascontiguousarray(h.to(torch.float32).cpu().numpy())
-        deadline = time.monotonic() + self.timeout
-        tried: list[str] = []
-        errors: list[str] = []
+    def _finish(self, replica: Replica[_Conn], expert: int, calls: list[Any], t0: float,
+                ) -> NDArray[Any]:
+        """The answer of a call started on ``replica``; grpc.RpcError if it failed."""
+        try:
+            out = _output([c.result() for c in calls])
+        except grpc.RpcError:
+            self.balancer.release(replica, failed=True)
+            self.m["failures"][expert].increment(1.0)
+            raise
+        finally:
+            self.m["seconds"][expert].increment(time.monotonic() - t0)
+        self.balancer.release(replica)
+        self.m["calls"][expert].increment(1.0)
+        return out
+
+    def _retry(self, expert: int, layer: int, h: NDArray[Any], deadline: float,
+               tried: list[str], errors: list[str]) -> NDArray[Any]:
+        """The replicas not ``tried`` yet, least busy first, each at most once, until the
+        deadline: a dead replica refuses at once, so the next one still has time."""
         while (left := deadline - time.monotonic()) > 0:
             try:
                 replica = self.balancer.acquire(expert, exclude=tried)
@@ -132,28 +171,49 @@ class ExpertFanout:
                 break
             t0 = time.monotonic()
             try:
-                out = self._call_replica(replica.channel, expert, layer, arr, left)
-            except InferenceServerException as e:
-                self.balancer.release(replica, failed=True)
-                self.m["failures"][expert].increment(1.0)
+                return self._finish(replica, expert,
+                                    self._start(replica, expert, layer, h, left), t0)
+            except grpc.RpcError as e:
                 tried.append(replica.address)
-                errors.append(f"{replica.address}: {e.message() or e}")
-                continue
-            finally:
-                self.m["seconds"][expert].increment(time.monotonic() - t0)
-            self.balancer.release(replica)
-            self.m["calls"][expert].increment(1.0)
-            return torch.from_numpy(out).to(h.device, h.dtype)
+                errors.append(f"{replica.address}: {e.details() or e.code()}")
         if not errors:
             errors.append(f"no answer within {self.timeout:g} s")
         raise ExpertUnavailable(f"expert {expert} unavailable: " + "; ".join(errors))
 
     def __call__(self, layer: int, sends: Mapping[int, torch.Tensor],
                  ) -> dict[int, torch.Tensor]:
-        futures = {e: self.pool.submit(self.call, e, layer, h) for e, h in sends.items()}
-        return {e: f.result() for e, f in futures.items()}
+        """Every expert's call in flight at once (gRPC futures: no thread per call), then
+        their answers; a failed one is retried on the expert's other replicas."""
+        deadline = time.monotonic() + self.timeout
+        arrays = {e: np.ascontiguousarray(h.to(torch.float32).cpu().numpy())
+                  for e, h in sends.items()}
+        started: dict[int, tuple[Replica[_Conn], list[Any], float] | None] = {}
+        for e, arr in arrays.items():
+            try:
+                replica = self.balancer.acquire(e)
+            except NoReplica:
+                started[e] = None  # _retry says why
+                continue
+            started[e] = (replica, self._start(replica, e, layer, arr, self.timeout),
+                          time.monotonic())
+        out: dict[int, torch.Tensor] = {}
+        for e, first in started.items():
+            tried: list[str] = []
+            errors: list[str] = []
+            if first is not None:
+                replica, calls, t0 = first
+                try:
+                    result = self._finish(replica, e, calls, t0)
+                except grpc.RpcError as err:
+                    tried.append(replica.address)
+                    errors.append(f"{replica.address}: {err.details() or err.code()}")
+                    result = self._retry(e, layer, arrays[e], deadline, tried, errors)
+            else:
+                result = self._retry(e, layer, arrays[e], deadline, tried, errors)
+            h = sends[e]
+            out[e] = torch.from_numpy(result).to(h.device, h.dtype)
+        return out
 
     def close(self) -> None:
         self._stop.set()
-        self.pool.shutdown(wait=False, cancel_futures=True)
         self.balancer.close()
