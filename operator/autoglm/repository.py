@@ -168,7 +168,20 @@ def _write_folder(tmp: Path, source: str, files: Mapping[str, Any],
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, progress: Progress) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
+    # safetensors creates its file 0600: Triton pods (user 1000) reading a repository on a
+    # volume could not open it. Readable as any file we write: 0666 less the umask.
+    path.chmod(0o666 & ~_umask())
     progress(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would, for every thread)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines()
+                        if ln.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def canary_ids(src: Path, vocab_size: int) -> torch.Tensor:

@@ -78,3 +78,12 @@ def test_each_part_holds_only_its_own_tensors(tmp_path: Path) -> None:
             "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.mlp.up_proj.weight",
             "model.embed_tokens.weight", "lm_head.weight"} <= router
     assert (repo / "router" / "1" / "hf" / "tokenizer.json").exists()
+
+
+def test_every_file_of_an_imported_version_is_readable_by_the_pods(tmp_path: Path) -> None:
+    """Triton pods run as user 1000 and read a repository a volume holds (safetensors alone
+    would write weights 0600)."""
+    src = write_checkpoint("Qwen3MoeForCausalLM", tmp_path / "ckpt", seed=1)
+    repo = import_checkpoint(src, tmp_path / "repo", 1, "m", progress=False).repository
+    unreadable = [str(p) for p in repo.rglob("*") if not p.stat().st_mode & 0o004]
+    assert not unreadable
