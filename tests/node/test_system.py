@@ -263,7 +263,8 @@ def test_every_pod_runs_tritonserver_or_the_gateway_on_the_real_node(system: Sys
         name = p["metadata"]["name"]
         ps = system.kube.kubectl("exec", name, "--", "sh", "-c",
                                  "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
-        want = "autoglm gateway" if "gateway" in name else "tritonserver"
+        gateway = p["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+        want = "autoglm gateway" if gateway else "tritonserver"
         assert want in ps, f"{name}: {ps[:300]}"
 
 
