@@ -59,8 +59,14 @@ lint: venv
 test-unit: venv
 	$(BIN)/pytest -m "not k8s and not triton and not prometheus and not e2e" $(PYTEST_ARGS)
 
+# The control plane, the real node's pieces and the images the node tests run are built
+# (or found in ~/.cache/autoglm) side by side first: Go compiles while images download.
 test: lint prometheus
-	AUTOGLM_K8S_ASSETS=$$(bash .ci/k8s-assets.sh) && export AUTOGLM_K8S_ASSETS && \
+	@d=$$(mktemp -d) && trap 'rm -rf $$d' EXIT && \
+	  { bash .ci/k8s-assets.sh >$$d/k8s & bash .ci/node-assets.sh >$$d/node & \
+	    $(PYTHON) .ci/images.py build operator triton-cpu >$$d/images & \
+	    for job in $$(jobs -p); do wait $$job || exit 1; done; } && \
+	  export AUTOGLM_K8S_ASSETS=$$(cat $$d/k8s) AUTOGLM_NODE_ASSETS=$$(cat $$d/node) && \
 	  $(BIN)/pytest $(PYTEST_ARGS)
 
 crd: venv

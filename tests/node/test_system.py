@@ -303,7 +303,7 @@ def test_the_router_finds_its_experts_through_headless_service_dns(system: Syste
     ips = {p["status"]["podIP"] for p in experts}
     resolved: set[str] = set()
     for e in endpoints:
-        host = e.split("://")[-1].rsplit(":", 1)[0]
+        host = e.removeprefix("dns:///").rsplit(":", 1)[0]
         out = system.kube.kubectl("exec", router["metadata"]["name"], "--", "getent",
                                   "hosts", host).stdout
         resolved |= {line.split()[0] for line in out.splitlines()}
