@@ -9,7 +9,7 @@
 # Nothing is written inside the repository.
 set -euo pipefail
 
-K8S_VERSION=v1.34.4    # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+source "$(dirname "$0")/go-build.sh"   # K8S_VERSION, build, build_kubernetes
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.7.0
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
@@ -17,21 +17,6 @@ BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwo
 cache_root=${AUTOGLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoglm}
 bin_dir="$cache_root/k8s/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION/bin"
 log() { echo "k8s-assets: $*" >&2; }
-
-# Builds <pkg...> of module <module>@<version> in a throwaway wrapper module, so
-# that the module's own `replace` directives (which point at its source tree)
-# do not apply; extra `replace` pairs can be given in $REPLACES.
-build() (
-  module=$1 version=$2 ldflags=$3; shift 3
-  work=$(mktemp -d "${TMPDIR:-/tmp}/autoglm-k8s-build.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  cd "$work"
-  go mod init autoglm.local/k8s-assets >/dev/null 2>&1
-  go mod edit -require="$module@$version"
-  for r in ${REPLACES:-}; do go mod edit -replace="$r"; done
-  export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
-  go build -trimpath -ldflags "-s -w $ldflags" -o "$bin_dir/" "$@"
-)
 
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   ok=1
@@ -52,18 +37,9 @@ command -v go >/dev/null || { missing "${BINARIES[@]}" && { log "Go toolchain no
 if missing kube-apiserver kube-controller-manager kube-scheduler kubectl; then
   log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); a cold build takes several minutes"
   start=$SECONDS
-  # k8s.io/kubernetes points its staging modules at ./staging/src; pin each to
-  # its published v0.X.Y instead.
-  modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-  staging_version="v0.${K8S_VERSION#v1.}"
-  k8s_replaces=$(sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$modfile" |
-    while read -r m; do echo "$m=$m@$staging_version"; done)
-  minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-  v="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-  v="$v -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  REPLACES="$k8s_replaces" build k8s.io/kubernetes "$K8S_VERSION" "$v" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+  build_kubernetes k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubectl
   log "Kubernetes built in $((SECONDS - start)) s"
 fi
 

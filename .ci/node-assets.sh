@@ -14,7 +14,7 @@
 # installed into the system. Nothing is written inside the repository.
 set -euo pipefail
 
-K8S_VERSION=v1.34.4          # must equal .ci/k8s-assets.sh's
+source "$(dirname "$0")/go-build.sh"   # K8S_VERSION (the control plane's), build, build_kubernetes
 COREDNS_VERSION=v1.15.0
 PAUSE_TAG=3.10.1             # the pause version Kubernetes 1.34 ships
 # Debian bookworm packages (versions as the configured mirror serves them).
@@ -34,20 +34,6 @@ dir="$cache_root/node/k8s-$K8S_VERSION-coredns-$COREDNS_VERSION-pause-$PAUSE_TAG
 bin_dir="$dir/bin"
 log() { echo "node-assets: $*" >&2; }
 
-# As in k8s-assets.sh: build in a throwaway wrapper module so that the module's own
-# `replace` directives (pointing into its source tree) do not apply.
-build() (
-  module=$1 version=$2 ldflags=$3; shift 3
-  work=$(mktemp -d "${TMPDIR:-/tmp}/autoglm-node-build.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  cd "$work"
-  go mod init autoglm.local/node-assets >/dev/null 2>&1
-  go mod edit -require="$module@$version"
-  for r in ${REPLACES:-}; do go mod edit -replace="$r"; done
-  export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
-  go build -trimpath -ldflags "-s -w $ldflags" -o "$bin_dir/" "$@"
-)
-
 missing() { for f in "$@"; do [[ -e "$dir/$f" ]] || return 0; done; return 1; }
 need_go() { command -v go >/dev/null || { log "Go toolchain not found; it builds $*"; exit 1; }; }
 mkdir -p "$bin_dir" "$dir/cni" "$dir/images"
@@ -56,16 +42,7 @@ if missing bin/kubelet bin/kube-proxy; then
   need_go kubelet and kube-proxy
   log "building kubelet and kube-proxy $K8S_VERSION (cold: several minutes)"
   start=$SECONDS
-  modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-  staging_version="v0.${K8S_VERSION#v1.}"
-  k8s_replaces=$(sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$modfile" |
-    while read -r m; do echo "$m=$m@$staging_version"; done)
-  minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-  v="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-  v="$v -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  # CGO off, as Kubernetes' own release builds kubelet and kube-proxy.
-  REPLACES="$k8s_replaces" build k8s.io/kubernetes "$K8S_VERSION" "$v" \
-    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+  build_kubernetes k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
   log "kubelet and kube-proxy built in $((SECONDS - start)) s"
 fi
 
