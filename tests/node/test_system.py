@@ -10,6 +10,7 @@ Answers are compared with the in-process reference of the version that gave them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ from autoglm.procs import free_port
 from autoglm.repository import build, load_reference
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
-from autoglm.testing.monitoring import PODMONITOR_CRD, scrape_configs
+from autoglm.testing.monitoring import PODMONITOR_CRD, targets
 from autoglm.testing.node import NODE_IP, RealCluster
 from autoglm.testing.operator import NAMESPACE, REPO_ROOT, install
 
@@ -116,7 +117,8 @@ def system(node_holder: NodeClusterHolder) -> Iterator[System]:
         cluster.kubectl("apply", "-f", "-", input=json.dumps(volume(models_dir)))
         yield sys_
         if sys_.prometheus is not None:
-            sys_.prometheus.stop()
+            prom, sys_.prometheus = sys_.prometheus, None
+            prom.stop()
         cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
         cluster.kubectl("delete", "-k", str(REPO_ROOT / "manifests"), "--wait=false",
                         check=False)
@@ -367,24 +369,30 @@ def test_a_gateway_replica_killed_fails_no_client_that_retries(system: System) -
 
 def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scales_up(
         system: System, tmp_path_factory: pytest.TempPathFactory) -> None:
-    monitor = json.loads(system.kube.kubectl("get", "podmonitor", NAME, "-o", "json").stdout)
-    work = tmp_path_factory.mktemp("prometheus")
-    kc = system.cluster.control_plane.kubeconfig
-    prom = PrometheusServer(work, free_port(), host=NODE_IP,
-                            scrape_configs=scrape_configs(monitor, kc))
+    prom = PrometheusServer(tmp_path_factory.mktemp("prometheus"), free_port(), "1s",
+                            host=NODE_IP)
     system.prometheus = prom.start()
 
-    def targets() -> int | None:
+    def discover() -> None:  # what Kubernetes service discovery would do, every second
+        while system.prometheus is not None:
+            with contextlib.suppress(Exception):
+                monitor = system.kube.get("podmonitors", NAME)
+                prom.set_targets(targets(monitor, system.kube.get("pods")["items"]))
+            time.sleep(1)
+
+    threading.Thread(target=discover, daemon=True).start()
+
+    def scraped() -> int | None:
         with urllib.request.urlopen(f"{prom.url}/api/v1/targets", timeout=5) as r:
             active = json.loads(r.read())["data"]["activeTargets"]
         up = [t for t in active if t["health"] == "up"]
         return len(up) if len(up) == len(active) >= 7 else None
 
-    print(f"\nPrometheus scrapes {eventually(targets, 'every pod scraped', 60)} targets")
+    print(f"\nPrometheus scrapes {eventually(scraped, 'every pod scraped', 60)} targets")
     # a low target: the load below is enough to ask for a second replica of some expert
     obj = deployment(1)
     obj["spec"]["autoscaling"] = {"prometheusUrl": prom.url, "signal": "tokens", "target": 5,
-                                  "stabilizationSeconds": 0}
+                                  "intervalSeconds": 5, "stabilizationSeconds": 0}
     system.kube.apply(obj)
 
     def scaled() -> dict[str, int] | None:

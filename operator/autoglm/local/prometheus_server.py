@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import yaml
 
@@ -30,11 +30,8 @@ def prometheus_binary() -> Path:
 
 class PrometheusServer:
     def __init__(self, workdir: Path, port: int, scrape_interval: str = "1s",
-                 host: str = "127.0.0.1",
-                 scrape_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """``scrape_configs`` replaces the file-discovered job (:meth:`set_targets`)."""
-        self.workdir, self.port, self.interval = workdir, port, scrape_interval
-        self.host, self.scrape_configs = host, scrape_configs
+                 host: str = "127.0.0.1") -> None:
+        self.workdir, self.port, self.interval, self.host = workdir, port, scrape_interval, host
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -66,9 +63,7 @@ class PrometheusServer:
             "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
             # honor_labels: a series' own labels win over the target's (Triton's ``version``
             # label is the model version, as the target's)
-            "scrape_configs": [dict(c) for c in self.scrape_configs]
-            if self.scrape_configs is not None else
-            [{"job_name": "autoglm", "honor_labels": True, "file_sd_configs": [
+            "scrape_configs": [{"job_name": "autoglm", "honor_labels": True, "file_sd_configs": [
                 {"files": [str(self.targets_file)], "refresh_interval": "1s"}]}],
         }))
         self._log = (self.workdir / "prometheus.log").open("ab")

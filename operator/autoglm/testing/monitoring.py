@@ -1,19 +1,19 @@
-"""What the Prometheus Operator would make of a PodMonitor: a Prometheus scrape job.
+"""What a Prometheus configured by the Prometheus Operator scrapes for a PodMonitor.
 
-The Prometheus Operator is not run in the test cluster (it would need its own images of
-Prometheus and its config reloader); a Prometheus on the host scrapes with the equivalent
-configuration instead, generated from the PodMonitor the AutoGLM operator created, so what
-the operator's PodMonitor selects is what gets scraped. The rules follow the Prometheus
-Operator's generator (pkg/prometheus/promcfg.go): pods of the monitor's namespace, kept by
-its ``matchLabels`` and the endpoint's named port, with ``namespace``/``pod``/``container``
-target labels, then the endpoint's own ``relabelings``.
+The Prometheus Operator is not run in the test cluster (it would need images of Prometheus
+and its config reloader), and Debian's Prometheus is built without Kubernetes service
+discovery. So the test harness discovers instead: :func:`targets` turns the PodMonitor the
+AutoGLM operator created, and the pods the API server lists, into file-based targets with
+the labels the Prometheus Operator's generated job would give them (its rules,
+pkg/prometheus/promcfg.go): running pods of the monitor's namespace that carry its
+``matchLabels``, at the container port the endpoint names, labelled ``namespace``, ``pod``,
+``container`` and ``job``, then by the endpoint's own ``relabelings``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # The Prometheus Operator's PodMonitor kind, schemaless: what the AutoGLM operator looks for
@@ -29,53 +29,48 @@ PODMONITOR_CRD = {
                                      "x-kubernetes-preserve-unknown-fields": True}}}]},
 }
 
-
-def _meta_label(label: str) -> str:
-    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+Target = tuple[dict[str, str], list[str]]  # (labels, ["ip:port"]), as PrometheusServer takes
 
 
-def _relabeling(r: Mapping[str, Any]) -> dict[str, Any]:
-    """A PodMonitor relabeling (camelCase) as Prometheus configuration (snake_case)."""
-    names = {"sourceLabels": "source_labels", "targetLabel": "target_label",
-             "regex": "regex", "replacement": "replacement", "separator": "separator",
-             "action": "action", "modulus": "modulus"}
-    out = {names[k]: v for k, v in r.items() if k in names}
-    if "action" in out:
-        out["action"] = str(out["action"]).lower()
-    return out
+def _meta(pod: Mapping[str, Any]) -> dict[str, str]:
+    """The ``__meta_kubernetes_pod_label_*`` labels Kubernetes discovery gives a pod."""
+    return {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+            for k, v in pod["metadata"].get("labels", {}).items()}
 
 
-def scrape_configs(monitor: Mapping[str, Any], kubeconfig: Path) -> list[dict[str, Any]]:
-    """One scrape job per endpoint of ``monitor`` (a PodMonitor object), discovering pods
-    through the API server with ``kubeconfig``."""
+def _relabel(labels: dict[str, str], rules: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The ``replace`` relabelings (one source label, default regex and replacement): what
+    the operator's PodMonitors use; anything else is refused, not guessed."""
+    for r in rules:
+        if r.get("action", "replace").lower() != "replace" or len(r["sourceLabels"]) != 1 \
+                or set(r) - {"sourceLabels", "targetLabel", "action"}:
+            raise ValueError(f"relabeling not supported by the test harness: {dict(r)}")
+        value = labels.get(r["sourceLabels"][0], "")
+        if value:  # the default regex (.*) with an empty value writes nothing
+            labels[r["targetLabel"]] = value
+    return labels
+
+
+def targets(monitor: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> list[Target]:
+    """What ``monitor`` (a PodMonitor) selects among ``pods`` (of its namespace)."""
     meta, spec = monitor["metadata"], monitor["spec"]
-    ns = meta["namespace"]
-    keep = [{"source_labels": [_meta_label(k)], "regex": re.escape(v), "action": "keep"}
-            for k, v in sorted(spec.get("selector", {}).get("matchLabels", {}).items())]
-    jobs = []
-    for i, ep in enumerate(spec.get("podMetricsEndpoints", [])):
-        relabel = [
-            *keep,
-            {"source_labels": ["__meta_kubernetes_pod_container_port_name"],
-             "regex": re.escape(ep["port"]), "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)",
-             "action": "drop"},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-            {"source_labels": ["__meta_kubernetes_pod_container_name"],
-             "target_label": "container"},
-            {"target_label": "job", "replacement": f"{ns}/{meta['name']}"},
-            *(_relabeling(r) for r in ep.get("relabelings", [])),
-        ]
-        job: dict[str, Any] = {
-            "job_name": f"podMonitor/{ns}/{meta['name']}/{i}",
-            "honor_labels": bool(ep.get("honorLabels", False)),
-            "metrics_path": ep.get("path", "/metrics"),
-            "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig),
-                                       "namespaces": {"names": [ns]}}],
-            "relabel_configs": relabel,
-        }
-        if "interval" in ep:
-            job["scrape_interval"] = ep["interval"]
-        jobs.append(job)
-    return jobs
+    want = spec.get("selector", {}).get("matchLabels", {})
+    out: list[Target] = []
+    for ep in spec.get("podMetricsEndpoints", []):
+        for pod in pods:
+            labels = pod["metadata"].get("labels", {})
+            if pod.get("status", {}).get("phase") != "Running" \
+                    or not pod["status"].get("podIP") \
+                    or any(labels.get(k) != v for k, v in want.items()):
+                continue
+            for c in pod["spec"]["containers"]:
+                for port in c.get("ports", []):
+                    if port.get("name") != ep["port"]:
+                        continue
+                    base = {**_meta(pod), "namespace": meta["namespace"],
+                            "pod": pod["metadata"]["name"], "container": c["name"],
+                            "job": f"{meta['namespace']}/{meta['name']}"}
+                    final = {k: v for k, v in _relabel(base, ep.get("relabelings", [])).items()
+                             if not k.startswith("__")}
+                    out.append((final, [f"{pod['status']['podIP']}:{port['containerPort']}"]))
+    return out
