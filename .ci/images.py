@@ -405,6 +405,12 @@ class Layer:
     def blob(self) -> Path:
         return self.dir / "layer.tar.gz"
 
+    def begin(self) -> float:
+        """An empty layer directory to build into; returns the start time."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        return time.monotonic()
+
     def cached(self) -> bool:
         if (self.dir / "layer.json").exists() and self.blob.exists():
             self.meta = json.loads((self.dir / "layer.json").read_text())
@@ -439,9 +445,7 @@ def build_base(sources: list[str], mirror: str, epoch: int,
     if layer.cached() and layer.tree.is_dir():
         return layer
     log(f"base {key[:12]}: mmdebstrap {SUITE} + {' '.join(packages)}")
-    t = time.monotonic()
-    shutil.rmtree(layer.dir, ignore_errors=True)
-    layer.dir.mkdir(parents=True)
+    t = layer.begin()
     run(["mmdebstrap", "--quiet", "--mode=root", "--variant=minbase", "--format=directory",
          f"--include={','.join(packages)}",
          # a snapshot-like mirror's Release files may be past their Valid-Until (as the host's
@@ -508,9 +512,7 @@ def build_deps(img: Image, base: Layer, epoch: int, rebuild: bool) -> Layer:
     if layer.cached() and layer.tree.is_dir():
         return layer
     log(f"deps {key[:12]}: {len(lock)} wheels from {img.lock}.lock")
-    t = time.monotonic()
-    shutil.rmtree(layer.dir, ignore_errors=True)
-    layer.dir.mkdir(parents=True)
+    t = layer.begin()
     wheels = _wheelhouse(lock, hashes=True)
     _wheelhouse([PIP, SETUPTOOLS], hashes=False)
     shutil.copy(LISTS / f"{img.lock}.lock", wheels / f".{img.lock}.lock")
@@ -561,9 +563,7 @@ def build_project(img: Image, base: Layer, deps: Layer, epoch: int, rebuild: boo
     if layer.cached():
         return layer
     log(f"project {key[:12]}: {len(files)} files")
-    t = time.monotonic()
-    shutil.rmtree(layer.dir, ignore_errors=True)
-    layer.dir.mkdir(parents=True)
+    t = layer.begin()
     wheels = CACHE / "wheels"
     _wheel_file(wheels, PIP)
     _wheel_file(wheels, SETUPTOOLS)

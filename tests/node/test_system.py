@@ -62,14 +62,13 @@ class System:
     kube: Cluster  # kubectl in NS
     models: dict[int, Model]
     prometheus: PrometheusServer | None = None
-    logs: list[str] = field(default_factory=list)
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cluster.kubectl(*args, check=check)
 
     def service_ip(self, name: str, namespace: str = NS) -> str:
-        return str(self.kube.cp.kubectl("get", "service", name, "-n", namespace, "-o",
-                                        "jsonpath={.spec.clusterIP}").stdout)
+        return str(self.kubectl("get", "service", name, "-n", namespace, "-o",
+                                "jsonpath={.spec.clusterIP}").stdout)
 
     def gateway(self) -> str:
         return f"{self.service_ip(NAME)}:8000"

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
-import itertools
 import json
 import os
 import subprocess
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from peer_common import load_prompts, pct
+from peer_common import load_prompts, summary
 
 DEFAULT_CACHE = Path.home() / ".cache" / "autoglm" / "bench-peers" / "gguf"
 # The converter setup.sh copied out of the sdist: <venv>/converter.
@@ -289,33 +288,12 @@ def main() -> int:
     engine.clear()
 
     reqs, seconds = run(engine, prompts, args.new_tokens, c)
-    ttft = [(r.times[0] - r.admitted) * 1e3 for r in reqs]
-    itl = [(b - a) * 1e3 for r in reqs for a, b in itertools.pairwise(r.times)]
-    total = sum(len(r.out) for r in reqs)
-    if args.dump_tokens:
-        args.dump_tokens.write_text(json.dumps({"tokens": [r.out for r in reqs]}))
-    print(
-        json.dumps(
-            {
-                "engine": f"llama-cpp-python {llama_cpp.__version__}",
-                "concurrency": args.concurrency,
-                "tokens": total,
-                "seconds": round(seconds, 4),
-                "tokens_per_s": round(total / seconds, 2),
-                "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
-                "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-                "first_tokens": reqs[0].out[:8],
-                "settings": {
-                    "threads": args.threads,
-                    "kv_type": args.kv_type,
-                    "flash_attn": args.flash_attn,
-                    "kv_unified": args.kv_unified,
-                    "gguf": "f32",
-                },
-            }
-        ),
-        flush=True,
-    )
+    settings = {"threads": args.threads, "kv_type": args.kv_type, "flash_attn": args.flash_attn,
+                "kv_unified": args.kv_unified, "gguf": "f32"}
+    print(json.dumps(summary(f"llama-cpp-python {llama_cpp.__version__}", args.concurrency,
+                             [r.out for r in reqs], [r.admitted for r in reqs],
+                             [r.times for r in reqs], seconds, settings, args.dump_tokens)),
+          flush=True)
     return 0
 
 

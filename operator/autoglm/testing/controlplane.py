@@ -23,10 +23,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from autoglm.procs import free_port, group_rss_bytes, spawn, terminate
 
@@ -232,14 +232,57 @@ def kubeconfig_yaml(server: str, ca_file: Path, token: str, user: str = "admin")
 
 
 @dataclass
-class _Proc:
+class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: IO[bytes]
 
 
+class Daemons:
+    """Named daemons started from ``bin_dir``, each logging to ``workdir/<name>.log``, and
+    waiting on a condition while checking they still run; errors are ``error``s quoting
+    their logs' tails. For the test cluster's control plane and its real node."""
+
+    workdir: Path
+    _procs: list[Proc]
+    error: ClassVar[type[Exception]]
+    exit_tail: ClassVar[int] = 20  # log lines quoted when a daemon exited
+    timeout_tail: ClassVar[int] = 0  # ... of each daemon when a wait timed out
+
+    if TYPE_CHECKING:  # a field of one subclass, a property of the other
+        @property
+        def bin_dir(self) -> Path: ...
+
+    def logs(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str] | None = None,
+               ) -> None:
+        log = (self.workdir / f"{name}.log").open("wb")
+        self._procs.append(Proc(name, spawn([str(self.bin_dir / name), *args], log, env), log))
+
+    def _check_alive(self) -> None:
+        for p in self._procs:
+            if p.popen.poll() is not None:
+                tail = "\n".join(self.logs(p.name).splitlines()[-self.exit_tail:])
+                raise self.error(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
+
+    def _until(self, deadline: float, what: str, ok: Callable[[], bool]) -> None:
+        while True:
+            self._check_alive()
+            if ok():
+                return
+            if time.monotonic() > deadline:
+                tails = "".join(f"\n--- {p.name}:\n" + "\n".join(
+                    self.logs(p.name).splitlines()[-self.timeout_tail:])
+                    for p in self._procs) if self.timeout_tail else ""
+                raise self.error(f"timed out waiting for {what} (logs in {self.workdir})"
+                                 f"{tails}")
+            time.sleep(0.2)
+
+
 @dataclass
-class ControlPlane:
+class ControlPlane(Daemons):
     """Start with :meth:`start` (or as a context manager); :meth:`stop` leaves nothing behind."""
 
     bin_dir: Path
@@ -253,7 +296,8 @@ class ControlPlane:
     server: str = field(init=False, default="")
     token: str = field(init=False, default="")
     startup_seconds: float = field(init=False, default=0.0)
-    _procs: list[_Proc] = field(init=False, default_factory=list)
+    _procs: list[Proc] = field(init=False, default_factory=list)
+    error: ClassVar[type[Exception]] = ControlPlaneError
 
     @property
     def kubeconfig(self) -> Path:
@@ -401,28 +445,6 @@ class ControlPlane:
     def memory_rss(self) -> dict[str, int]:
         """Resident memory of each component, in bytes."""
         return {p.name: group_rss_bytes(p.popen.pid) for p in self._procs}
-
-    def logs(self, name: str) -> str:
-        return (self.workdir / f"{name}.log").read_text(errors="replace")
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = (self.workdir / f"{name}.log").open("wb")
-        self._procs.append(_Proc(name, spawn([str(self.bin_dir / name), *args], log), log))
-
-    def _check_alive(self) -> None:
-        for p in self._procs:
-            if p.popen.poll() is not None:
-                tail = "\n".join(self.logs(p.name).splitlines()[-20:])
-                raise ControlPlaneError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
-
-    def _until(self, deadline: float, what: str, ok: Callable[[], bool]) -> None:
-        while True:
-            self._check_alive()
-            if ok():
-                return
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(f"timed out waiting for {what} (logs in {self.workdir})")
-            time.sleep(0.2)
 
     def _wait(self, url: str, what: str, deadline: float, auth: bool = False) -> None:
         ctx = ssl.create_default_context()

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, ClassVar
 
 from autoglm.procs import free_port, spawn, terminate
 from autoglm.testing.controlplane import (
@@ -47,6 +47,8 @@ from autoglm.testing.controlplane import (
     SERVICE_CIDR,
     ControlPlane,
     ControlPlaneError,
+    Daemons,
+    Proc,
     issue_cert,
     kubeconfig_yaml,
 )
@@ -506,14 +508,7 @@ def _drop_empty_xtables(bin_dir: Path) -> None:
 # -- the node ------------------------------------------------------------------------------
 
 @dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: IO[bytes]
-
-
-@dataclass
-class RealNode:
+class RealNode(Daemons):
     """containerd, kubelet, kube-proxy and CoreDNS joined to ``control_plane`` as node
     :data:`NODE_NAME` (labelled :data:`NODE_SELECTOR`). The control plane's apiserver must
     bind :data:`NODE_IP` (``ControlPlane(address=NODE_IP)``) and a :class:`NodeNetwork` be
@@ -524,7 +519,10 @@ class RealNode:
     name: str = NODE_NAME
     workdir: Path = field(init=False)
     startup_seconds: float = field(init=False, default=0.0)
-    _procs: list[_Proc] = field(init=False, default_factory=list)
+    _procs: list[Proc] = field(init=False, default_factory=list)
+    error: ClassVar[type[Exception]] = NodeError
+    exit_tail: ClassVar[int] = 25
+    timeout_tail: ClassVar[int] = 8
     _host_before: HostState | None = field(init=False, default=None)
     _created_paths: list[Path] = field(init=False, default_factory=list)
     _cgroups_made: bool = field(init=False, default=False)
@@ -824,9 +822,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         out["pods"] = sum(_rss(p) for p in _pids_in_cgroups(CGROUP_ROOT))
         return out
 
-    def logs(self, name: str) -> str:
-        return (self.workdir / f"{name}.log").read_text(errors="replace")
-
     # -- stop -----------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -983,29 +978,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _env(self) -> dict[str, str]:
         return _tool_env(self.bin_dir)
-
-    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
-        log = (self.workdir / f"{name}.log").open("wb")
-        self._procs.append(_Proc(name, spawn([str(self.bin_dir / name), *args], log, env),
-                                 log))
-
-    def _check_alive(self) -> None:
-        for p in self._procs:
-            if p.popen.poll() is not None:
-                tail = "\n".join(self.logs(p.name).splitlines()[-25:])
-                raise NodeError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
-
-    def _until(self, deadline: float, what: str, ok: Callable[[], bool]) -> None:
-        while True:
-            self._check_alive()
-            if ok():
-                return
-            if time.monotonic() > deadline:
-                tails = "\n".join(f"--- {p.name}:\n" + "\n".join(
-                    self.logs(p.name).splitlines()[-8:]) for p in self._procs)
-                raise NodeError(f"timed out waiting for {what} (logs in {self.workdir})\n"
-                                f"{tails}")
-            time.sleep(0.2)
 
     def _node_ready(self) -> bool:
         out = self.kubectl("get", "node", self.name, "-o", "json", check=False)
