@@ -60,14 +60,22 @@ test-unit: venv
 	$(BIN)/pytest -m "not k8s and not triton and not prometheus and not e2e" $(PYTEST_ARGS)
 
 # The control plane, the real node's pieces and the images the node tests run are built
-# (or found in ~/.cache/autoglm) side by side first: Go compiles while images download.
-test: lint prometheus
-	@d=$$(mktemp -d) && trap 'rm -rf $$d' EXIT && \
-	  { bash .ci/k8s-assets.sh >$$d/k8s & bash .ci/node-assets.sh >$$d/node & \
-	    $(PYTHON) .ci/images.py build operator triton-cpu >$$d/images & \
-	    for job in $$(jobs -p); do wait $$job || exit 1; done; } && \
+# (or found in ~/.cache/autoglm) in the background while the virtualenv is set up and the
+# code linted: on a fresh machine Go compiles while pip and the image builds download.
+# pytest prints its slowest tests, so a run's log says where its time went.
+test:
+	@d=$$(mktemp -d) && trap 'kill $$(jobs -p) 2>/dev/null; rm -rf $$d' EXIT && \
+	  { bash .ci/k8s-assets.sh >$$d/k8s 2>$$d/k8s.log & k8s=$$!; \
+	    bash .ci/node-assets.sh >$$d/node 2>$$d/node.log & node=$$!; \
+	    $(PYTHON) .ci/images.py build operator triton-cpu >$$d/images 2>$$d/images.log & \
+	    images=$$!; } && \
+	  $(MAKE) --no-print-directory lint prometheus && \
+	  for job in k8s node images; do \
+	    wait $${!job} || { echo "building $$job failed:"; tail -n 40 $$d/$$job.log; exit 1; }; \
+	    cat $$d/$$job.log; \
+	  done && \
 	  export AUTOGLM_K8S_ASSETS=$$(cat $$d/k8s) AUTOGLM_NODE_ASSETS=$$(cat $$d/node) && \
-	  $(BIN)/pytest $(PYTEST_ARGS)
+	  $(BIN)/pytest --durations=30 $(PYTEST_ARGS)
 
 crd: venv
 	$(BIN)/autoglm crd > crds/autoglmdeployments.autoglm.io.yaml
