@@ -265,8 +265,10 @@ def monitor_objects(instance: str, namespace: str, owner: dict[str, Any]) -> lis
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/instance": instance,
                                          "app.kubernetes.io/name": "autoglm"}},
+            # honorLabels: a series' own labels win over the pod's, as with `autoglm up`
+            # (Triton's ``version`` label stays ``version``, not ``exported_version``)
             "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "5s",
-                                     "relabelings": relabel}],
+                                     "honorLabels": True, "relabelings": relabel}],
         },
     }]
 

@@ -1,13 +1,16 @@
 """What a Prometheus configured by the Prometheus Operator scrapes for a PodMonitor.
 
-The Prometheus Operator is not run in the test cluster (it would need images of Prometheus
-and its config reloader), and Debian's Prometheus is built without Kubernetes service
-discovery. So the test harness discovers instead: :func:`targets` turns the PodMonitor the
-AutoGLM operator created, and the pods the API server lists, into file-based targets with
-the labels the Prometheus Operator's generated job would give them (its rules,
-pkg/prometheus/promcfg.go): running pods of the monitor's namespace that carry its
-``matchLabels``, at the container port the endpoint names, labelled ``namespace``, ``pod``,
-``container`` and ``job``, then by the endpoint's own ``relabelings``.
+The Prometheus the Prometheus Operator runs cannot start here: its pod needs the upstream
+Prometheus and config-reloader images, which are never pulled. And Debian's Prometheus is
+built without Kubernetes service discovery. So the test harness discovers instead:
+:func:`targets` turns the PodMonitor the AutoGLM operator created, and the pods the API
+server lists, into file-based targets with the labels the Prometheus Operator's generated job
+gives them. Its rules (checked against the job the real operator, v0.94.1, generated for
+AutoGLM's PodMonitor, scraped by a Prometheus with Kubernetes discovery): pods of the
+monitor's namespace that have an IP and are not Failed or Succeeded, carrying its
+``matchLabels``, at each container port (init containers' too) the endpoint names, labelled
+``namespace``, ``container``, ``pod``, ``job`` and ``endpoint``, then by the endpoint's own
+``relabelings``.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ def _relabel(labels: dict[str, str], rules: Sequence[Mapping[str, Any]]) -> dict
                 or set(r) - {"sourceLabels", "targetLabel", "action"}:
             raise ValueError(f"relabeling not supported by the test harness: {dict(r)}")
         value = labels.get(r["sourceLabels"][0], "")
-        if value:  # the default regex (.*) with an empty value writes nothing
+        if value:
             labels[r["targetLabel"]] = value
+        else:  # the default regex (.*) matches "": the label is set empty, that is removed
+            labels.pop(r["targetLabel"], None)
     return labels
 
 
@@ -59,18 +64,19 @@ def targets(monitor: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> li
     for ep in spec.get("podMetricsEndpoints", []):
         for pod in pods:
             labels = pod["metadata"].get("labels", {})
-            if pod.get("status", {}).get("phase") != "Running" \
-                    or not pod["status"].get("podIP") \
+            status = pod.get("status", {})
+            if status.get("phase") in ("Failed", "Succeeded") or not status.get("podIP") \
                     or any(labels.get(k) != v for k, v in want.items()):
                 continue
-            for c in pod["spec"]["containers"]:
+            for c in (*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]):
                 for port in c.get("ports", []):
                     if port.get("name") != ep["port"]:
                         continue
                     base = {**_meta(pod), "namespace": meta["namespace"],
                             "pod": pod["metadata"]["name"], "container": c["name"],
-                            "job": f"{meta['namespace']}/{meta['name']}"}
+                            "job": f"{meta['namespace']}/{meta['name']}",
+                            "endpoint": ep["port"]}
                     final = {k: v for k, v in _relabel(base, ep.get("relabelings", [])).items()
                              if not k.startswith("__")}
-                    out.append((final, [f"{pod['status']['podIP']}:{port['containerPort']}"]))
+                    out.append((final, [f"{status['podIP']}:{port['containerPort']}"]))
     return out
