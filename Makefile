@@ -13,7 +13,8 @@ VENV_CACHED := $(VENV_HOME)/$(DEPS_HASH)
 STAMP := .venv.$(DEPS_HASH).$(shell pwd | sha1sum | cut -c1-8).stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-assets prometheus images lint test test-unit run demo bench crd dashboard
+.PHONY: help venv k8s-assets prometheus images lint test test-unit run demo bench crd dashboard \
+	check-prometheus-operator
 
 help:
 	@echo "make run    - set up, then 'autoglm up examples/tiny.yaml' (the local runtime)"
@@ -22,6 +23,7 @@ help:
 	@echo "make bench  - every benchmark, printing its figures"
 	@echo "make crd    - regenerate crds/ from the typed spec"
 	@echo "make dashboard - regenerate the Grafana dashboard ConfigMap in manifests/grafana/"
+	@echo "make check-prometheus-operator - the PodMonitor under the real Prometheus Operator"
 
 # The shared virtualenv holds one editable install: point it at this checkout if another
 # checkout took it over since.
@@ -76,6 +78,11 @@ test:
 	  done && \
 	  export AUTOGLM_K8S_ASSETS=$$(cat $$d/k8s) AUTOGLM_NODE_ASSETS=$$(cat $$d/node) && \
 	  $(BIN)/pytest --durations=30 $(PYTEST_ARGS)
+
+# AutoGLM's PodMonitor under the real Prometheus Operator and a Prometheus with Kubernetes
+# discovery: what they scrape must equal the node tests' equivalent configuration.
+check-prometheus-operator: venv
+	$(BIN)/python e2e/check_prometheus_operator.py
 
 crd: venv
 	$(BIN)/autoglm crd > crds/autoglmdeployments.autoglm.io.yaml
