@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -46,7 +45,7 @@ from autoglm import plan as p
 from autoglm.k8s import builders
 from autoglm.procs import free_port, spawn, terminate
 from autoglm.spec import parse
-from autoglm.testing import controlplane, monitoring
+from autoglm.testing import controlplane, eventually, monitoring
 from autoglm.testing.controlplane import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +56,6 @@ NODE = "kwok-node-0"
 
 def log(*parts: object) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
-
-
-def wait_for(what: str, ok: Callable[[], bool], timeout: float = 90.0) -> float:
-    """Poll ``ok`` until true; the seconds it took."""
-    t0 = time.monotonic()
-    while not ok():
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-    return time.monotonic() - t0
 
 
 def operator_assets() -> Path:
@@ -230,7 +219,6 @@ def main() -> int:
     k8s_bin = controlplane.provision_assets()
     assets = operator_assets()
     op_bin, prom_bin = assets / "bin/operator", assets / "bin/prometheus"
-    promtool = assets / "bin/promtool"
     versions = {}
     for b in (op_bin, prom_bin):
         r = subprocess.run([str(b), "--version"], capture_output=True, text=True, check=True)
@@ -255,8 +243,9 @@ def main() -> int:
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         cp.kubectl("create", "namespace", NS)
         # bare pods are refused until the namespace's default ServiceAccount exists
-        wait_for("the default ServiceAccount", lambda: cp.kubectl(
-            "-n", NS, "get", "serviceaccount", "default", check=False).returncode == 0)
+        eventually(lambda: cp.kubectl("-n", NS, "get", "serviceaccount", "default",
+                                      check=False).returncode == 0,
+                   "the default ServiceAccount", 90)
         cp.kubectl("-n", NS, "create", "serviceaccount", "prometheus")
 
         def pods() -> list[dict[str, Any]]:
@@ -285,19 +274,15 @@ def main() -> int:
             "metadata": {"name": PROM, "namespace": NS},
             "spec": {"serviceAccountName": "prometheus", "replicas": 1,
                      "podMonitorSelector": {}, "podMonitorNamespaceSelector": {}}}))
-        holder: list[str] = []
 
-        def config_ready() -> bool:
+        def config() -> str | None:
             if procs[0][0].poll() is not None:
                 raise RuntimeError(f"the operator exited:\n{tail(work / 'operator.log')}")
-            cfg = generated_config(cp)
-            holder[:] = [cfg] if cfg else []
-            return bool(holder)
+            return generated_config(cp)
 
-        wait_for(f"the operator's configuration with job {JOB}", config_ready)
+        cfg = eventually(config, f"the operator's configuration with job {JOB}", 90)
         to_config = time.monotonic() - t_op
         log(f"operator: Secret prometheus-{PROM} holds job {JOB} after {to_config:.1f}s")
-        (cfg,) = holder
         (gen_job,) = (j for j in yaml.safe_load(cfg)["scrape_configs"] if j["job_name"] == JOB)
 
         # Everything settled before Prometheus looks, so both sides see the same pods.
@@ -307,15 +292,15 @@ def main() -> int:
                    f"job/{INSTANCE}-done")
         cp.kubectl("-n", NS, "wait", "--for=condition=PodScheduled=False", "--timeout=60s",
                    f"pod/{INSTANCE}-a-expert-0-pending")
-        wait_for("kwok to start the bare pods", lambda: all(
-            pd["status"].get("phase") != "Pending" for pd in pods() if pd["spec"].get("nodeName")))
+        eventually(lambda: all(pd["status"].get("phase") != "Pending"
+                               for pd in pods() if pd["spec"].get("nodeName")),
+                   "kwok to start the bare pods", 90)
 
         conf = work / "prometheus.yaml"
         conf.write_text(yaml.safe_dump(
             equivalent_config(cfg, cp.kubeconfig, proxy.getsockname()[1]), sort_keys=False))
-        if promtool.exists():
-            subprocess.run([str(promtool), "check", "config", str(conf)], check=True,
-                           stdout=subprocess.DEVNULL)
+        subprocess.run([str(assets / "bin/promtool"), "check", "config", str(conf)],
+                       check=True, stdout=subprocess.DEVNULL)
         port = free_port()
         prom_log = (work / "prometheus.log").open("wb")
         procs.append((spawn([str(prom_bin), f"--config.file={conf}",
@@ -325,37 +310,42 @@ def main() -> int:
 
         live_pm = json.loads(cp.kubectl("-n", NS, "get", "podmonitor", INSTANCE, "-o",
                                         "json").stdout)
-        state: dict[str, Any] = {}
 
-        def agree() -> bool:  # discovery refreshes every few seconds: poll until it settles
+        def snapshot() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, str]],
+                                list[dict[str, str]]]:
+            """(Prometheus' targets, the pods, the targets as Prometheus and as
+            monitoring.targets() see them)."""
             if procs[1][0].poll() is not None:
                 raise RuntimeError(f"prometheus exited:\n{tail(work / 'prometheus.log')}")
-            t = prometheus_targets(port)
-            state.update(t=t, pods=pods(), seen=as_seen_by_prometheus(t.get("activeTargets", [])))
-            state["computed"] = as_computed(live_pm, state["pods"])
-            return bool(state["seen"]) and not compare(state["seen"], state["computed"])
+            t, now = prometheus_targets(port), pods()
+            return (t, now, as_seen_by_prometheus(t.get("activeTargets", [])),
+                    as_computed(live_pm, now))
+
+        def agree() -> bool:  # discovery refreshes every few seconds: poll until it settles
+            _, _, seen, computed = snapshot()
+            return bool(seen) and not compare(seen, computed)
 
         try:
-            wait_for("Prometheus' targets to equal monitoring.targets()", agree, 60)
-        except TimeoutError as e:
+            eventually(agree, "Prometheus' targets to equal monitoring.targets()", 60)
+        except AssertionError as e:
             log(e)
-        seen, computed = state["seen"], state["computed"]
+        targets, pod_list, seen, computed = snapshot()
         diffs = compare(seen, computed)
-        dropped = state["t"].get("droppedTargets", [])
+        dropped = targets.get("droppedTargets", [])
         discovered = {t["discoveredLabels"].get("__meta_kubernetes_pod_name") for t in dropped}
 
         # Every scrape must have gone to the dead proxy: proof that none left the machine.
         proxy_addr = f"127.0.0.1:{proxy.getsockname()[1]}"
-        scrapes: list[dict[str, Any]] = []
 
         def scraped() -> bool:
-            scrapes[:] = prometheus_targets(port).get("activeTargets", [])
-            return all(t["health"] != "unknown" for t in scrapes)
+            return all(t["health"] != "unknown"
+                       for t in prometheus_targets(port).get("activeTargets", []))
 
         try:
-            wait_for("a first scrape of every target", scraped, 30)
-        except TimeoutError as e:
+            eventually(scraped, "a first scrape of every target", 30)
+        except AssertionError as e:
             log(e)
+        scrapes = prometheus_targets(port).get("activeTargets", [])
         errors = {t.get("lastError", "") for t in scrapes}
         proxied = bool(scrapes) and all(
             "proxyconnect" in e and proxy_addr in e for e in errors)
@@ -372,9 +362,10 @@ def main() -> int:
         for d in sorted(computed, key=lambda d: d["__address__"]):
             print(f"  {d['__address__']:<22} {d['pod']}/{d['container']}")
         print("pods without a target:")
-        for pd in state["pods"]:
+        targeted = {d["pod"] for d in computed}
+        for pd in pod_list:
             name, st = pd["metadata"]["name"], pd["status"]
-            if name not in {d["pod"] for d in computed}:
+            if name not in targeted:
                 print(f"  {name:<40} {st.get('phase')}, {st.get('podIP') or 'no IP'}, "
                       + ("discovered and dropped" if name in discovered else "not discovered"))
         print("scrapes:        ", "all refused by the loopback proxy" if proxied

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,33 @@ def peer_form(name: str, python: Path, script: Path, src: Path, work: Path) -> F
 
 # -- main -----------------------------------------------------------------------------------
 
+def bench_prompts(n: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 96, PROMPT_TOKENS).tolist() for _ in range(n)]
+
+
+@contextlib.contextmanager
+def served(work: Path) -> Iterator[tuple[Path, DataPlane, int]]:
+    """The bench checkpoint written in ``work`` and served as deployed (a router server, one
+    server per expert, the gateway): (the checkpoint, its servers, the gateway's port)."""
+    src = write_tiny_checkpoint(work / "ckpt", PRESETS["bench"], "bench-moe", VERSION)
+    repo = import_checkpoint(src, work / "repo", VERSION, "bench-moe",
+                             progress=False).repository
+    plane = DataPlane(repo, VERSION, work / "plane")
+    gateway: GatewayServer | None = None
+    try:
+        plane.start()
+        assert plane.router is not None
+        target = Target("a", VERSION, f"http://{plane.router.http_url}",
+                        plane.router.grpc_url, "bench-moe")
+        gateway = GatewayServer(Routing(target), free_port()).start()
+        yield src, plane, gateway.port
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        plane.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -215,44 +243,27 @@ def main() -> int:
     ap.add_argument("--no-peers", action="store_true", help="leave out (c)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("AUTOGLM_BENCH_THREADS", "2")))
-    rng = np.random.default_rng(0)
-    spec = PRESETS["bench"]
-    prompts = [rng.integers(1, 96, PROMPT_TOKENS).tolist() for _ in range(max(args.concurrency))]
+    prompts = bench_prompts(max(args.concurrency))
 
-    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
-        work = Path(tmp)
-        src = write_tiny_checkpoint(work / "ckpt", spec, "bench-moe", VERSION)
-        repo = import_checkpoint(src, work / "repo", VERSION, "bench-moe",
-                                 progress=False).repository
-        plane = DataPlane(repo, VERSION, work / "plane")
-        gateway: GatewayServer | None = None
-        try:
-            plane.start()
-            assert plane.router is not None
-            target = Target("a", VERSION, f"http://{plane.router.http_url}",
-                            plane.router.grpc_url, "bench-moe")
-            gateway = GatewayServer(Routing(target), free_port()).start()
-            forms: dict[str, Form] = {}
-            hf, hf_greedy = transformers_form(src)
-            forms["transformers"] = hf
-            ours, our_greedy = autoglm_form(gateway.port)
-            forms["autoglm"] = ours
-            for p in prompts[:3]:
-                want, got = hf_greedy(p), our_greedy(p)
-                same = next((i for i, (a, b) in enumerate(zip(want, got, strict=False))
-                             if a != b), min(len(want), len(got)))
-                print(f"greedy tokens, AutoGLM vs transformers: {same}/{NEW_TOKENS} equal")
-            if not args.no_peers:
-                found = peers()
-                if not found:
-                    print("peers: none built (bash bench/generate/peers/setup.sh)")
-                for name, (python, script) in found.items():
-                    forms[name] = peer_form(name, python, script, src, work)
-            rows = run(forms, prompts, args)
-        finally:
-            if gateway is not None:
-                gateway.stop()
-            plane.stop()
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp, \
+            served(Path(tmp)) as (src, _, port):
+        forms: dict[str, Form] = {}
+        hf, hf_greedy = transformers_form(src)
+        forms["transformers"] = hf
+        ours, our_greedy = autoglm_form(port)
+        forms["autoglm"] = ours
+        for p in prompts[:3]:
+            want, got = hf_greedy(p), our_greedy(p)
+            same = next((i for i, (a, b) in enumerate(zip(want, got, strict=False))
+                         if a != b), min(len(want), len(got)))
+            print(f"greedy tokens, AutoGLM vs transformers: {same}/{NEW_TOKENS} equal")
+        if not args.no_peers:
+            found = peers()
+            if not found:
+                print("peers: none built (bash bench/generate/peers/setup.sh)")
+            for name, (python, script) in found.items():
+                forms[name] = peer_form(name, python, script, src, Path(tmp))
+        rows = run(forms, prompts, args)
     report(rows, args.concurrency)
     return 0
 

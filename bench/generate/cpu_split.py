@@ -32,11 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg
 
-from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
-from autoglm.models.tiny import PRESETS, write_tiny_checkpoint
-from autoglm.procs import free_port
-from autoglm.repository import import_checkpoint
+from autoglm.models.tiny import PRESETS
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -107,36 +104,20 @@ def main() -> int:
     c = args.concurrency
     torch.set_num_threads(int(os.environ.get("AUTOGLM_BENCH_THREADS", "2")))
     spec = PRESETS["bench"]
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, 96, bg.PROMPT_TOKENS).tolist() for _ in range(c)]
+    prompts = bg.bench_prompts(c)
     steps = bg.NEW_TOKENS  # the prefill step makes the first token
-    with tempfile.TemporaryDirectory(prefix="bench-cpu-split-") as tmp:
-        work = Path(tmp)
-        src = write_tiny_checkpoint(work / "ckpt", spec, "bench-moe", bg.VERSION)
-        repo = import_checkpoint(src, work / "repo", bg.VERSION, "bench-moe",
-                                 progress=False).repository
-        plane = DataPlane(repo, bg.VERSION, work / "plane")
-        gateway: GatewayServer | None = None
-        try:
-            plane.start()
-            assert plane.router is not None
-            target = Target("a", bg.VERSION, f"http://{plane.router.http_url}",
-                            plane.router.grpc_url, "bench-moe")
-            gateway = GatewayServer(Routing(target), free_port()).start()
-            hf, _ = bg.transformers_form(src)
-            ours, _ = bg.autoglm_form(gateway.port)
-            hf(prompts), ours(prompts)  # warm
-            base = hf(prompts).seconds / steps
-            before = cpu_by_pid()
-            run = ours(prompts)
-            spent = cpu_spent(before)
-            step = run.seconds / steps
-            per_expert = max(1, c * spec.top_k // spec.num_experts)
-            per_call = isolated_call(plane, spec.d_model, per_expert)
-        finally:
-            if gateway is not None:
-                gateway.stop()
-            plane.stop()
+    per_expert = max(1, c * spec.top_k // spec.num_experts)
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-split-") as tmp, \
+            bg.served(Path(tmp)) as (src, plane, port):
+        hf, _ = bg.transformers_form(src)
+        ours, _ = bg.autoglm_form(port)
+        hf(prompts), ours(prompts)  # warm
+        base = hf(prompts).seconds / steps
+        before = cpu_by_pid()
+        run = ours(prompts)
+        spent = cpu_spent(before)
+        step = run.seconds / steps
+        per_call = isolated_call(plane, spec.d_model, per_expert)
     calls = spec.layers * spec.num_experts
     print(f"concurrency {c}; ratios to transformers' batched step ({base * 1e3:.1f} ms)")
     print(f"AutoGLM step (wall)                      {step * 1e3:7.1f} ms {step / base:6.2f}x")
@@ -144,7 +125,7 @@ def main() -> int:
     for k, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<38} {s / steps * 1e3:7.1f} ms {s / steps / base:6.2f}x")
     total = sum(per_call.values())
-    print(f"one expert call in isolation, CPU ({c * spec.top_k // spec.num_experts} tokens):")
+    print(f"one expert call in isolation, CPU ({per_expert} tokens):")
     for k, ms in per_call.items():
         print(f"  {k:<38} {ms:7.2f} ms")
     floor = total * calls / 1e3
