@@ -77,6 +77,8 @@ test:
 	    cat $$d/$$job.log; \
 	  done && \
 	  export AUTOGLM_K8S_ASSETS=$$(cat $$d/k8s) AUTOGLM_NODE_ASSETS=$$(cat $$d/node) && \
+	  if [ "$${AUTOGLM_SKIP_NODE_TESTS:-}" = 1 ] && [ "$${CI:-}" != true ]; then \
+	    echo "AUTOGLM_SKIP_NODE_TESTS=1: the node and image tests will be skipped"; fi && \
 	  $(BIN)/pytest --durations=30 $(PYTEST_ARGS)
 
 # AutoGLM's PodMonitor under the real Prometheus Operator and a Prometheus with Kubernetes

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -149,8 +148,7 @@ def test_bad_files_give_a_clear_error_and_start_nothing(tmp_path: Path, content:
     bad = tmp_path / "bad.yaml"
     bad.write_text(content)
     u = Up.start(bad, tmp_path / "home")
-    assert u.popen.wait(timeout=60) == 2
-    time.sleep(0.2)
+    assert u.wait(timeout=60) == 2
     assert u.said(message), u.text
     assert not (tmp_path / "home" / "run").exists(), "nothing was started"
     assert not port_open(u.port)

@@ -15,8 +15,10 @@ The checkpoint (Qwen3-MoE-shaped, hidden 256, 8 experts top-2, 4 layers; written
 Every request: a 32-token prompt, 64 new tokens, greedy, EOS ignored. Per form and
 concurrency: output tokens/s over the wall time of the batch, time to first token and
 inter-token latency (p50/p99). Forms run in rounds, interleaved (the machine is shared and
-noisy); medians over rounds, printed as ratios to (a) of the same round. Before timing,
-AutoGLM's greedy tokens are checked against transformers'.
+noisy); medians over rounds, printed as ratios to (a) of the same round (a round where
+either failed has no ratio). Before timing, AutoGLM's greedy tokens are checked against
+transformers': a difference stops the run (a ratio between different outputs means
+nothing).
 
     .venv/bin/python bench/generate/bench_generate.py [--rounds 2] [--concurrency 1 8 32]
 """
@@ -209,6 +211,21 @@ def peer_form(name: str, python: Path, script: Path, src: Path, work: Path) -> F
 
 # -- main -----------------------------------------------------------------------------------
 
+def check_greedy(index: int, prompt: Sequence[int], want: Sequence[int],
+                 got: Sequence[int]) -> None:
+    """Stop the run (SystemExit, status 1) unless AutoGLM's greedy tokens ``got`` for prompt
+    number ``index`` equal transformers' ``want``, naming the first position that differs."""
+    if list(got) == list(want):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
+                 min(len(want), len(got)))  # else one is a prefix of the other
+    raise SystemExit(
+        f"greedy tokens, AutoGLM vs transformers: prompt {index} {list(prompt)}: first "
+        f"difference at position {first} (from there transformers {list(want[first:first + 4])}"
+        f", AutoGLM {list(got[first:first + 4])}; {len(want)} and {len(got)} tokens); "
+        f"no timing: a ratio between different outputs means nothing")
+
+
 def bench_prompts(n: int) -> list[list[int]]:
     rng = np.random.default_rng(0)
     return [rng.integers(1, 96, PROMPT_TOKENS).tolist() for _ in range(n)]
@@ -252,11 +269,11 @@ def main() -> int:
         forms["transformers"] = hf
         ours, our_greedy = autoglm_form(port)
         forms["autoglm"] = ours
-        for p in prompts[:3]:
-            want, got = hf_greedy(p), our_greedy(p)
-            same = next((i for i, (a, b) in enumerate(zip(want, got, strict=False))
-                         if a != b), min(len(want), len(got)))
-            print(f"greedy tokens, AutoGLM vs transformers: {same}/{NEW_TOKENS} equal")
+        for i, p in enumerate(prompts[:3]):
+            want = hf_greedy(p)
+            check_greedy(i, p, want, our_greedy(p))
+            print(f"greedy tokens, AutoGLM vs transformers, prompt {i}: "
+                  f"{len(want)}/{NEW_TOKENS} equal")
         if not args.no_peers:
             found = peers()
             if not found:
@@ -268,11 +285,11 @@ def main() -> int:
     return 0
 
 
-Rows = dict[str, dict[int, list[Run]]]
+Rows = dict[str, dict[int, dict[int, Run]]]  # form -> concurrency -> round -> its run
 
 
 def run(forms: dict[str, Form], prompts: list[list[int]], args: argparse.Namespace) -> Rows:
-    rows: Rows = {name: {c: [] for c in args.concurrency} for name in forms}
+    rows: Rows = {name: {c: {} for c in args.concurrency} for name in forms}
     for r in range(args.rounds):
         for c in args.concurrency:
             for name, form in forms.items():
@@ -281,7 +298,7 @@ def run(forms: dict[str, Form], prompts: list[list[int]], args: argparse.Namespa
                 except Exception as e:  # a peer that fails is reported, the rest goes on
                     print(f"round {r + 1} c={c} {name}: failed: {e}", file=sys.stderr)
                     continue
-                rows[name][c].append(res)
+                rows[name][c][r] = res
                 (t50, _), (i50, i99) = latency([res])
                 print(f"round {r + 1} c={c:>2} {name:<24} {res.tokens_per_s:8.1f} tok/s  "
                       f"ttft p50 {t50:7.1f} ms  itl p50 {i50:6.1f} p99 {i99:6.1f} ms",
@@ -308,17 +325,27 @@ def report(rows: Rows, levels: Sequence[int]) -> None:
           " TTFT and ITL p50/p99 in ms over every request of every round")
     print(f"{'form':<26}{'c':>3}{'tok/s':>9}{'ratio':>8}{'ttft p50':>10}{'p99':>8}"
           f"{'itl p50':>9}{'p99':>8}")
+    unpaired: list[str] = []
     for name, per in rows.items():
         for c in levels:
-            runs = per[c]
+            runs = list(per[c].values())
             if not runs:
                 print(f"{name:<26}{c:>3}   failed")
                 continue
-            ratios = [r.tokens_per_s / b.tokens_per_s
-                      for r, b in zip(runs, base[c], strict=False)]
+            ratios = ratios_by_round(per[c], base[c])
+            if len(ratios) < len(runs):
+                unpaired.append(f"{name} c={c}: {len(ratios)} of {len(runs)} rounds")
+            ratio = f"{statistics.median(ratios):8.2f}" if ratios else f"{'missing':>8}"
             (t50, t99), (i50, i99) = latency(runs)
             print(f"{name:<26}{c:>3}{statistics.median(r.tokens_per_s for r in runs):9.1f}"
-                  f"{statistics.median(ratios):8.2f}{t50:10.1f}{t99:8.1f}{i50:9.1f}{i99:8.1f}")
+                  f"{ratio}{t50:10.1f}{t99:8.1f}{i50:9.1f}{i99:8.1f}")
+    if unpaired:
+        print("ratio over the rounds where transformers also ran only: " + "; ".join(unpaired))
+
+
+def ratios_by_round(runs: dict[int, Run], base: dict[int, Run]) -> list[float]:
+    """tokens/s over the baseline's of the same round, for the rounds both have."""
+    return [x.tokens_per_s / base[r].tokens_per_s for r, x in runs.items() if r in base]
 
 
 if __name__ == "__main__":

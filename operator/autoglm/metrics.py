@@ -53,6 +53,11 @@ class ControlMetrics:
                            ["namespace", "deployment", "phase"])
         self.events = counter("autoglm_swap_events", "Swap events (one per report)",
                               ["namespace", "deployment", "reason"])
+        # evidence that the control loop is alive and looking at a resource (tests wait on
+        # it instead of sleeping past a tick)
+        self.reconciles = counter("autoglm_reconciles", "Reconciliations of the resource "
+                                  "(each steps the swap state machine)",
+                                  ["namespace", "deployment"])
         self.active_version = gauge("autoglm_active_version",
                                     "Model version serving traffic", ["namespace", "deployment"])
         self._experts: dict[Key, set[str]] = {}
@@ -87,6 +92,7 @@ class ControlMetrics:
         for p in PHASES:
             self.phase.labels(*key, p).set(1 if p == phase else 0)
         self.active_version.labels(*key).set(active_version)
+        self.reconciles.labels(*key).inc()
 
     def swap_event(self, key: Key, reason: str) -> None:
         self._reasons.setdefault(key, set()).add(reason)
@@ -100,7 +106,8 @@ class ControlMetrics:
                 _remove(g, *key, e)
             for direction in ("up", "down"):
                 _remove(self.decisions, *key, e, direction)
-        for g1 in (self.imbalance, self.metrics_available, self.active_version):
+        for g1 in (self.imbalance, self.metrics_available, self.active_version,
+                   self.reconciles):
             _remove(g1, *key)
         for p in PHASES:
             _remove(self.phase, *key, p)

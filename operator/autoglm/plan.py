@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from autoglm.backends.expect import expectation_env
 from autoglm.spec import SLOTS, AutoGLMSpec, Slot
 
 Component = Literal["gateway", "router", "expert"]
@@ -23,6 +22,26 @@ TRITON_METRICS_PORT = 8002
 # The instance_group kind a server loads its model with, instead of the stored KIND_CPU
 # (autoglm/triton.py): KIND_GPU puts the weights on the GPU Triton gives each instance.
 INSTANCE_KIND_ENV = "AUTOGLM_INSTANCE_KIND"
+
+# The model shape the spec states, which a server must find in the version it loads:
+# environment variable → (spec field, what the version has). The operator cannot read the
+# repository, so it sets these on every server (workload_env) and the servers refuse a
+# version that disagrees (backends/expect.py): its load fails naming both values.
+EXPECTATIONS: dict[str, tuple[str, str]] = {
+    "AUTOGLM_EXPECT_NUM_EXPERTS": ("spec.model.numExperts", "routed experts"),
+    "AUTOGLM_EXPECT_TOP_K": ("spec.model.topK", "experts per token"),
+    "AUTOGLM_EXPECT_LAYERS": ("spec.model.layers", "layers"),
+}
+
+
+def expectation_env(num_experts: int, top_k: int | None, layers: int | None) -> dict[str, str]:
+    """The environment that makes servers check a spec's model shape."""
+    env = {"AUTOGLM_EXPECT_NUM_EXPERTS": str(num_experts)}
+    if top_k is not None:
+        env["AUTOGLM_EXPECT_TOP_K"] = str(top_k)
+    if layers is not None:
+        env["AUTOGLM_EXPECT_LAYERS"] = str(layers)
+    return env
 
 
 def workload_env(spec: AutoGLMSpec, component: Literal["router", "expert"]) -> dict[str, str]:

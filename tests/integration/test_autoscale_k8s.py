@@ -19,13 +19,16 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from autoglm.autoscale import rate_window
 from autoglm.gateway.app import GatewayServer, Routing, Target
+from autoglm.k8s.scaling import SCRAPE_SECONDS
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.models.tiny import PRESETS
 from autoglm.procs import free_port
 from autoglm.prometheus import Prometheus
 from autoglm.repository import build
+from autoglm.spec import parse
 from autoglm.testing import eventually, metric_value
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import ControlPlane
@@ -34,6 +37,8 @@ from autoglm.testing.operator import OperatorProcess, running_operator
 pytestmark = [pytest.mark.k8s, pytest.mark.triton, pytest.mark.prometheus]
 MODEL = replace(PRESETS["tiny"], num_experts=2, top_k=1)
 STABILIZATION = 20
+INTERVAL = 2
+TARGET = 100  # tokens/s per replica
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +127,10 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
          [f"127.0.0.1:{s.metrics_port}" for ss in plane.experts.values() for s in ss])])
     obj = tiny("m", model__numExperts=2, model__topK=1,
                experts__minReplicas=1, experts__maxReplicas=3, experts__replicaBudget=5)
-    obj["spec"]["autoscaling"] = {"prometheusUrl": prometheus.url, "target": 100,
-                                  "intervalSeconds": 2, "stabilizationSeconds": STABILIZATION}
+    obj["spec"]["autoscaling"] = {"prometheusUrl": prometheus.url, "target": TARGET,
+                                  "intervalSeconds": INTERVAL,
+                                  "stabilizationSeconds": STABILIZATION}
+    lag = rate_window(parse(obj["spec"], "m"), SCRAPE_SECONDS)
     cluster.apply(obj)
     cluster.wait_ready("m")
 
@@ -173,18 +180,34 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
         cond = cluster.condition("m", "MetricsAvailable") or {}
         assert cond.get("status") == "False" and "unreachable" in cond.get("message", ""), cond
         assert any(ev["reason"] == "MetricsUnavailable" for ev in cluster.events("m"))
-        time.sleep(STABILIZATION + 5)
-        assert replicas() == scaled
+        # held for longer than any decision could wait: the stabilization window plus the
+        # rate window the signal lags by
+        hold_until = time.monotonic() + STABILIZATION + lag + 2 * INTERVAL
+        while time.monotonic() < hold_until:
+            assert replicas() == scaled, "replicas held without metrics"
+            time.sleep(1)
         prometheus.start()
         eventually(lambda: autoscaling().get("metricsAvailable"), "metrics back", 60)
         assert load.failed == 0
 
-    # no more load: down to the minimum, but only once the stabilization window has passed
+    # no more load: down to the minimum, but only once the stabilization window has passed.
+    # The window counts from when the signal shows the load gone (the rate over `lag`
+    # seconds still shows it before): from then on every recommendation is the minimum.
     t1 = time.monotonic()
     loaded = replicas()
-    time.sleep(STABILIZATION / 2)
-    # (placement may still move a replica between experts; the total does not drop)
-    assert sum(replicas()) >= sum(loaded), "no scale-down within the stabilization window"
+
+    def quiet() -> bool:
+        experts = autoscaling().get("experts") or []
+        return bool(experts) and all((e.get("load") or 0) < TARGET for e in experts)
+
+    eventually(quiet, "the autoscaler to see the load gone", lag + 30)
+    t_quiet = time.monotonic()
+    print(f"load stop -> the signal shows it: {t_quiet - t1:.1f} s (rate window {lag:.0f} s)")
+    # the last recommendation above the minimum came at most an interval before t_quiet
+    while time.monotonic() < t_quiet + STABILIZATION - 2 * INTERVAL:
+        # (placement may still move a replica between experts; the total does not drop)
+        assert sum(replicas()) >= sum(loaded), "no scale-down within the stabilization window"
+        time.sleep(1)
     eventually(lambda: replicas() == [1, 1], "the experts to scale back down", 120)
     with Prometheus(prometheus.url) as prom:
         assert prom.gateway_inflight(selector, "a", t1) == 0, "drained"

@@ -17,6 +17,7 @@ memory (the figure is printed) and past ``max_connections`` a new one is refused
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import json
@@ -731,12 +732,12 @@ def test_fuzzed_requests(served: Served) -> None:
 # -- limits ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[1.0, 600.0], ids=["short-timeouts", "long-timeouts"])
-def bounded(request: pytest.FixtureRequest) -> Iterator[GatewayServer]:
-    """A gateway with small limits, routing to a router that is not there (nothing here
-    needs one: each request is refused before it would go upstream)."""
+@contextlib.contextmanager
+def _bounded(timeout: float) -> Iterator[GatewayServer]:
+    """A gateway with small limits and ``timeout`` for idle connections and bodies, routing
+    to a router that is not there (nothing here needs one: each request is refused before
+    it would go upstream)."""
     dead = f"127.0.0.1:{free_port()}"
-    timeout = float(request.param)
     server = GatewayServer(Routing(Target("a", 1, f"http://{dead}", dead, MODEL)), free_port(),
                            grpc_port=free_port(),
                            limits=Limits(max_body_bytes=1000, idle_timeout=timeout,
@@ -745,6 +746,27 @@ def bounded(request: pytest.FixtureRequest) -> Iterator[GatewayServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=[1.0, 600.0], ids=["short-timeouts", "long-timeouts"])
+def bounded(request: pytest.FixtureRequest) -> Iterator[GatewayServer]:
+    """With either timeout: what holds whatever the timeouts are."""
+    with _bounded(float(request.param)) as server:
+        yield server
+
+
+@pytest.fixture
+def short_timeouts() -> Iterator[GatewayServer]:
+    """1 s timeouts: stalled clients are cut within the test."""
+    with _bounded(1.0) as server:
+        yield server
+
+
+@pytest.fixture
+def long_timeouts() -> Iterator[GatewayServer]:
+    """600 s timeouts: connections stay open long enough to reach the limit."""
+    with _bounded(600.0) as server:
+        yield server
 
 
 def _exchange(port: int, data: bytes) -> bytes:
@@ -809,10 +831,8 @@ def test_a_body_over_the_limit_gets_413(bounded: GatewayServer) -> None:
     assert status(address, "GET", "/v2/health/live") == 200
 
 
-def test_stalled_clients_are_disconnected(bounded: GatewayServer) -> None:
-    if bounded.gateway.limits.idle_timeout > 1:
-        pytest.skip("with short timeouts only")
-    port = bounded.port
+def test_stalled_clients_are_disconnected(short_timeouts: GatewayServer) -> None:
+    port = short_timeouts.port
     with socket.create_connection(("127.0.0.1", port), timeout=30) as silent, \
             socket.create_connection(("127.0.0.1", port), timeout=30) as headers, \
             socket.create_connection(("127.0.0.1", port), timeout=30) as body, \
@@ -829,16 +849,14 @@ def test_stalled_clients_are_disconnected(bounded: GatewayServer) -> None:
     assert status(("127.0.0.1", port), "GET", "/v2/health/live") == 200
 
 
-def test_connections_past_the_limit_are_refused(bounded: GatewayServer) -> None:
-    if bounded.gateway.limits.idle_timeout < 600:
-        pytest.skip("with long timeouts only: the connections stay open")
-    address = ("127.0.0.1", bounded.port)
+def test_connections_past_the_limit_are_refused(long_timeouts: GatewayServer) -> None:
+    address = ("127.0.0.1", long_timeouts.port)
     held = [socket.create_connection(address, timeout=30) for _ in range(50)]
     try:
-        server = bounded._runner.server if bounded._runner else None
+        server = long_timeouts._runner.server if long_timeouts._runner else None
         assert server is not None
         eventually(lambda: len(server.connections) == 50, "50 connections open", timeout=30)
-        answer = _exchange(bounded.port, b"")  # answered at once, before any request
+        answer = _exchange(long_timeouts.port, b"")  # answered at once, before any request
         assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
     finally:
         for s in held:

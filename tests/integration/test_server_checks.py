@@ -9,11 +9,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import tritonclient.http as httpclient
 
 from autoglm import plan as p
+from autoglm.models.decoder import ExpertSlice
 from autoglm.models.tiny import PRESETS
-from autoglm.repository import build
+from autoglm.repository import build, load_part_config, load_weights
 from autoglm.spec import AutoGLMSpec, parse
 from autoglm.triton import TritonError, TritonServer
 
@@ -47,10 +51,30 @@ def test_an_expert_refuses_a_version_the_spec_disagrees_with(repo: Path,
 
 
 def test_a_spec_that_agrees_loads(repo: Path, tmp_path: Path) -> None:
+    """The expert loads, is ready, and answers with the in-process slice's output."""
     s = spec(numExperts=3, topK=2, layers=2)
     server = TritonServer(repo, {"expert_1": 1}, env=p.workload_env(s, "expert"),
                           log_path=tmp_path / "expert.log").start()
-    server.stop()
+    try:
+        folder = repo / "expert_1" / "1"
+        _, cfg = load_part_config(folder)
+        ref = ExpertSlice(cfg, 1, load_weights(folder))
+        layers = sorted(ref.layers)
+        x = np.random.default_rng(3).standard_normal((6, cfg.hidden_size)).astype(np.float32)
+        lay = np.array([[layers[i % len(layers)]] for i in range(len(x))], dtype=np.int32)
+        with httpclient.InferenceServerClient(server.http_url) as c:
+            assert c.is_model_ready("expert_1", "1")
+            inputs = [httpclient.InferInput("LAYER", list(lay.shape), "INT32"),
+                      httpclient.InferInput("HIDDEN", list(x.shape), "FP32")]
+            inputs[0].set_data_from_numpy(lay)
+            inputs[1].set_data_from_numpy(x)
+            got = c.infer("expert_1", inputs).as_numpy("OUTPUT")
+        with torch.no_grad():
+            want = np.stack([ref(int(lay[i, 0]), torch.from_numpy(x[i:i + 1]))[0].numpy()
+                             for i in range(len(x))])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()
 
 
 def gpus() -> int:

@@ -2,14 +2,13 @@
 
 The cluster (a control plane on the node's address plus containerd, kubelet, kube-proxy and
 CoreDNS) starts on first use; a test may stop it to check what teardown leaves (the next
-test starts it again, a warm start of seconds). Under ``CI=true`` a node that cannot be
-provisioned or started fails the tests that need it, with the reason; elsewhere (not root,
-say) they are skipped.
+test starts it again, a warm start of seconds). A node that cannot be provisioned or
+started (not root, say) fails the tests that need it, with the reason; outside CI they can
+be skipped by ``AUTOGLM_SKIP_NODE_TESTS=1``, and the skip says so.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import NoReturn
 
 import pytest
 
+from autoglm.testing import unavailable as fail_or_opt_out
 from autoglm.testing.controlplane import ControlPlaneError, provision_assets
 from autoglm.testing.node import (
     HostState,
@@ -29,9 +29,7 @@ from autoglm.testing.node import (
 
 
 def unavailable(why: str) -> NoReturn:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"real node unavailable: {why}", pytrace=False)
-    pytest.skip(f"real node unavailable: {why}")
+    fail_or_opt_out("real node", why)
 
 
 class NodeClusterHolder:

@@ -1,9 +1,10 @@
 """What the spec says a version must be, checked by the servers when they load it.
 
-The operator creates one Deployment per expert from ``spec.model.numExperts`` but cannot read
-the repository, so a router or expert server refuses a version whose shape disagrees with
-the spec (``AUTOGLM_EXPECT_*``, set from the spec on every server): its load fails with a
-message naming both values, and the version never becomes Ready.
+The operator creates the workloads from ``spec.model.numExperts`` but cannot read the
+repository, so a router or expert server refuses a version whose shape disagrees with the
+spec (``AUTOGLM_EXPECT_*``, set from the spec on every server by
+:func:`autoglm.plan.workload_env`): its load fails with a message naming both values, and
+the version never becomes Ready.
 """
 
 from __future__ import annotations
@@ -13,32 +14,23 @@ from collections.abc import Callable, Mapping
 
 from autoglm.models.config import ModelConfig
 from autoglm.models.errors import CheckpointError
+from autoglm.plan import EXPECTATIONS
 
-# environment variable → (spec field, what the version has)
-EXPECTATIONS: dict[str, tuple[str, str, Callable[[ModelConfig], int]]] = {
-    "AUTOGLM_EXPECT_NUM_EXPERTS": ("spec.model.numExperts", "routed experts",
-                                   lambda c: c.num_experts),
-    "AUTOGLM_EXPECT_TOP_K": ("spec.model.topK", "experts per token", lambda c: c.top_k),
-    "AUTOGLM_EXPECT_LAYERS": ("spec.model.layers", "layers", lambda c: c.num_layers),
+# environment variable → what the version has
+FOUND: dict[str, Callable[[ModelConfig], int]] = {
+    "AUTOGLM_EXPECT_NUM_EXPERTS": lambda c: c.num_experts,
+    "AUTOGLM_EXPECT_TOP_K": lambda c: c.top_k,
+    "AUTOGLM_EXPECT_LAYERS": lambda c: c.num_layers,
 }
-
-
-def expectation_env(num_experts: int, top_k: int | None, layers: int | None) -> dict[str, str]:
-    """The environment that makes servers check a spec's model shape."""
-    env = {"AUTOGLM_EXPECT_NUM_EXPERTS": str(num_experts)}
-    if top_k is not None:
-        env["AUTOGLM_EXPECT_TOP_K"] = str(top_k)
-    if layers is not None:
-        env["AUTOGLM_EXPECT_LAYERS"] = str(layers)
-    return env
+assert FOUND.keys() == EXPECTATIONS.keys()
 
 
 def mismatches(cfg: ModelConfig, version: int, env: Mapping[str, str]) -> list[str]:
     out = []
-    for var, (field, what, value) in EXPECTATIONS.items():
-        want = env.get(var)
-        if want is not None and int(want) != value(cfg):
-            out.append(f"version {version} has {value(cfg)} {what} but {field} is {want}")
+    for var, (field, what) in EXPECTATIONS.items():
+        want, found = env.get(var), FOUND[var](cfg)
+        if want is not None and int(want) != found:
+            out.append(f"version {version} has {found} {what} but {field} is {want}")
     return out
 
 

@@ -206,13 +206,11 @@ class TritonPythonModel:
         final = c.finish_reason is not None
         self._latency(c, final)
         if final and c.id in self.canaries:
-            self.canaries.discard(c.id)
             out.append(pb_utils.Tensor("canary_expected", self.canary[1].astype(np.int64)))
         sender.send(pb_utils.InferenceResponse(output_tensors=out),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
         if final:
-            self.requests.pop(c.id, None)
-            self.senders.pop(c.id, None)
+            self._forget(c.id)
 
     def _latency(self, c: Chunk, final: bool) -> None:
         """Each chunk carries the one token a step made for its request."""
@@ -226,19 +224,24 @@ class TritonPythonModel:
         if not final:
             self._last[c.id] = now
 
-    def _fail(self, rid: int, message: str) -> None:
+    def _forget(self, rid: int) -> Any:
+        """Everything held for a request that has ended, however it ended (a canary that
+        failed or was cancelled too: a leaked canary id would hide user load from
+        ``_routed``); its sender, if it still had one."""
         self._last.pop(rid, None)
-        sender = self.senders.pop(rid, None)
+        self.canaries.discard(rid)
         self.requests.pop(rid, None)
+        return self.senders.pop(rid, None)
+
+    def _fail(self, rid: int, message: str) -> None:
+        sender = self._forget(rid)
         if sender is None:
             return
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(FAILED + message)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _close(self, rid: int) -> None:
-        self._last.pop(rid, None)
-        sender = self.senders.pop(rid, None)
-        self.requests.pop(rid, None)
+        sender = self._forget(rid)
         if sender is not None:
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 

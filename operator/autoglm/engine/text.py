@@ -633,6 +633,12 @@ class Detokenizer:
     costs the same however long the generation is. ``context_ids``: the tokens before the
     generation (the prompt), decoded as its left context (so "▁Paris" after the prompt gives
     " Paris", not "Paris"), never returned.
+
+    Not tokenizers' ``DecodeStream`` (0.23.3): on a ByteFallback vocabulary (Llama 2,
+    Mistral, Mixtral) a run of byte tokens that is not valid UTF-8 decodes to U+FFFDs, ASCII
+    bytes included, and the next token makes it raise "Invalid prefix encountered while
+    decoding stream" (e.g. ``<0x3F>``, ``<0xBA>``, ``▁world,``: it had released "?"), which
+    would fail the request; ``_in_byte_run`` holds such a run instead.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, stop: Sequence[str] = (),

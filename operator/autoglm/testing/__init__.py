@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
+# The one way to skip the node and image tests (e.g. a machine without root), and only
+# outside CI: said in the skip reason, which pytest prints (-ra).
+SKIP_NODE = "AUTOGLM_SKIP_NODE_TESTS"
+
+
+def unavailable(part: str, why: str) -> NoReturn:
+    """A part the node or image tests need cannot run here: they fail with the reason, or
+    skip when the user opted out with ``AUTOGLM_SKIP_NODE_TESTS=1`` (never under CI)."""
+    import pytest
+
+    if os.environ.get(SKIP_NODE) == "1" and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"{part} unavailable: {why} (skipped: {SKIP_NODE}=1)")
+    pytest.fail(f"{part} unavailable: {why} (to skip these tests outside CI: "
+                f"{SKIP_NODE}=1)", pytrace=False)
 
 
 def eventually(probe: Callable[[], T | None], what: str, timeout: float = 60.0,

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from autoglm.procs import free_port, group_rss_bytes, http_ok, spawn, terminate
+from autoglm.testing import eventually, metric_value
 from autoglm.testing.controlplane import ControlPlane, ControlPlaneError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -74,6 +76,27 @@ class OperatorProcess:
     def kill(self) -> None:
         """As a crash would: SIGKILL, no cleanup."""
         self.stop(signal.SIGKILL)
+
+    def reconciles(self, namespace: str, name: str) -> int:
+        """How often this process has reconciled the resource (its
+        ``autoglm_reconciles_total``; 0 before the first, or when it is not serving)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                        timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0
+        return int(metric_value(text, "autoglm_reconciles_total",
+                                {"namespace": namespace, "deployment": name}) or 0)
+
+    def wait_reconciled(self, namespace: str, name: str, times: int = 2,
+                        timeout: float = 60) -> None:
+        """Until this process has reconciled the resource ``times`` more times: evidence
+        that it has looked at the resource as it is now and acted (or chose not to)."""
+        start = self.reconciles(namespace, name)
+        eventually(lambda: self.reconciles(namespace, name) >= start + times,
+                   f"the operator to reconcile {namespace}/{name} {times} more times",
+                   timeout)
 
     def rss_bytes(self) -> int:
         return group_rss_bytes(self.popen.pid) if self.popen is not None else 0

@@ -32,6 +32,9 @@ class UpProcess:
     lines: list[tuple[float, str]] = field(default_factory=list)
     # the shared-memory groups of its Triton servers (its instance.json, once it serves)
     groups: set[str] = field(default_factory=set)
+    # reads ``lines`` until EOF; joined once the process has exited, so every line it
+    # printed is in ``lines`` when stop() or kill() returns
+    reader: threading.Thread | None = None
 
     @classmethod
     def start(cls, file: Path, home: Path, echo: str | None = None,
@@ -53,7 +56,8 @@ class UpProcess:
                 if echo is not None:
                     print(f"{echo}{line}", end="", flush=True)
 
-        threading.Thread(target=read, daemon=True).start()
+        up.reader = threading.Thread(target=read, daemon=True)
+        up.reader.start()
         return up
 
     @property
@@ -85,13 +89,27 @@ class UpProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.popen.pid, signal.SIGKILL)
         self.popen.wait(timeout=60)
+        self._drain()
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status once it has exited by itself, with every line it printed."""
+        code = self.popen.wait(timeout=timeout)
+        self._drain()
+        return code
 
     def stop(self, timeout: float = 120) -> int:
         """SIGTERM, as Ctrl-C does; the exit status."""
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-        return self.popen.wait(timeout=timeout)
+        return self.wait(timeout)
+
+    def _drain(self) -> None:
+        """Wait for the reader to reach EOF: the pipe closes when the last process holding
+        it (`autoglm up` and whatever inherited its stdout) has gone."""
+        if self.reader is not None:
+            self.reader.join(timeout=30)
+            assert not self.reader.is_alive(), "autoglm up's output never reached EOF"
 
     def leftovers(self) -> list[str]:
         """What a stopped run left behind: processes of its session or of its servers (a
