@@ -1,15 +1,19 @@
-"""The Grafana dashboard, as data, and the ConfigMap that ships it (``make dashboard``).
+"""The Grafana dashboard, built with Grafana's typed builders (``grafana-foundation-sdk``),
+and the ConfigMap that ships it (``make dashboard``).
 
-The panels are a list of :class:`Panel` (title, kind, PromQL queries), so a test can run
-every query against a real Prometheus. :func:`render` gives the ConfigMap in
-kube-prometheus-stack's sidecar convention (label ``grafana_dashboard: "1"``, the JSON
-under a ``*.json`` key); ``manifests/grafana/`` holds its output and a unit test keeps the
-two equal.
+:func:`build` gives the SDK's dashboard model; :func:`queries` lists its Prometheus queries
+so a test can run each against a real Prometheus (e2e/test_dashboard.py); :func:`render`
+gives the ConfigMap in kube-prometheus-stack's sidecar convention (label
+``grafana_dashboard: "1"``, the JSON under a ``*.json`` key), which ``manifests/grafana/``
+holds. The README's panel table is the specification the unit tests hold this module to.
 
 Queries use the shared metrics contract: every scraped target carries ``namespace``,
 ``deployment`` and ``component`` (Triton servers also ``slot`` and ``version``;
 ``autoglm up``'s namespace is ``local``); the control loop exports
 ``autoglm_autoscaler_*``, ``autoglm_swap_*`` and ``autoglm_active_version``.
+
+The SDK is a development dependency (``pip install autoglm[dev]``): nothing at run time
+imports this module.
 """
 
 from __future__ import annotations
@@ -17,15 +21,26 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, Self, TypeVar
 
 import yaml
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.cog.builder import Builder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.cog.variants import Dataquery
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import prometheus as pm
 
 UID = "autoglm"
+TITLE = "AutoGLM"
 CONFIGMAP = "autoglm-dashboard"
 DATA_KEY = "autoglm.json"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE_VARIABLE = "datasource"
+DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${" + DATASOURCE_VARIABLE + "}")
 NAMESPACE_QUERY = "label_values(autoglm_gateway_requests_total, namespace)"
 DEPLOYMENT_QUERY = ('label_values(autoglm_gateway_requests_total{namespace="$namespace"}, '
                     "deployment)")
@@ -34,32 +49,7 @@ WIDTH = 24  # Grafana's grid
 D = 'namespace="$namespace",deployment="$deployment"'
 RI = "$__rate_interval"
 
-
-@dataclass(frozen=True)
-class Query:
-    expr: str
-    legend: str = ""
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    kind: str  # timeseries | bars | stat | state-timeline
-    queries: tuple[Query, ...]
-    unit: str = "short"
-    description: str = ""
-    width: int = 12
-    height: int = 8
-    stat_text: str = "auto"  # stat: "name" shows the series' legend (e.g. the phase)
-    mappings: tuple[tuple[str, str, str], ...] = ()  # (value, text, color)
-    colors: tuple[tuple[str, str], ...] = ()  # (series name, fixed color)
-    decimals: int | None = None
-
-
-@dataclass(frozen=True)
-class Row:
-    title: str
-    panels: tuple[Panel, ...] = field(default_factory=tuple)
+Query = tuple[str, str]  # (PromQL, legend)
 
 
 def rate(metric: str, extra: str = "") -> str:
@@ -73,149 +63,313 @@ def quantile(q: float, metric: str = "autoglm_gateway_request_seconds",
             f"({rate(f'{metric}_bucket')}))")
 
 
-def generation_latency(title: str, metric: str, description: str) -> Panel:
-    return Panel(title, "timeseries", tuple(
-        Query(quantile(q, metric, "slot, version"), f"{{{{slot}}}} v{{{{version}}}} p{p}")
+# -- panels, with the SDK's builders -----------------------------------------------------------
+
+class _PanelBuilder(Protocol):
+    """What every panel builder of the SDK has (timeseries, stat, state-timeline...)."""
+
+    def build(self) -> dm.Panel: ...
+    def id(self, id_val: int) -> Self: ...
+    def title(self, title: str) -> Self: ...
+    def description(self, description: str) -> Self: ...
+    def datasource(self, datasource: dm.DataSourceRef) -> Self: ...
+    def targets(self, targets: list[Builder[Dataquery]]) -> Self: ...
+    def span(self, w: int) -> Self: ...
+    def height(self, h: int) -> Self: ...
+    def unit(self, unit: str) -> Self: ...
+    def decimals(self, decimals: float) -> Self: ...
+    def mappings(self, mappings: list[dm.ValueMapping]) -> Self: ...
+    def thresholds(self, thresholds: Builder[dm.ThresholdsConfig]) -> Self: ...
+    def color_scheme(self, color: Builder[dm.FieldColor]) -> Self: ...
+
+
+P = TypeVar("P", bound=_PanelBuilder)
+PanelBuilder = stat.Panel | timeseries.Panel | statetimeline.Panel
+
+
+def _target(ref_id: str, expr: str, legend: str) -> prometheus.Dataquery:
+    return (prometheus.Dataquery().ref_id(ref_id).expr(expr).legend_format(legend or "__auto")
+            .range().datasource(DATASOURCE))
+
+
+def _panel(p: P, title: str, queries: Sequence[Query], unit: str, description: str,
+           width: int, height: int, decimals: int | None,
+           mappings: Sequence[tuple[str, str, str]] = ()) -> P:
+    """The settings every panel shares: title, Prometheus queries, unit, size..."""
+    targets: list[Builder[Dataquery]] = [_target(chr(ord("A") + i), expr, legend)
+                                         for i, (expr, legend) in enumerate(queries)]
+    p = (p.title(title).datasource(DATASOURCE).targets(targets).unit(unit)
+         .span(width).height(height))
+    if description:
+        p = p.description(description)
+    if decimals is not None:
+        p = p.decimals(decimals)
+    if mappings:  # (value, text, color): a state shown by name and color
+        p = (p.mappings([dm.ValueMap(options={
+                value: dm.ValueMappingResult(text=text, color=color, index=i)
+                for i, (value, text, color) in enumerate(mappings)})])
+             .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
+             .thresholds(db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
+                 [dm.Threshold(value=None, color="red"), dm.Threshold(value=1, color="green")])))
+    return p
+
+
+def stat_panel(title: str, query: Query, *, unit: str = "short", description: str = "",
+               decimals: int | None = None, show_name: bool = False) -> stat.Panel:
+    """A single figure (the last value); ``show_name`` shows the series' legend instead (e.g.
+    the phase)."""
+    p = _panel(stat.Panel(), title, (query,), unit, description, 4, 4, decimals)
+    return (p.color_scheme(db.FieldColor().mode(dm.FieldColorModeId.FIXED).fixed_color("blue"))
+            .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).fields("")
+                            .values(False))
+            .color_mode(common.BigValueColorMode.VALUE)
+            .graph_mode(common.BigValueGraphMode.NONE if show_name
+                        else common.BigValueGraphMode.AREA)
+            .justify_mode(common.BigValueJustifyMode.AUTO)
+            .orientation(common.VizOrientation.AUTO)
+            .text_mode(common.BigValueTextMode.NAME if show_name
+                       else common.BigValueTextMode.AUTO))
+
+
+def timeseries_panel(title: str, *queries: Query, unit: str = "short", description: str = "",
+                     width: int = 12, decimals: int | None = None, bars: bool = False,
+                     colors: Sequence[tuple[str, str]] = ()) -> timeseries.Panel:
+    """Lines, or stacked ``bars`` (counts per interval); ``colors``: (series, fixed color)."""
+    p = (_panel(timeseries.Panel(), title, queries, unit, description, width, 8, decimals)
+         .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.PALETTE_CLASSIC))
+         .draw_style(common.GraphDrawStyle.BARS if bars else common.GraphDrawStyle.LINE)
+         .line_width(1).fill_opacity(80 if bars else 10)
+         .show_points(common.VisibilityMode.NEVER).span_nulls(False)
+         .stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL if bars
+                                            else common.StackingMode.NONE))
+         .legend(cb.VizLegendOptions().display_mode(common.LegendDisplayMode.LIST)
+                 .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+         .tooltip(cb.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI)
+                  .sort(common.SortOrder.DESCENDING)))
+    for name, color in colors:
+        p = p.override_by_name(name, [dm.DynamicConfigValue(
+            id_val="color", value=dm.FieldColor(mode=dm.FieldColorModeId.FIXED,
+                                                fixed_color=color))])
+    return p
+
+
+def state_timeline_panel(title: str, query: Query, *, mappings: Sequence[tuple[str, str, str]],
+                         description: str = "") -> statetimeline.Panel:
+    """A state over time; ``mappings``: (value, text, color) of each state."""
+    return (_panel(statetimeline.Panel(), title, (query,), "short", description, 12, 8, None,
+                   mappings)
+            .fill_opacity(80).line_width(0)
+            .merge_values(True).show_value(common.VisibilityMode.AUTO)
+            .align_value(common.TimelineValueAlignment.LEFT).row_height(0.9)
+            .legend(cb.VizLegendOptions().display_mode(common.LegendDisplayMode.LIST)
+                    .placement(common.LegendPlacement.BOTTOM).show_legend(False))
+            .tooltip(cb.VizTooltipOptions().mode(common.TooltipDisplayMode.SINGLE)
+                     .sort(common.SortOrder.NONE)))
+
+
+def generation_latency(title: str, metric: str, description: str) -> timeseries.Panel:
+    return timeseries_panel(title, *(
+        (quantile(q, metric, "slot, version"), f"{{{{slot}}}} v{{{{version}}}} p{p}")
         for q, p in ((0.5, 50), (0.99, 99))), unit="s", width=8, description=description)
 
 
-ERRORS = rate("autoglm_gateway_requests_total", 'code!~"2.."')
+def rows() -> list[tuple[str, list[PanelBuilder]]]:
+    """The dashboard's rows and their panels, in order (fresh builders at each call)."""
+    errors = rate("autoglm_gateway_requests_total", 'code!~"2.."')
+    requests = rate("autoglm_gateway_requests_total")
+    return [
+        ("Overview", [
+            stat_panel("Active version", (f"autoglm_active_version{{{D}}}", "version"),
+                       description="The model version the gateway sends traffic to.",
+                       decimals=0),
+            stat_panel("Swap phase", (f"autoglm_swap_phase{{{D}}} == 1", "{{phase}}"),
+                       description="Phase of the double-buffered swap (Idle between rollouts).",
+                       show_name=True),
+            stat_panel("Requests/s", (f"sum({requests})", "req/s"), unit="reqps"),
+            stat_panel("Gateway p99", ("histogram_quantile(0.99, sum by (le) "
+                                       f"({rate('autoglm_gateway_request_seconds_bucket')}))",
+                                       "p99"), unit="s"),
+            # no non-2xx series means no error; the denominator still needs traffic data
+            stat_panel("Errors (non-2xx)",
+                       (f"(sum({errors}) or vector(0)) / sum({requests})", "errors"),
+                       unit="percentunit"),
+            stat_panel("Expert replicas", (f"sum(autoglm_autoscaler_replicas{{{D}}})",
+                                           "replicas"),
+                       description="Replicas of all experts in the active slot.", decimals=0),
+        ]),
+        ("Autoscaling", [
+            timeseries_panel(
+                "Per-expert load (tokens/s)",
+                (f"sum by (expert) ({rate('autoglm_expert_tokens_total')})",
+                 "expert {{expert}} routed"),
+                (f"autoglm_autoscaler_load_tokens_per_second{{{D}}}",
+                 "expert {{expert}} autoscaler input"),
+                unit="suffix: tok/s",
+                description="Tokens the routers sent to each expert (both slots), and the "
+                            "load the autoscaler last read."),
+            timeseries_panel(
+                "Per-expert replicas",
+                (f"autoglm_autoscaler_replicas{{{D}}}", "expert {{expert}} current"),
+                (f"autoglm_autoscaler_desired_replicas{{{D}}}", "expert {{expert}} desired"),
+                (f'max by (slot, expert) (autoglm_expert_replicas{{{D},component="router"}})',
+                 "expert {{expert}} seen by router {{slot}}"),
+                description="Current and desired replicas of the active slot, and the "
+                            "replicas each slot's router balances over.", decimals=0),
+            timeseries_panel(
+                "Load per replica",
+                (f"sum by (expert) (autoglm_autoscaler_load_tokens_per_second{{{D}}}) / "
+                 f"sum by (expert) (autoglm_autoscaler_replicas{{{D}}})", "expert {{expert}}"),
+                unit="suffix: tok/s", description="What the autoscaler compares with its target."),
+            timeseries_panel(
+                "Imbalance", (f"autoglm_autoscaler_imbalance{{{D}}}", "imbalance"),
+                unit="percentunit",
+                description="(max - mean) / mean of the load per replica over the experts."),
+            timeseries_panel(
+                "Scaling decisions",
+                ("sum by (expert, direction) (increase("
+                 f"autoglm_autoscaler_decisions_total{{{D}}}[{RI}]))",
+                 "expert {{expert}} {{direction}}"),
+                bars=True,
+                description="Replica changes the autoscaler decided, per expert and direction."),
+            state_timeline_panel(
+                "Metrics availability",
+                (f"autoglm_autoscaler_metrics_available{{{D}}}", "autoscaler metrics"),
+                mappings=(("1", "available", "green"), ("0", "missing", "red")),
+                description="Whether the autoscaler had fresh metrics; without, it holds the "
+                            "replicas (never scales down)."),
+        ]),
+        ("Gateway", [
+            timeseries_panel(
+                "Traffic by version and code",
+                (f"sum by (version, code) ({requests})", "v{{version}} {{code}}"),
+                unit="reqps"),
+            timeseries_panel(
+                "Latency by version",
+                (quantile(0.5), "v{{version}} p50"), (quantile(0.99), "v{{version}} p99"),
+                unit="s"),
+            timeseries_panel(
+                "In flight per slot",
+                (f"sum by (slot) (autoglm_gateway_inflight{{{D}}})", "slot {{slot}}"),
+                description="Requests in flight through the gateway; a draining slot "
+                            "reaches 0.", decimals=0),
+            timeseries_panel(
+                "Expert queue time",
+                ("sum by (model) (rate(nv_inference_queue_duration_us"
+                 f'{{{D},component="expert"}}[{RI}])) / sum by (model) '
+                 f'(rate(nv_inference_count{{{D},component="expert"}}[{RI}])) / 1000',
+                 "{{model}}"),
+                unit="ms", description="Mean time a request waits in Triton's queue, per "
+                                       "expert (the autoscaler's queue-time guard)."),
+        ]),
+        ("Generation", [
+            generation_latency("Time to first token", "autoglm_time_to_first_token_seconds",
+                               "From a generation's arrival at the router to its first "
+                               "token: queueing for KV cache and prefill."),
+            generation_latency("Inter-token latency", "autoglm_inter_token_latency_seconds",
+                               "Between consecutive tokens of one generation: one engine "
+                               "step."),
+            timeseries_panel(
+                "Generated tokens/s",
+                (f"sum by (slot, version) ({rate('autoglm_generated_tokens_total')})",
+                 "{{slot}} v{{version}}"),
+                unit="suffix: tok/s", width=8),
+            timeseries_panel(
+                "Sequences",
+                (f"sum by (slot) (autoglm_generate_running{{{D}}})", "{{slot}} running"),
+                (f"sum by (slot) (autoglm_generate_waiting{{{D}}})", "{{slot}} waiting"),
+                description="Generations running in each slot's engines, and those waiting "
+                            "for KV cache.", decimals=0),
+            timeseries_panel(
+                "KV cache use",
+                (f"sum by (slot) (autoglm_kv_cache_used_tokens{{{D}}}) / "
+                 f"sum by (slot) (autoglm_kv_cache_capacity_tokens{{{D}}})", "{{slot}}"),
+                unit="percentunit", description="KV cache reserved by running generations "
+                                                "(prompt + max_tokens each, reserved at "
+                                                "admission)."),
+        ]),
+        ("Swap", [
+            state_timeline_panel(
+                "Swap phase over time",
+                (f"max by (phase) (autoglm_swap_phase{{{D}}})", "{{phase}}"),
+                mappings=(("1", "current", "blue"), ("0", " ", "transparent"))),
+            timeseries_panel(
+                "Swap events",
+                (f"sum by (reason) (increase(autoglm_swap_events_total{{{D}}}[{RI}]))",
+                 "{{reason}}"),
+                bars=True,
+                description="Flips (Flipped, FlipBack) and aborted rollouts (RolloutFailed).",
+                colors=(("Flipped", "green"), ("FlipBack", "yellow"),
+                        ("RolloutFailed", "red"))),
+        ]),
+        ("Targets", [
+            timeseries_panel(
+                "Scrape targets up",
+                (f"sum by (component, slot) (up{{{D}}})", "{{component}} {{slot}}"),
+                description="Servers Prometheus scrapes successfully, per component and slot.",
+                decimals=0),
+            timeseries_panel(
+                "Expert calls and failures",
+                (f"sum by (expert) ({rate('autoglm_expert_calls_total')})",
+                 "expert {{expert}} calls"),
+                (f"sum by (expert) ({rate('autoglm_expert_call_failures_total')})",
+                 "expert {{expert}} failures"),
+                unit="reqps", description="The routers' calls to each expert; a failed call "
+                                          "is retried on another replica."),
+        ]),
+    ]
 
-ROWS: tuple[Row, ...] = (
-    Row("Overview", (
-        Panel("Active version", "stat", (Query(f"autoglm_active_version{{{D}}}", "version"),),
-              description="The model version the gateway sends traffic to.", width=4,
-              height=4, decimals=0),
-        Panel("Swap phase", "stat",
-              (Query(f"autoglm_swap_phase{{{D}}} == 1", "{{phase}}"),),
-              description="Phase of the double-buffered swap (Idle between rollouts).",
-              width=4, height=4, stat_text="name"),
-        Panel("Requests/s", "stat",
-              (Query(f"sum({rate('autoglm_gateway_requests_total')})", "req/s"),),
-              unit="reqps", width=4, height=4),
-        Panel("Gateway p99", "stat",
-              (Query("histogram_quantile(0.99, sum by (le) "
-                     f"({rate('autoglm_gateway_request_seconds_bucket')}))", "p99"),),
-              unit="s", width=4, height=4),
-        Panel("Errors (non-2xx)", "stat",
-              # no non-2xx series means no error; the denominator still needs traffic data
-              (Query(f"(sum({ERRORS}) or vector(0)) / "
-                     f"sum({rate('autoglm_gateway_requests_total')})", "errors"),),
-              unit="percentunit", width=4, height=4),
-        Panel("Expert replicas", "stat",
-              (Query(f"sum(autoglm_autoscaler_replicas{{{D}}})", "replicas"),),
-              description="Replicas of all experts in the active slot.", width=4, height=4,
-              decimals=0),
-    )),
-    Row("Autoscaling", (
-        Panel("Per-expert load (tokens/s)", "timeseries", (
-            Query(f"sum by (expert) ({rate('autoglm_expert_tokens_total')})",
-                  "expert {{expert}} routed"),
-            Query(f"autoglm_autoscaler_load_tokens_per_second{{{D}}}",
-                  "expert {{expert}} autoscaler input"),
-        ), unit="suffix: tok/s",
-            description="Tokens the routers sent to each expert (both slots), and the load "
-                        "the autoscaler last read."),
-        Panel("Per-expert replicas", "timeseries", (
-            Query(f"autoglm_autoscaler_replicas{{{D}}}", "expert {{expert}} current"),
-            Query(f"autoglm_autoscaler_desired_replicas{{{D}}}", "expert {{expert}} desired"),
-            Query(f'max by (slot, expert) (autoglm_expert_replicas{{{D},component="router"}})',
-                  "expert {{expert}} seen by router {{slot}}"),
-        ), description="Current and desired replicas of the active slot, and the replicas "
-                       "each slot's router balances over.", decimals=0),
-        Panel("Load per replica", "timeseries", (
-            Query(f"sum by (expert) (autoglm_autoscaler_load_tokens_per_second{{{D}}}) / "
-                  f"sum by (expert) (autoglm_autoscaler_replicas{{{D}}})", "expert {{expert}}"),
-        ), unit="suffix: tok/s", description="What the autoscaler compares with its target."),
-        Panel("Imbalance", "timeseries", (
-            Query(f"autoglm_autoscaler_imbalance{{{D}}}", "imbalance"),
-        ), unit="percentunit",
-            description="(max - mean) / mean of the load per replica over the experts."),
-        Panel("Scaling decisions", "bars", (
-            Query("sum by (expert, direction) (increase("
-                  f"autoglm_autoscaler_decisions_total{{{D}}}[{RI}]))",
-                  "expert {{expert}} {{direction}}"),
-        ), description="Replica changes the autoscaler decided, per expert and direction."),
-        Panel("Metrics availability", "state-timeline", (
-            Query(f"autoglm_autoscaler_metrics_available{{{D}}}", "autoscaler metrics"),
-        ), description="Whether the autoscaler had fresh metrics; without, it holds the "
-                       "replicas (never scales down).",
-            mappings=(("1", "available", "green"), ("0", "missing", "red"))),
-    )),
-    Row("Gateway", (
-        Panel("Traffic by version and code", "timeseries", (
-            Query(f"sum by (version, code) ({rate('autoglm_gateway_requests_total')})",
-                  "v{{version}} {{code}}"),
-        ), unit="reqps"),
-        Panel("Latency by version", "timeseries", (
-            Query(quantile(0.5), "v{{version}} p50"),
-            Query(quantile(0.99), "v{{version}} p99"),
-        ), unit="s"),
-        Panel("In flight per slot", "timeseries", (
-            Query(f"sum by (slot) (autoglm_gateway_inflight{{{D}}})", "slot {{slot}}"),
-        ), description="Requests in flight through the gateway; a draining slot reaches 0.",
-            decimals=0),
-        Panel("Expert queue time", "timeseries", (
-            Query("sum by (model) (rate(nv_inference_queue_duration_us"
-                  f'{{{D},component="expert"}}[{RI}])) / sum by (model) '
-                  f'(rate(nv_inference_count{{{D},component="expert"}}[{RI}])) / 1000',
-                  "{{model}}"),
-        ), unit="ms", description="Mean time a request waits in Triton's queue, per expert "
-                                  "(the autoscaler's queue-time guard)."),
-    )),
-    Row("Generation", (
-        generation_latency("Time to first token", "autoglm_time_to_first_token_seconds",
-                           "From a generation's arrival at the router to its first token: "
-                           "queueing for KV cache and prefill."),
-        generation_latency("Inter-token latency", "autoglm_inter_token_latency_seconds",
-                           "Between consecutive tokens of one generation: one engine step."),
-        Panel("Generated tokens/s", "timeseries", (
-            Query(f"sum by (slot, version) ({rate('autoglm_generated_tokens_total')})",
-                  "{{slot}} v{{version}}"),
-        ), unit="suffix: tok/s", width=8),
-        Panel("Sequences", "timeseries", (
-            Query(f"sum by (slot) (autoglm_generate_running{{{D}}})", "{{slot}} running"),
-            Query(f"sum by (slot) (autoglm_generate_waiting{{{D}}})", "{{slot}} waiting"),
-        ), description="Generations running in each slot's engines, and those waiting for "
-                       "KV cache.", decimals=0),
-        Panel("KV cache use", "timeseries", (
-            Query(f"sum by (slot) (autoglm_kv_cache_used_tokens{{{D}}}) / "
-                  f"sum by (slot) (autoglm_kv_cache_capacity_tokens{{{D}}})", "{{slot}}"),
-        ), unit="percentunit", description="KV cache reserved by running generations "
-                                           "(prompt + max_tokens each, reserved at admission)."),
-    )),
-    Row("Swap", (
-        Panel("Swap phase over time", "state-timeline", (
-            Query(f"max by (phase) (autoglm_swap_phase{{{D}}})", "{{phase}}"),
-        ), mappings=(("1", "current", "blue"), ("0", " ", "transparent"))),
-        Panel("Swap events", "bars", (
-            Query(f"sum by (reason) (increase(autoglm_swap_events_total{{{D}}}[{RI}]))",
-                  "{{reason}}"),
-        ), description="Flips (Flipped, FlipBack) and aborted rollouts (RolloutFailed).",
-            colors=(("Flipped", "green"), ("FlipBack", "yellow"),
-                    ("RolloutFailed", "red"))),
-    )),
-    Row("Targets", (
-        Panel("Scrape targets up", "timeseries", (
-            Query(f"sum by (component, slot) (up{{{D}}})", "{{component}} {{slot}}"),
-        ), description="Servers Prometheus scrapes successfully, per component and slot.",
-            decimals=0),
-        Panel("Expert calls and failures", "timeseries", (
-            Query(f"sum by (expert) ({rate('autoglm_expert_calls_total')})",
-                  "expert {{expert}} calls"),
-            Query(f"sum by (expert) ({rate('autoglm_expert_call_failures_total')})",
-                  "expert {{expert}} failures"),
-        ), unit="reqps", description="The routers' calls to each expert; a failed call is "
-                                     "retried on another replica."),
-    )),
-)
 
-PANELS: tuple[Panel, ...] = tuple(p for row in ROWS for p in row.panels)
+# -- the dashboard -------------------------------------------------------------------------
+
+def variables() -> list[Builder[dm.VariableModel]]:
+    """The data source, then the namespace and the deployment (in the order Grafana resolves
+    them: the deployments are those of the namespace chosen)."""
+    def query_variable(name: str, label: str, query: str) -> db.QueryVariable:
+        return (db.QueryVariable(name).label(label).datasource(DATASOURCE).query(query)
+                .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+                .sort(dm.VariableSort.ALPHABETICAL_ASC).hide(dm.VariableHide.DONT_HIDE)
+                .include_all(False).multi(False).regex(""))
+
+    return [
+        db.DatasourceVariable(DATASOURCE_VARIABLE).label("Data source")
+        .type(DATASOURCE.type_val or "").hide(dm.VariableHide.DONT_HIDE)
+        .include_all(False).multi(False).regex(""),
+        query_variable("namespace", "Namespace", NAMESPACE_QUERY),
+        query_variable("deployment", "Deployment", DEPLOYMENT_QUERY),
+    ]
 
 
-def queries() -> list[tuple[str, Query]]:
-    """Every query of the dashboard, with its panel's title."""
-    return [(p.title, q) for p in PANELS for q in p.queries]
+def build() -> dm.Dashboard:
+    """The dashboard, as the SDK's model (rows expanded: their panels follow them at the top
+    level; the SDK lays the panels out on the grid, left to right)."""
+    b = (db.Dashboard(TITLE).uid(UID).tags(["autoglm"]).editable()
+         .tooltip(dm.DashboardCursorSync.CROSSHAIR).refresh("10s").time("now-1h", "now")
+         .timezone("").version(1).links([]).annotations([]).variables(variables()))
+    pid = 1
+    for title, panels in rows():
+        b = b.with_row(db.Row(title).id(pid).collapsed(False))
+        pid += 1
+        for p in panels:
+            b = b.with_panel(p.id(pid))
+            pid += 1
+    return b.build()
+
+
+def dashboard() -> dict[str, Any]:
+    """The dashboard's JSON model, as Grafana reads it."""
+    out: dict[str, Any] = json.loads(json.dumps(build(), cls=JSONEncoder))
+    return out
+
+
+def queries() -> list[tuple[str, pm.Dataquery]]:
+    """Every query of the dashboard (``.expr``, ``.legend_format``), with its panel's title."""
+    found = []
+    for p in build().panels or []:
+        if isinstance(p, dm.Panel):
+            for t in p.targets or []:
+                assert isinstance(t, pm.Dataquery), p.title
+                found.append((p.title or "", t))
+    return found
 
 
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -226,103 +380,13 @@ def expand(expr: str, values: dict[str, str]) -> str:
     return _VAR.sub(lambda m: values[m.group(1) or m.group(2)], expr)
 
 
-# -- Grafana JSON ---------------------------------------------------------------------------
-
-def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"unit": p.unit, "color": {"mode": "palette-classic"}}
-    if p.decimals is not None:
-        defaults["decimals"] = p.decimals
-    if p.mappings:
-        defaults["mappings"] = [{"type": "value", "options": {
-            v: {"text": text, "color": color, "index": i}
-            for i, (v, text, color) in enumerate(p.mappings)}}]
-        defaults["color"] = {"mode": "thresholds"}
-        defaults["thresholds"] = {"mode": "absolute",
-                                  "steps": [{"color": "red", "value": None},
-                                            {"color": "green", "value": 1}]}
-    options: dict[str, Any]
-    kind = p.kind
-    if p.kind in ("timeseries", "bars"):
-        kind = "timeseries"
-        bars = p.kind == "bars"
-        defaults["custom"] = {
-            "drawStyle": "bars" if bars else "line", "lineWidth": 1,
-            "fillOpacity": 80 if bars else 10, "showPoints": "never",
-            "spanNulls": False, "stacking": {"mode": "normal" if bars else "none"}}
-        options = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                   "tooltip": {"mode": "multi", "sort": "desc"}}
-    elif p.kind == "stat":
-        defaults["color"] = {"mode": "fixed", "fixedColor": "blue"} if not p.mappings else (
-            defaults["color"])
-        options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                   "colorMode": "value", "graphMode": "area" if p.stat_text == "auto" else
-                   "none", "justifyMode": "auto", "orientation": "auto",
-                   "textMode": p.stat_text}
-    elif p.kind == "state-timeline":
-        defaults["custom"] = {"fillOpacity": 80, "lineWidth": 0}
-        options = {"mergeValues": True, "showValue": "auto", "alignValue": "left",
-                   "rowHeight": 0.9,
-                   "legend": {"displayMode": "list", "placement": "bottom", "showLegend": False},
-                   "tooltip": {"mode": "single", "sort": "none"}}
-    else:
-        raise ValueError(f"{p.title}: unknown panel kind {p.kind!r}")
-    overrides = [{"matcher": {"id": "byName", "options": name},
-                  "properties": [{"id": "color", "value": {"mode": "fixed",
-                                                           "fixedColor": color}}]}
-                 for name, color in p.colors]
-    targets = [{"datasource": DATASOURCE, "expr": q.expr, "legendFormat": q.legend or "__auto",
-                "range": True, "refId": chr(ord("A") + i)} for i, q in enumerate(p.queries)]
-    out: dict[str, Any] = {
-        "id": pid, "type": kind, "title": p.title, "datasource": DATASOURCE,
-        "gridPos": {"h": p.height, "w": p.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": defaults, "overrides": overrides},
-        "options": options, "targets": targets}
-    if p.description:
-        out["description"] = p.description
-    return out
-
-
-def dashboard() -> dict[str, Any]:
-    panels: list[dict[str, Any]] = []
-    y, pid = 0, 1
-    for row in ROWS:
-        panels.append({"id": pid, "type": "row", "title": row.title, "collapsed": False,
-                       "gridPos": {"h": 1, "w": WIDTH, "x": 0, "y": y}, "panels": []})
-        pid, y = pid + 1, y + 1
-        x, line = 0, 0
-        for p in row.panels:
-            if x + p.width > WIDTH:
-                x, y, line = 0, y + line, 0
-            panels.append(_panel(p, pid, x, y))
-            pid, x, line = pid + 1, x + p.width, max(line, p.height)
-        y += line
-    return {
-        "uid": UID, "title": "AutoGLM", "tags": ["autoglm"], "editable": True,
-        "schemaVersion": 39, "version": 1, "graphTooltip": 1, "refresh": "10s",
-        "time": {"from": "now-1h", "to": "now"}, "timezone": "",
-        "annotations": {"list": []}, "links": [],
-        "templating": {"list": [
-            {"name": "datasource", "label": "Data source", "type": "datasource",
-             "query": "prometheus", "current": {}, "hide": 0, "refresh": 1,
-             "includeAll": False, "multi": False, "options": [], "regex": ""},
-            {"name": "namespace", "label": "Namespace", "type": "query",
-             "datasource": DATASOURCE, "definition": NAMESPACE_QUERY,
-             "query": NAMESPACE_QUERY, "current": {}, "hide": 0, "refresh": 2, "sort": 1,
-             "includeAll": False, "multi": False, "options": [], "regex": ""},
-            {"name": "deployment", "label": "Deployment", "type": "query",
-             "datasource": DATASOURCE, "definition": DEPLOYMENT_QUERY,
-             "query": DEPLOYMENT_QUERY, "current": {}, "hide": 0, "refresh": 2, "sort": 1,
-             "includeAll": False, "multi": False, "options": [], "regex": ""},
-        ]},
-        "panels": panels,
-    }
-
+# -- the ConfigMap -------------------------------------------------------------------------
 
 def configmap() -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": CONFIGMAP, "labels": {"grafana_dashboard": "1"}},
-        "data": {DATA_KEY: json.dumps(dashboard(), indent=1) + "\n"},
+        "data": {DATA_KEY: json.dumps(build(), cls=JSONEncoder, indent=1) + "\n"},
     }
 
 
