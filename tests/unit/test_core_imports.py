@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "autoglm"
-CORE = ("spec", "plan", "swap", "autoscale")
+CORE = ("spec", "plan", "swap", "autoscale", "placement")
 # our adapters and I/O modules, and the libraries only adapters may use
 FORBIDDEN = ("autoglm.backends", "autoglm.k8s", "autoglm.local", "autoglm.gateway",
              "autoglm.triton", "autoglm.prometheus", "autoglm.procs", "autoglm.cli",

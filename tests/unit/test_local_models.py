@@ -62,3 +62,28 @@ def test_the_tiny_builder_takes_what_the_spec_leaves_out_from_the_preset(
     r, _ = local(tmp_path, repository="s3://bucket/m", numExperts=1)  # top-2 of 1 cannot be
     r._model(1)
     assert (builds[-1][3].num_experts, builds[-1][3].top_k) == (1, 1)
+
+
+def test_num_experts_left_out_comes_from_the_version_in_the_repository(tmp_path: Path) -> None:
+    repo = tmp_path / "imported"
+    (repo / "router" / "3").mkdir(parents=True)
+    (repo / "router" / "3" / "moe.json").write_text(json.dumps({
+        "name": "glm", "version": 3, "config": {"num_experts": 160}}))
+    file = tmp_path / "glm.yaml"
+
+    def resource(**model: Any) -> str:
+        file.write_text(json.dumps({"kind": "AutoGLMDeployment", "metadata": {"name": "glm"},
+                                    "spec": {"model": {"name": "glm", **model}}}))
+        return str(file)
+
+    name, spec = rt.read_resource(Path(resource(version=3, repository=str(repo))))
+    assert (name, spec.model.num_experts) == ("glm", 160)
+    # given, it stays as it is (the servers then check it against the version)
+    _, spec = rt.read_resource(Path(resource(version=3, repository=str(repo), numExperts=8)))
+    assert spec.model.num_experts == 8
+    # a version the repository does not hold, or no repository here: still required
+    for model in ({"version": 4, "repository": str(repo)},
+                  {"version": 3, "repository": "/not-here"},
+                  {"version": 3, "repository": "s3://bucket/glm"}):
+        with pytest.raises(rt.LocalError, match=r"spec\.model\.numExperts"):
+            rt.read_resource(Path(resource(**model)))

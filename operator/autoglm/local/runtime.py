@@ -69,9 +69,32 @@ def read_resource(path: Path) -> tuple[str, AutoGLMSpec]:
     if not name:
         raise LocalError(f"{path}: metadata.name is required")
     try:
-        return str(name), parse(doc.get("spec") or {}, str(name))
+        return str(name), parse(shape_from_repository(doc.get("spec") or {}), str(name))
     except InvalidSpec as e:
         raise LocalError(f"{path}: {e}") from None
+
+
+def shape_from_repository(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec.model.numExperts``, when the file leaves it out, from the version it names in
+    ``spec.model.repository``, when that is a directory here that holds the version (an
+    imported model): the runtime can read what the operator cannot. (``topK`` and ``layers``
+    are optional; left out, the servers check nothing of them.) Anything else is left to the
+    spec's own validation, which names what is missing."""
+    model = spec.get("model")
+    if not isinstance(model, dict) or "numExperts" in model:
+        return spec
+    repository, version = model.get("repository"), model.get("version")
+    if not isinstance(repository, str) or type(version) is not int:
+        return spec
+    given = Path(repository)
+    if not (given.is_absolute() and (given / p.router_model() / str(version) / "moe.json")
+            .is_file()):
+        return spec
+    try:
+        n = read_meta(given, version).get("config", {}).get("num_experts")
+    except (OSError, ValueError, AttributeError):
+        return spec
+    return {**spec, "model": {**model, "numExperts": n}} if type(n) is int else spec
 
 
 def default_home() -> Path:

@@ -1,0 +1,126 @@
+"""Which expert server holds which expert replicas (pure: no I/O).
+
+The autoscaler decides how many replicas each routed expert gets; the unit of deployment is an
+expert server that holds up to ``capacity`` experts in one model, so one call per server per
+layer carries the rows of every expert it holds. :func:`place` maps the replicas onto servers:
+
+* every replica on a server, at most ``capacity`` per server, never two replicas of one expert
+  on one server (a second copy there would add no capacity and no availability);
+* servers balanced by load: each replica carries ``load[e] / replicas[e]`` (the router's
+  per-expert token rate) when every expert's load is known, else 1 (balance by count);
+* what a ``current`` placement already holds stays where it is, as far as the new replica
+  counts allow: a move costs a slice load on the new server;
+* deterministic: the same inputs give the same placement.
+
+The greedy is DeepSeek EPLB's packing step (heaviest replica first, into the lightest server
+with room), started from the kept replicas instead of from empty servers; when every server
+with room already holds the expert, one replica is swapped to make room (so whatever fits is
+placed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class PlacementError(ValueError):
+    """Replicas that cannot be placed: the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Server ``s`` holds the experts ``servers[s]`` (each once)."""
+
+    servers: tuple[frozenset[int], ...]
+
+    def replicas(self, num_experts: int) -> list[int]:
+        return [sum(e in held for held in self.servers) for e in range(num_experts)]
+
+    def holders(self, expert: int) -> list[int]:
+        """The servers holding ``expert``, in order."""
+        return [s for s, held in enumerate(self.servers) if expert in held]
+
+
+def servers_needed(replicas: Sequence[int], capacity: int) -> int:
+    """The fewest servers that hold ``replicas``: enough slots, and at least as many servers
+    as the most replicated expert has replicas."""
+    if capacity < 1:
+        raise PlacementError(f"a server must hold at least one expert, not {capacity}")
+    return max(math.ceil(sum(replicas) / capacity), max(replicas, default=0))
+
+
+def place(replicas: Sequence[int], capacity: int, load: Sequence[float | None] = (),
+          current: Placement | None = None, servers: int | None = None) -> Placement:
+    """``replicas[e]`` replicas of each expert on ``servers`` servers (default: the fewest
+    that hold them) of ``capacity`` experts each; see the module's docstring."""
+    n = servers_needed(replicas, capacity) if servers is None else servers
+    problems = [f"expert {e} has {r} replicas" for e, r in enumerate(replicas) if r < 1]
+    problems += [f"expert {e} has {r} replicas but there are {n} servers (at most one "
+                 f"replica of an expert per server)" for e, r in enumerate(replicas) if r > n]
+    if sum(replicas) > n * capacity:
+        problems.append(f"{sum(replicas)} replicas do not fit on {n} servers of {capacity}")
+    if problems:
+        raise PlacementError("; ".join(problems))
+    weight = _weights(replicas, load)
+    held: list[set[int]] = [set() for _ in range(n)]
+    kept = [0] * len(replicas)
+    if current is not None:  # keep what still fits, heaviest first
+        for s, experts in enumerate(current.servers[:n]):
+            for e in sorted(experts, key=lambda e: (-weight[e], e)):
+                if e < len(replicas) and kept[e] < replicas[e] and len(held[s]) < capacity:
+                    held[s].add(e)
+                    kept[e] += 1
+    todo = sorted((e for e, r in enumerate(replicas) for _ in range(r - kept[e])),
+                  key=lambda e: (-weight[e], e))
+    def lightest(candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda s: (sum(weight[x] for x in held[s]), len(held[s]), s))
+
+    for e in todo:
+        room = [s for s in range(n) if len(held[s]) < capacity and e not in held[s]]
+        if room:
+            held[lightest(room)].add(e)
+            continue
+        # Every server with room holds e already. A full server t without e exists (e has
+        # fewer than n replicas so far), and it holds some f that the server s with room
+        # lacks (t has more experts than s): f moves to s, e takes its place on t.
+        s = lightest([s for s in range(n) if len(held[s]) < capacity])
+        t = lightest([t for t in range(n) if e not in held[t]])
+        f = min(held[t] - held[s], key=lambda f: (weight[f], f))
+        held[t].remove(f)
+        held[s].add(f)
+        held[t].add(e)
+    return Placement(tuple(frozenset(h) for h in held))
+
+
+def _weights(replicas: Sequence[int], load: Sequence[float | None]) -> list[float]:
+    """The load one replica of each expert carries; 1 each unless every load is known."""
+    known = [x for x in load if x is not None]
+    if len(known) != len(replicas) or sum(known) <= 0:
+        return [1.0] * len(replicas)
+    return [float(x) / r for x, r in zip(known, replicas, strict=True)]
+
+
+def server_loads(placement: Placement, replicas: Sequence[int],
+                 load: Sequence[float | None]) -> list[float]:
+    weight = _weights(replicas, load)
+    return [sum(weight[e] for e in held) for held in placement.servers]
+
+
+def imbalance(loads: Sequence[float]) -> float:
+    """(max - mean) / mean of the servers' loads: 0 is perfectly even."""
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return (max(loads) - mean) / mean if mean > 0 else 0.0
+
+
+def balancedness(loads: Sequence[float]) -> float:
+    """DeepSeek's measure, mean / max: 1 is perfectly even."""
+    top = max(loads, default=0.0)
+    return sum(loads) / len(loads) / top if top > 0 else 1.0
+
+
+def moves(before: Placement, after: Placement) -> int:
+    """Replicas that ``after`` places on a server that did not hold them in ``before``."""
+    return sum(len(a - (before.servers[s] if s < len(before.servers) else frozenset()))
+               for s, a in enumerate(after.servers))
