@@ -85,5 +85,8 @@ def test_num_experts_left_out_comes_from_the_version_in_the_repository(tmp_path:
     for model in ({"version": 4, "repository": str(repo)},
                   {"version": 3, "repository": "/not-here"},
                   {"version": 3, "repository": "s3://bucket/glm"}):
-        with pytest.raises(rt.LocalError, match=r"spec\.model\.numExperts"):
+        with pytest.raises(rt.LocalError, match=r"spec\.model\.numExperts: required") as e:
             rt.read_resource(Path(resource(**model)))
+        local = str(model["repository"]).startswith("/")
+        assert (f"nor does {model['repository']} hold version {model['version']}"
+                in str(e.value)) == local, e.value

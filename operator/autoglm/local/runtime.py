@@ -68,10 +68,15 @@ def read_resource(path: Path) -> tuple[str, AutoGLMSpec]:
     name = (doc.get("metadata") or {}).get("name")
     if not name:
         raise LocalError(f"{path}: metadata.name is required")
+    spec = doc.get("spec") or {}
     try:
-        return str(name), parse(shape_from_repository(doc.get("spec") or {}), str(name))
+        return str(name), parse(shape_from_repository(spec), str(name))
     except InvalidSpec as e:
-        raise LocalError(f"{path}: {e}") from None
+        model = spec.get("model") if isinstance(spec, dict) else None
+        hint = (f" (nor does {model['repository']} hold version {model.get('version')} to "
+                "take it from)" if isinstance(model, dict) and "numExperts" not in model
+                and str(model.get("repository", "")).startswith("/") else "")
+        raise LocalError(f"{path}: {e}{hint}") from None
 
 
 def shape_from_repository(spec: dict[str, Any]) -> dict[str, Any]:
