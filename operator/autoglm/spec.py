@@ -149,7 +149,9 @@ _NANO = Decimal("1e-9")
 
 def quantity(q: str | int) -> Decimal:
     """A Kubernetes quantity as a number (binary and decimal suffixes), rounded up to a
-    whole nano as the API server rounds it."""
+    whole nano as the API server rounds it. Not ``kubernetes.utils.parse_quantity``: the
+    pure core imports no kubernetes (importing it loads the whole API client), and that one
+    accepts what the API server refuses ("1K", "inf"), keeps 28 digits and does not round."""
     s = str(q)
     m = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
                      r"([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?", s)

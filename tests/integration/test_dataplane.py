@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,9 @@ from autoglm.triton import TritonServer
 
 pytestmark = pytest.mark.triton
 VERSION = 1
+# The longest a routed-token count waits in the router before Triton exports it: its endpoint
+# refresh period (AUTOGLM_RESOLVE_SECONDS, 2 s), which flushes the counters too, and a margin.
+FLUSH_LAG = 2.5
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +106,13 @@ def test_routed_token_counters_on_the_metrics_endpoint(plane: DataPlane) -> None
     assert plane.router is not None
     url = plane.router.metrics_url
     cfg = PRESETS["tiny"]
+    time.sleep(FLUSH_LAG)  # what earlier tests routed has reached Triton
     before = sum(metric(url, "autoglm_expert_tokens_total", e) for e in range(cfg.num_experts))
     infer(plane.router, np.zeros((2, 7), dtype=np.int64) + 5)
-    after = sum(metric(url, "autoglm_expert_tokens_total", e) for e in range(cfg.num_experts))
-    assert after - before == cfg.layers * 2 * 7 * cfg.top_k
+    # summed in the router, handed to Triton within a flush period
+    eventually(lambda: sum(metric(url, "autoglm_expert_tokens_total", e)
+                           for e in range(cfg.num_experts)) - before
+               == cfg.layers * 2 * 7 * cfg.top_k, "the routed tokens counted", timeout=10)
     text = urllib.request.urlopen(url).read().decode()
     for name in ("autoglm_expert_calls_total", "autoglm_expert_call_seconds_total",
                  "autoglm_expert_replicas", "nv_inference_request_success"):
@@ -147,12 +154,19 @@ def test_canary_passes_on_the_router_and_says_why_otherwise(plane: DataPlane) ->
     """The canary needs nothing but the router's HTTP port (the operator's situation)."""
     assert plane.router is not None
     url, metrics = f"http://{plane.router.http_url}", plane.router.metrics_url
-    routed = [metric(metrics, "autoglm_expert_tokens_total", e) for e in range(4)]
+
+    def routed() -> list[float]:
+        """The routed-token counters once what the router summed has reached Triton: it
+        flushes within its endpoint refresh period (2 s) at the latest."""
+        time.sleep(FLUSH_LAG)
+        return [metric(metrics, "autoglm_expert_tokens_total", e) for e in range(4)]
+
+    before = routed()
     ok, detail = canary.check(url, VERSION)
     assert ok is True, detail
     assert f"version {VERSION} answered" in detail
     # the canary is not user load: the autoscaling signal did not move
-    assert [metric(metrics, "autoglm_expert_tokens_total", e) for e in range(4)] == routed
+    assert routed() == before
     # a version this server does not serve is not an answer: the swap keeps waiting
     ok, detail = canary.check(url, VERSION + 1)
     assert ok is None and "answered 404" in detail and "version 2" in detail, detail

@@ -8,6 +8,7 @@ repeats itself."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -54,6 +55,12 @@ def metric(url: str, name: str, expert: int) -> float:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     m = re.search(rf'^{name}{{expert="{expert}"}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def same_routing(router: TritonServer, before: dict[int, int], want: dict[int, int]) -> bool:
+    """Whether the tokens routed since ``before`` are ``want`` (expert → tokens)."""
+    after = routed(router)
+    return {e: n - before.get(e, 0) for e, n in after.items() if n > before.get(e, 0)} == want
 
 
 def routed(router: TritonServer) -> dict[int, int]:
@@ -135,9 +142,11 @@ def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, serve
             with torch.no_grad():
                 want = theirs(torch.from_numpy(ids)).logits.numpy()
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-            after = routed(router)
-            assert {e: n - before.get(e, 0) for e, n in after.items() if n > before.get(e, 0)} \
-                == reference_routing(theirs, torch.from_numpy(ids)), "the same routing"
+            want_routing = reference_routing(theirs, torch.from_numpy(ids))
+
+            # counters reach Triton within a flush period
+            eventually(functools.partial(same_routing, router, before, want_routing),
+                       f"the same routing: {want_routing}", timeout=10)
 
     check_all_shapes()
     ok, detail = canary.check(f"http://{router.http_url}", 1)

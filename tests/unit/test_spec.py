@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,21 @@ def test_quantities() -> None:
         assert re.fullmatch(pattern[1:-1], ok), ok
     for bad in ("-1", "1mi", "1K", "1ki", "1e100", "1 Gi", "1Gi\n", "٣"):
         assert not re.fullmatch(pattern[1:-1], bad), bad
+
+
+def test_quantity_is_the_clients_parse_quantity_made_strict() -> None:
+    """``quantity()`` agrees with ``kubernetes.utils.parse_quantity`` where both accept a
+    value. It does not call it: the pure core imports no kubernetes (test_core_imports), and
+    parse_quantity is laxer than the API server and neither rounds nor keeps every digit."""
+    from kubernetes.utils import parse_quantity
+    for q in ("1", "1000m", "1Gi", "1.5G", "1Ei", "1E", "1E3", "+.5", "5e-1", "100u", "0.5Mi",
+              "123456789012345678901234567890"):
+        assert quantity(q) == parse_quantity(q), q
+    assert quantity("0.1n") == Decimal("1e-9") != parse_quantity("0.1n")  # rounded up
+    assert quantity("12345678901234567890Pi") == 12345678901234567890 * 2**50 \
+        != parse_quantity("12345678901234567890Pi")  # 28 significant digits there
+    for lax in ("1K", "1_000", " 1", "inf", "NaN"):  # refused by the API server
+        parse_quantity(lax)
+        with pytest.raises(ValueError):
+            quantity(lax)
+

@@ -3,6 +3,10 @@ every expert of a layer at once, on the replica with the fewest calls in flight
 (:mod:`autoglm.endpoints`). A failed call is retried once on the next replica; an expert with
 no reachable replica fails with a clear error within ``AUTOGLM_EXPERT_TIMEOUT_SECONDS``, and
 calls recover by themselves when a replica is back. Shared by every model of the router tier.
+
+Counters are summed in this process and handed to Triton at most every
+``AUTOGLM_METRICS_FLUSH_SECONDS`` (0.5): each ``pb_utils`` metric update is a blocking message
+to the Triton process, and a decode step would otherwise send three per expert call.
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ class ExpertFanout:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
         self.timeout = float(os.environ.get("AUTOGLM_EXPERT_TIMEOUT_SECONDS", "10"))
+        self.flush_seconds = float(os.environ.get("AUTOGLM_METRICS_FLUSH_SECONDS", "0.5"))
+        # (counter, expert) → what it gained since the last flush
+        self._sums: dict[tuple[str, int], float] = {}
+        self._sums_lock = threading.Lock()
+        self._flushed = time.monotonic()
         self.resolver = Resolver.from_env()
         self.balancer: Balancer[_Conn] = Balancer(_connect, _close)
         self._metrics()
@@ -124,7 +133,24 @@ class ExpertFanout:
     def count_routed(self, tokens: Mapping[int, int]) -> None:
         """User load, the autoscaling signal (canary requests are left out)."""
         for e, n in tokens.items():
-            self.m["tokens"][e].increment(float(n))
+            self._add("tokens", e, float(n))
+        self.flush_metrics()
+
+    def _add(self, counter: str, expert: int, value: float) -> None:
+        with self._sums_lock:
+            key = (counter, expert)
+            self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def flush_metrics(self, force: bool = False) -> None:
+        """Hand the summed counters to Triton, when a flush period has passed (``force``:
+        now)."""
+        if not force and time.monotonic() - self._flushed < self.flush_seconds:
+            return
+        with self._sums_lock:
+            sums, self._sums = self._sums, {}
+            self._flushed = time.monotonic()
+        for (counter, expert), value in sums.items():
+            self.m[counter][expert].increment(value)
 
     def refresh(self) -> None:
         self.balancer.update(self.resolver.resolve())
@@ -134,6 +160,7 @@ class ExpertFanout:
     def _resolve_loop(self, period: float) -> None:
         while not self._stop.wait(period):
             try:
+                self.flush_metrics()  # what an idle router summed last
                 self.refresh()
             except Exception as e:
                 pb_utils.Logger.log_warn(f"endpoint refresh failed: {e}")
@@ -150,12 +177,12 @@ class ExpertFanout:
             out = _output([c.result() for c in calls])
         except grpc.RpcError:
             self.balancer.release(replica, failed=True)
-            self.m["failures"][expert].increment(1.0)
+            self._add("failures", expert, 1.0)
             raise
         finally:
-            self.m["seconds"][expert].increment(time.monotonic() - t0)
+            self._add("seconds", expert, time.monotonic() - t0)
         self.balancer.release(replica)
-        self.m["calls"][expert].increment(1.0)
+        self._add("calls", expert, 1.0)
         return out
 
     def _retry(self, expert: int, layer: int, h: NDArray[Any], deadline: float,
@@ -212,8 +239,10 @@ class ExpertFanout:
                 result = self._retry(e, layer, arrays[e], deadline, tried, errors)
             h = sends[e]
             out[e] = torch.from_numpy(result).to(h.device, h.dtype)
+        self.flush_metrics()
         return out
 
     def close(self) -> None:
         self._stop.set()
+        self.flush_metrics(force=True)
         self.balancer.close()

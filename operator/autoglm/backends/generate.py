@@ -2,10 +2,13 @@
 :class:`autoglm.engine.service.TextEngine`.
 
 It lives beside ``router`` in every router server and loads the same version's router slice
-and tokenizer (``router/<V>/``). ``execute`` only queues requests; one engine thread runs the
-continuous-batching loop and streams each request's tokens out through its response sender
-as they are made. A cancelled request (a gRPC client that went away) is aborted at the next
-step, freeing its KV cache.
+and tokenizer (``router/<V>/``). ``execute`` only hands requests to the inbox; one engine
+thread admits them between steps, runs the continuous-batching loop and streams each
+request's tokens out through its response sender as they are made. No lock is held across a
+step (its expert calls), so new requests are taken while a step runs. A cancelled request (a
+gRPC client that went away) is aborted within ``CANCEL_CHECK_SECONDS``, freeing its KV cache:
+each ``is_cancelled()``, like each metric update, is a blocking message to the Triton
+process, so neither is sent every step.
 
 Inputs (exactly one): ``text_input`` BYTES [1] (a prompt), ``messages`` BYTES [1] (chat
 messages as JSON, rendered with the checkpoint's chat template), ``input_ids`` INT64 [-1].
@@ -45,6 +48,7 @@ from autoglm.repository import load_part_config, load_weights
 # Seconds. Time to first token spans queueing and prefill; inter-token latency one step.
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 ITL_BUCKETS = [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0]
+CANCEL_CHECK_SECONDS = 0.2
 
 
 def _env_int(name: str, default: int) -> int:
@@ -69,11 +73,14 @@ class TritonPythonModel:
         self.text = TextEngine(engine, Tokenizer.from_dir(d / "hf"))
         with np.load(d / "canary.npz") as z:  # the version's greedy canary
             self.canary = (z["greedy_prompt"].tolist(), z["greedy_tokens"])
+        # Only the engine thread touches the engine and these:
         self.canaries: set[int] = set()
         self.requests: dict[int, Any] = {}  # engine id → Triton request (for its sender)
         self.senders: dict[int, Any] = {}
-        self.lock = threading.Lock()
-        self.work = threading.Condition(self.lock)
+        self._cancel_checked = self._observed = 0.0
+        # Shared with execute(), under the lock: requests not yet admitted, and stopping.
+        self.inbox: list[tuple[Any, Any]] = []
+        self.work = threading.Condition(threading.Lock())
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
@@ -101,7 +108,12 @@ class TritonPythonModel:
         self._generated = 0
         self._last: dict[int, float] = {}  # request → arrival, then its last token's time
 
-    def _observe(self) -> None:
+    def _observe(self, force: bool = False) -> None:
+        """The engine's gauges, at most once a flush period unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._observed < self.fanout.flush_seconds:
+            return
+        self._observed = now
         stats = self.text.engine.stats()
         self.m["autoglm_generate_running"].set(float(stats.running))
         self.m["autoglm_generate_waiting"].set(float(stats.waiting))
@@ -122,25 +134,26 @@ class TritonPythonModel:
     # -- requests in -------------------------------------------------------------------
 
     def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            sender = request.get_response_sender()
-            # queued and registered under one lock: the engine thread must not make this
-            # request's first tokens before it knows where to send them
-            with self.work:
-                try:
-                    rid = self._submit(request)
-                except (RequestError, ValueError) as e:
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                        str(e), pb_utils.TritonError.INVALID_ARG)),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                    continue
-                self.requests[rid] = request
-                self.senders[rid] = sender
-                if rid not in self.canaries:
-                    self._last[rid] = time.monotonic()
-                self._observe()
-                self.work.notify()
+        arrived = [(r, r.get_response_sender()) for r in requests]
+        with self.work:
+            self.inbox.extend(arrived)
+            self.work.notify()
         return None
+
+    def _admit(self, request: Any, sender: Any) -> None:
+        """Into the engine (on the engine thread, between steps), or refused with the
+        reason."""
+        try:
+            rid = self._submit(request)
+        except (RequestError, ValueError) as e:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                str(e), pb_utils.TritonError.INVALID_ARG)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        self.requests[rid] = request
+        self.senders[rid] = sender
+        if rid not in self.canaries:
+            self._last[rid] = time.monotonic()
 
     def _submit(self, request: Any) -> int:
         def text(name: str) -> str | None:
@@ -174,22 +187,30 @@ class TritonPythonModel:
     def _loop(self) -> None:
         while True:
             with self.work:
-                self._observe()
-                while not self.stopping and not self.text.engine.has_work():
+                while not self.stopping and not self.inbox \
+                        and not self.text.engine.has_work():
+                    self._observe(force=True)  # idle: as it is now
                     self.work.wait()
                 if self.stopping:
                     return
+                arrived, self.inbox = self.inbox, []
+            for request, sender in arrived:
+                self._admit(request, sender)
+            now = time.monotonic()
+            if arrived or now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
+                self._cancel_checked = now
                 for rid in [r for r, req in self.requests.items() if req.is_cancelled()]:
                     self.text.abort(rid)
                     self._close(rid)
-                try:
-                    chunks = self.text.step()
-                except StepError as e:  # an expert down: the step's requests end with it
-                    for rid in e.ids:
-                        self._fail(rid, str(e.__cause__ or e))
-                    continue
-                for c in chunks:
-                    self._send(c)
+            self._observe()
+            try:
+                chunks = self.text.step()
+            except StepError as e:  # an expert down: the step's requests end with it
+                for rid in e.ids:
+                    self._fail(rid, str(e.__cause__ or e))
+                continue
+            for c in chunks:
+                self._send(c)
 
     def _send(self, c: Chunk) -> None:
         sender = self.senders.get(c.id)
