@@ -53,15 +53,16 @@ class ControlMetrics:
                            ["namespace", "deployment", "phase"])
         self.events = counter("autoglm_swap_events", "Swap events (one per report)",
                               ["namespace", "deployment", "reason"])
-        # evidence that the control loop is alive and looking at a resource (tests wait on
-        # it instead of sleeping past a tick)
-        self.reconciles = counter("autoglm_reconciles", "Reconciliations of the resource "
-                                  "(each steps the swap state machine)",
-                                  ["namespace", "deployment"])
+        # evidence that each of the operator's loops is alive and has looked at a resource
+        # (tests wait on it instead of sleeping past a period)
+        self.reconciles = counter("autoglm_reconciles", "Reconciliations of the resource, by "
+                                  "what started them (resume, create, update, resync, tick, "
+                                  "child)", ["namespace", "deployment", "trigger"])
         self.active_version = gauge("autoglm_active_version",
                                     "Model version serving traffic", ["namespace", "deployment"])
         self._experts: dict[Key, set[str]] = {}
         self._reasons: dict[Key, set[str]] = {}
+        self._triggers: dict[Key, set[str]] = {}
 
     def decision(self, key: Key, current: Sequence[int], desired: Sequence[int],
                  load: Sequence[float | None], imbalance: float, metrics_ok: bool) -> None:
@@ -92,7 +93,10 @@ class ControlMetrics:
         for p in PHASES:
             self.phase.labels(*key, p).set(1 if p == phase else 0)
         self.active_version.labels(*key).set(active_version)
-        self.reconciles.labels(*key).inc()
+
+    def reconciled(self, key: Key, trigger: str) -> None:
+        self._triggers.setdefault(key, set()).add(trigger)
+        self.reconciles.labels(*key, trigger).inc()
 
     def swap_event(self, key: Key, reason: str) -> None:
         self._reasons.setdefault(key, set()).add(reason)
@@ -106,9 +110,10 @@ class ControlMetrics:
                 _remove(g, *key, e)
             for direction in ("up", "down"):
                 _remove(self.decisions, *key, e, direction)
-        for g1 in (self.imbalance, self.metrics_available, self.active_version,
-                   self.reconciles):
+        for g1 in (self.imbalance, self.metrics_available, self.active_version):
             _remove(g1, *key)
+        for t in self._triggers.pop(key, set()):
+            _remove(self.reconciles, *key, t)
         for p in PHASES:
             _remove(self.phase, *key, p)
         for r in self._reasons.pop(key, set()):

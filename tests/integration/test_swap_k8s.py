@@ -145,7 +145,8 @@ def test_swap_resumes_after_a_restart_in_each_state_and_flips_back_warm(
         warming = cluster.wait_swap("m", "Warming")
         assert warming["targetVersion"] == 2
         restart(operator)
-        operator.wait_reconciled(cluster.ns, "m")
+        # its swap clock and its periodic resync have each looked at it
+        operator.wait_reconciled(cluster.ns, "m", ("tick", "resync"))
         assert cluster.swap("m") == warming, "the restarted operator resumed the same state"
     finally:
         for n in nodes:
@@ -153,7 +154,7 @@ def test_swap_resumes_after_a_restart_in_each_state_and_flips_back_warm(
     # ready now, but the standby router does not answer the canary yet: Verifying holds
     verifying = cluster.wait_swap("m", "Verifying")
     restart(operator)
-    operator.wait_reconciled(cluster.ns, "m")
+    operator.wait_reconciled(cluster.ns, "m", ("tick", "resync"))
     assert cluster.swap("m")["phase"] == "Verifying"
     assert cluster.resource("m")["status"]["activeVersion"] == 1
     cluster.route("m-b-router", routers[2])
@@ -203,7 +204,7 @@ def test_failed_rollouts_abort_and_leave_serving_untouched(
         assert st["activeVersion"] == 1 and st["swap"]["failedVersion"] == version
         eventually(lambda: not cluster.slot_objects("m", "b"), "the standby removed")
         assert cluster.slot_objects("m", "a") == serving
-        operator.wait_reconciled(cluster.ns, "m")  # and it is not tried again
+        operator.wait_reconciled(cluster.ns, "m", ("resync",))  # and it is not tried again
         assert cluster.swap("m")["phase"] == "Idle"
         assert not cluster.slot_objects("m", "b")
 

@@ -77,9 +77,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    try:
-        st = reconciler().reconcile(body, _events(body))
+def reconcile(body: kopf.Body, logger: kopf.Logger, reason: str, **_: Any) -> None:
+    try:  # reason: kopf.Reason, a str enum ("resume", "create", "update")
+        st = reconciler().reconcile(body, _events(body), str(getattr(reason, "value", reason)))
     except ApiException as e:
         raise kopf.TemporaryError(f"API error: {error_reason(e)}", delay=5) from e
     logger.info("reconciled: phase=%s ready=%s", st.phase, st.ready)
@@ -89,7 +89,7 @@ def reconcile(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
 def resync(body: kopf.Body, **_: Any) -> None:
     """Repair drift (a child deleted or edited by hand) and refresh status."""
     try:
-        reconciler().reconcile(body, _events(body))
+        reconciler().reconcile(body, _events(body), "resync")
     except ApiException as e:
         raise kopf.TemporaryError(f"API error: {error_reason(e)}", delay=5) from e
 
@@ -115,7 +115,7 @@ async def driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logg
         await asyncio.sleep(SWAP_TICK_SECONDS)
         try:
             if swapping(body):
-                await asyncio.to_thread(reconciler().reconcile, body, _events(body))
+                await asyncio.to_thread(reconciler().reconcile, body, _events(body), "tick")
             scaling = (body.get("spec") or {}).get("autoscaling")
             if scaling is not None and scaling.get("enabled", True) \
                     and time.monotonic() >= next_scale:
@@ -140,7 +140,7 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
         if parent is None or parent["metadata"]["uid"] != owner["uid"]:
             return
         if swapping(parent):  # a standby becoming ready moves the swap on at once
-            r.reconcile(parent, _events(kopf.Body(cast(Any, parent))))
+            r.reconcile(parent, _events(kopf.Body(cast(Any, parent))), "child")
         else:
             r.refresh(parent)
 

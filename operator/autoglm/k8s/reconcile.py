@@ -82,9 +82,11 @@ class Reconciler:
 
     # -- entry points ------------------------------------------------------------------------
 
-    def reconcile(self, body: Mapping[str, Any], emit: EventSink) -> AutoGLMStatus:
+    def reconcile(self, body: Mapping[str, Any], emit: EventSink,
+                  trigger: str = "event") -> AutoGLMStatus:
         """Step the swap, apply the plan and record status. Raises ApiException on transient
-        API errors (after recording them), so the caller can retry."""
+        API errors (after recording them), so the caller can retry. ``trigger``: what asked
+        (a label of ``autoglm_reconciles_total``)."""
         meta = body["metadata"]
         with self.lock(meta["uid"]):
             # Handlers may hold an older copy: decide from the object as it is now.
@@ -112,6 +114,7 @@ class Reconciler:
             if self.metrics is not None:
                 self.metrics.swap((meta["namespace"], meta["name"]), state.phase.value,
                                    state.active_version)
+                self.metrics.reconciled((meta["namespace"], meta["name"]), trigger)
             topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
                                                                   prev, deployments))
             swap_status = rollout.to_status(state)

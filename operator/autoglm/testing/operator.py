@@ -77,8 +77,8 @@ class OperatorProcess:
         """As a crash would: SIGKILL, no cleanup."""
         self.stop(signal.SIGKILL)
 
-    def reconciles(self, namespace: str, name: str) -> int:
-        """How often this process has reconciled the resource (its
+    def reconciles(self, namespace: str, name: str, trigger: str) -> int:
+        """How often this process has reconciled the resource for ``trigger`` (its
         ``autoglm_reconciles_total``; 0 before the first, or when it is not serving)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
@@ -87,16 +87,25 @@ class OperatorProcess:
         except OSError:
             return 0
         return int(metric_value(text, "autoglm_reconciles_total",
-                                {"namespace": namespace, "deployment": name}) or 0)
+                                {"namespace": namespace, "deployment": name,
+                                 "trigger": trigger}) or 0)
 
-    def wait_reconciled(self, namespace: str, name: str, times: int = 2,
+    def wait_reconciled(self, namespace: str, name: str, triggers: tuple[str, ...],
                         timeout: float = 60) -> None:
-        """Until this process has reconciled the resource ``times`` more times: evidence
-        that it has looked at the resource as it is now and acted (or chose not to)."""
-        start = self.reconciles(namespace, name)
-        eventually(lambda: self.reconciles(namespace, name) >= start + times,
-                   f"the operator to reconcile {namespace}/{name} {times} more times",
-                   timeout)
+        """Until this process has reconciled the resource once more for each of ``triggers``
+        (e.g. "resync", its periodic full pass, and "tick", a swap's clock): evidence that
+        each of those loops has looked at the resource as it is now and acted, or chose not
+        to."""
+        start = {t: self.reconciles(namespace, name, t) for t in triggers}
+
+        def done() -> bool:
+            now = {t: self.reconciles(namespace, name, t) for t in triggers}
+            if all(now[t] > n for t, n in start.items()):
+                return True
+            raise AssertionError(f"reconciles by trigger: {now}, from {start}")
+
+        eventually(done, f"the operator to reconcile {namespace}/{name} for "
+                         f"{', '.join(triggers)}", timeout)
 
     def rss_bytes(self) -> int:
         return group_rss_bytes(self.popen.pid) if self.popen is not None else 0
