@@ -226,6 +226,37 @@ def test_latency_histograms_count_every_token(served: Served) -> None:
     assert any('le="+Inf"' in b for b in buckets) and len(buckets) > 2
 
 
+def test_expert_calls_per_engine_step(served: Served) -> None:
+    """A step makes at most one call per expert per MoE layer, whatever the batch."""
+    router = served.plane.router
+    assert router is not None
+    cfg = PRESETS["tiny"]
+
+    def totals() -> tuple[float, float]:
+        text = scrape(router.metrics_url)
+        calls = sum(sample(text, "autoglm_expert_calls_total", expert=str(e)) or 0.0
+                    for e in range(cfg.num_experts))
+        return calls, sample(text, "autoglm_generate_steps_total", version="1") or 0.0
+
+    client = served.client()
+    r = client.completions.create(model=MODEL, prompt="Tock", max_tokens=9, **GREEDY)
+    assert r.usage is not None and r.usage.completion_tokens == 9
+    last: list[tuple[float, float]] = []
+
+    def settled() -> tuple[float, float] | None:
+        """Both counters, once flushed and no longer moving (read 0.5 s apart)."""
+        now = totals()
+        done = bool(last) and now == last[-1] and now[0] > 0 and now[1] >= 9
+        last.append(now)
+        return now if done else None
+
+    calls, steps = eventually(settled, "the calls and steps counted", interval=0.5)
+    per_step = calls / steps
+    print(f"expert calls per engine step: {per_step:.2f} (at most "
+          f"{cfg.layers} MoE layers x {cfg.num_experts} experts)")
+    assert 0 < per_step <= cfg.layers * cfg.num_experts  # every layer of the tiny is MoE
+
+
 def test_generate_extension(served: Served) -> None:
     ids, text, n = served.expect(24, text="Hello there")
     body = {"text_input": "Hello there",

@@ -96,6 +96,8 @@ class TritonPythonModel:
                 ("autoglm_kv_cache_used_tokens", "KV cache reserved, in tokens", gauge),
                 ("autoglm_kv_cache_capacity_tokens", "KV cache capacity, in tokens", gauge),
                 ("autoglm_generated_tokens_total", "Tokens generated", counter),
+                ("autoglm_generate_steps_total", "Engine steps: batched forwards, each one "
+                 "fan-out per MoE layer (expert calls per step: calls_total / this)", counter),
                 ("autoglm_time_to_first_token_seconds",
                  "From a generation's arrival to its first token", histogram),
                 ("autoglm_inter_token_latency_seconds",
@@ -105,7 +107,7 @@ class TritonPythonModel:
                    "autoglm_inter_token_latency_seconds": ITL_BUCKETS}
         self.m = {name: fam.Metric(labels=labels, buckets=buckets[name]) if name in buckets
                   else fam.Metric(labels=labels) for name, fam in self._families.items()}
-        self._generated = 0
+        self._generated = self._steps = 0
         self._last: dict[int, float] = {}  # request → arrival, then its last token's time
 
     def _observe(self, force: bool = False) -> None:
@@ -122,6 +124,8 @@ class TritonPythonModel:
         self.m["autoglm_generated_tokens_total"].increment(
             float(stats.generated_tokens - self._generated))
         self._generated = stats.generated_tokens
+        self.m["autoglm_generate_steps_total"].increment(float(stats.steps - self._steps))
+        self._steps = stats.steps
 
     def _routed(self, layer: int, idx: torch.Tensor) -> None:
         """Prefill and decode tokens alike feed the autoscaling signal; a step of canaries
