@@ -8,10 +8,11 @@ component, slot, version), so the operator's queries are the ones it runs in pro
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +22,7 @@ import tritonclient.http as httpclient
 
 from autoglm.autoscale import rate_window
 from autoglm.gateway.app import GatewayServer, Routing, Target
+from autoglm.k8s.rollout import epoch
 from autoglm.k8s.scaling import SCRAPE_SECONDS
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
@@ -137,6 +139,12 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
     def autoscaling() -> dict[str, Any]:
         return dict(cluster.resource("m")["status"].get("autoscaling") or {})
 
+    def next_decision() -> None:
+        """Until the autoscaler has made another decision (its status's lastDecision)."""
+        last = autoscaling().get("lastDecision")
+        eventually(lambda: autoscaling().get("lastDecision") != last,
+                   "the autoscaler's next decision", 30)
+
     def replicas() -> list[int]:
         return [cluster.get("deployment", f"m-a-expert-{i}")["spec"]["replicas"]
                 for i in range(2)]
@@ -180,12 +188,11 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
         cond = cluster.condition("m", "MetricsAvailable") or {}
         assert cond.get("status") == "False" and "unreachable" in cond.get("message", ""), cond
         assert any(ev["reason"] == "MetricsUnavailable" for ev in cluster.events("m"))
-        # held for longer than any decision could wait: the stabilization window plus the
-        # rate window the signal lags by
-        hold_until = time.monotonic() + STABILIZATION + lag + 2 * INTERVAL
-        while time.monotonic() < hold_until:
+        # held at every decision for more decisions than the stabilization window plus the
+        # rate window the signal lags by take
+        for _ in range(math.ceil((STABILIZATION + lag) / INTERVAL) + 2):
+            next_decision()
             assert replicas() == scaled, "replicas held without metrics"
-            time.sleep(1)
         prometheus.start()
         eventually(lambda: autoscaling().get("metricsAvailable"), "metrics back", 60)
         assert load.failed == 0
@@ -196,18 +203,22 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
     t1 = time.monotonic()
     loaded = replicas()
 
-    def quiet() -> bool:
-        experts = autoscaling().get("experts") or []
-        return bool(experts) and all((e.get("load") or 0) < TARGET for e in experts)
+    def decided(enough: Callable[[list[dict[str, Any]]], bool]) -> dict[str, Any] | None:
+        st = autoscaling()
+        return st if enough(st.get("experts") or []) else None
 
-    eventually(quiet, "the autoscaler to see the load gone", lag + 30)
-    t_quiet = time.monotonic()
-    print(f"load stop -> the signal shows it: {t_quiet - t1:.1f} s (rate window {lag:.0f} s)")
-    # the last recommendation above the minimum came at most an interval before t_quiet
-    while time.monotonic() < t_quiet + STABILIZATION - 2 * INTERVAL:
-        # (placement may still move a replica between experts; the total does not drop)
-        assert sum(replicas()) >= sum(loaded), "no scale-down within the stabilization window"
-        time.sleep(1)
+    # the decisions' own times (the operator's clock), not this test's
+    quiet = eventually(lambda: decided(lambda es: bool(es) and all(
+        (e.get("load") or 0) < TARGET for e in es)), "the autoscaler to see the load gone",
+        lag + 30)
+    print(f"load stop -> the signal shows it: {time.monotonic() - t1:.1f} s "
+          f"(rate window {lag:.0f} s)")
+    # (placement may still move a replica between experts; only the total counts)
+    down = eventually(lambda: decided(lambda es: sum(e["desired"] for e in es) < sum(loaded)),
+                      "the autoscaler to scale down", 120)
+    # the last recommendation above the minimum came at most an interval before `quiet`
+    assert epoch(down["lastDecision"]) - epoch(quiet["lastDecision"]) \
+        >= STABILIZATION - 2 * INTERVAL, "no scale-down within the stabilization window"
     eventually(lambda: replicas() == [1, 1], "the experts to scale back down", 120)
     with Prometheus(prometheus.url) as prom:
         assert prom.gateway_inflight(selector, "a", t1) == 0, "drained"
