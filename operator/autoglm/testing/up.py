@@ -88,8 +88,7 @@ class UpProcess:
         nothing (its servers and Prometheus die with it; what they leave stays)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=60)
-        self._drain()
+        self.wait(timeout=60)
 
     def wait(self, timeout: float) -> int:
         """Its exit status once it has exited by itself, with every line it printed."""
