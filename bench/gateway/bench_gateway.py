@@ -66,7 +66,7 @@ def main() -> int:
         plane = DataPlane(repo, 1, Path(tmp) / "plane")
         gateway: GatewayServer | None = None
         try:
-            plane.start(replicas=1)
+            plane.start(1)
             assert plane.router is not None
             routing = Routing(Target("a", 1, f"http://{plane.router.http_url}"))
             gateway = GatewayServer(routing, free_port()).start()

@@ -24,7 +24,7 @@ from autoglm.engine.sampler import SamplingParams
 from autoglm.engine.scheduler import Engine, Request
 from autoglm.models.decoder import ExpertSlice, Model, RouterTier
 from autoglm.models.tiny import PRESETS, write_tiny_checkpoint
-from autoglm.plan import expert_model, router_model
+from autoglm.plan import expert_folder, router_model
 from autoglm.repository import import_checkpoint, load_part_config, load_weights
 from autoglm.testing.checkpoints import ARCHITECTURES, write_checkpoint
 
@@ -38,7 +38,7 @@ def on_gpu(repo: Path, dtype: torch.dtype) -> Model:
     folder = repo / router_model() / "1"
     _, cfg = load_part_config(folder)
     router = RouterTier(cfg, load_weights(folder, DEV, dtype))
-    experts = [ExpertSlice(cfg, i, load_weights(repo / expert_model(i) / "1", DEV, dtype))
+    experts = [ExpertSlice(cfg, i, load_weights(repo / expert_folder(i) / "1", DEV, dtype))
                for i in range(cfg.num_experts)]
     return Model(router, experts)
 

@@ -1,15 +1,20 @@
-"""Where each expert's replicas are, and which one takes the next call.
+"""Where the expert servers are, what each holds, and which one takes an expert's rows.
 
-A :class:`Resolver` turns an endpoint spec into addresses, re-read every few seconds:
+A :class:`Resolver` turns endpoint specs into server addresses, re-read every few seconds:
 
 * ``dns:///host:port``: every address the name resolves to (a headless Service lists one
   per ready pod);
 * ``host:port|host:port``: a fixed list;
-* a JSON file ``{"<expert>": ["host:port", ...]}`` that the local runtime rewrites.
+* a JSON file ``["host:port", ...]`` that the local runtime rewrites.
 
-:class:`Balancer` keeps one channel per replica and sends each call to the replica with the
-fewest calls in flight, skipping for a moment a replica that just failed, so new replicas
-get traffic within a resolve period and gRPC connection pinning never starves them.
+What a server holds is what the server itself reports (the router asks each one,
+:mod:`autoglm.backends.fanout`); :class:`Balancer` keeps that view and chooses, for one
+layer's experts, one server per expert: among the servers reporting it, the one with the
+fewest calls in flight, skipping for a moment a server that just failed, and among equals in
+rotation per expert, so that a regular load reaches every replica of an expert (preferring
+a server the layer calls anyway saves a call but starved new replicas: a light load never
+reached them). The experts chosen on one server go in one call: at most one call per server
+per layer.
 """
 
 from __future__ import annotations
@@ -19,12 +24,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
-
-C = TypeVar("C")
 
 
 def _resolve_one(spec: str) -> list[str]:
@@ -40,12 +42,12 @@ def _resolve_one(spec: str) -> list[str]:
 
 @dataclass
 class Resolver:
-    """Expert index → replica addresses, from specs (one per expert) or a JSON file."""
+    """The expert servers' addresses, from specs or a JSON file."""
 
     specs: Sequence[str] = ()
     file: Path | None = None
     _mtime: float = field(default=-1.0, init=False)
-    _cache: dict[int, list[str]] = field(default_factory=dict, init=False)
+    _cache: list[str] = field(default_factory=list, init=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Resolver:
@@ -53,88 +55,96 @@ class Resolver:
         file = env.get("AUTOGLM_EXPERT_ENDPOINTS_FILE")
         return cls(specs, Path(file) if file else None)
 
-    def resolve(self) -> dict[int, list[str]]:
+    def resolve(self) -> list[str]:
         if self.file is not None:
             try:
                 mtime = self.file.stat().st_mtime
                 if mtime != self._mtime:
                     raw = json.loads(self.file.read_text())
-                    self._cache = {int(k): list(v) for k, v in raw.items()}
+                    if not isinstance(raw, list):
+                        raise ValueError("not a list")
+                    self._cache = sorted({str(a) for a in raw})
                     self._mtime = mtime
             except (OSError, ValueError):
                 pass  # a file being rewritten: keep the last good answer
-            return dict(self._cache)
-        return {i: _resolve_one(s) for i, s in enumerate(self.specs)}
-
-
-class NoReplica(RuntimeError):
-    """No replica of an expert is known or reachable."""
+            return list(self._cache)
+        return sorted({a for s in self.specs for a in _resolve_one(s)})
 
 
 @dataclass
-class Replica(Generic[C]):
+class Server:
     address: str
-    channel: C
+    experts: frozenset[int]
     in_flight: int = 0
     down_until: float = 0.0
 
 
-class Balancer(Generic[C]):
-    """Least-outstanding-requests over each expert's replicas, one channel per replica."""
+class Balancer:
+    """The servers and what each reports; least-outstanding choice per expert."""
 
-    def __init__(self, connect: Callable[[str], C], close: Callable[[C], None],
-                 penalty_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 ) -> None:
-        self._connect, self._close = connect, close
+    def __init__(self, penalty_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._penalty = penalty_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._replicas: dict[int, dict[str, Replica[C]]] = {}
-        # per expert: one counter shared by all experts lets a regular request mix always
-        # land the same expert on the same replica (the parity of the other calls decides)
-        self._rr: dict[int, int] = {}
+        self._servers: dict[str, Server] = {}
+        self._rr: dict[int, int] = {}  # per expert: ties rotate whatever other calls do
 
-    def update(self, endpoints: Mapping[int, Sequence[str]]) -> None:
-        """Adopt a new view: open channels to new replicas, close those gone."""
-        closing: list[C] = []
+    def update(self, holdings: Mapping[str, Iterable[int]]) -> None:
+        """Adopt a new view (address → the experts it reports); calls in flight to a server
+        that left still end normally."""
         with self._lock:
-            for expert, addresses in endpoints.items():
-                current = self._replicas.setdefault(expert, {})
-                for a in addresses:
-                    if a not in current:
-                        current[a] = Replica(a, self._connect(a))
-                for a in list(current):
-                    if a not in addresses:
-                        closing.append(current.pop(a).channel)
-        for c in closing:
-            self._close(c)
+            for a in list(self._servers):
+                if a not in holdings:
+                    del self._servers[a]
+            for a, experts in holdings.items():
+                held = frozenset(experts)
+                s = self._servers.get(a)
+                if s is None:
+                    self._servers[a] = Server(a, held)
+                else:
+                    s.experts = held
 
     def addresses(self, expert: int) -> list[str]:
         with self._lock:
-            return sorted(self._replicas.get(expert, {}))
+            return sorted(a for a, s in self._servers.items() if expert in s.experts)
 
-    def acquire(self, expert: int, exclude: Sequence[str] = ()) -> Replica[C]:
+    def holdings(self) -> dict[str, frozenset[int]]:
+        with self._lock:
+            return {a: s.experts for a, s in self._servers.items()}
+
+    def assign(self, experts: Iterable[int], exclude: Mapping[int, Collection[str]] = {},
+               ) -> tuple[dict[int, Server], dict[int, str]]:
+        """A server for each expert (and in flight on it: :meth:`release` each server once
+        per expert group sent), and why for those that have none."""
         now = self._clock()
+        chosen: dict[int, Server] = {}
+        missing: dict[int, str] = {}
         with self._lock:
-            pool = [r for r in self._replicas.get(expert, {}).values()
-                    if r.address not in exclude]
-            if not pool:
-                raise NoReplica(f"expert {expert}: no replica known")
-            healthy = [r for r in pool if r.down_until <= now] or pool
-            least = min(r.in_flight for r in healthy)
-            ties = [r for r in healthy if r.in_flight == least]
-            n = self._rr[expert] = self._rr.get(expert, -1) + 1
-            chosen = ties[n % len(ties)]
-            chosen.in_flight += 1
-            return chosen
+            pools = {e: [s for s in self._servers.values()
+                         if e in s.experts and s.address not in exclude.get(e, ())]
+                     for e in experts}
+            in_call: set[str] = set()
+            busy = {a: s.in_flight for a, s in self._servers.items()}  # before this call's
+            for e in sorted(pools):
+                pool = pools[e]
+                if not pool:
+                    tried = exclude.get(e, ())
+                    missing[e] = ("every server reporting it failed" if tried
+                                  else "no server reports it")
+                    continue
+                healthy = [s for s in pool if s.down_until <= now] or pool
+                least = min(busy[s.address] for s in healthy)
+                ties = [s for s in healthy if busy[s.address] == least]
+                n = self._rr[e] = self._rr.get(e, -1) + 1
+                s = ties[n % len(ties)]
+                chosen[e] = s
+                if s.address not in in_call:
+                    in_call.add(s.address)
+                    s.in_flight += 1
+        return chosen, missing
 
-    def release(self, replica: Replica[C], failed: bool = False) -> None:
+    def release(self, server: Server, failed: bool = False) -> None:
         with self._lock:
-            replica.in_flight -= 1
-            if failed:
-                replica.down_until = self._clock() + self._penalty
-            else:
-                replica.down_until = 0.0
-
-    def close(self) -> None:
-        self.update({e: [] for e in list(self._replicas)})
+            server.in_flight -= 1
+            server.down_until = self._clock() + self._penalty if failed else 0.0

@@ -8,7 +8,7 @@ the autoscaler owns them, so adapters never reset them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,8 +65,34 @@ def generate_model() -> str:
     return "generate"
 
 
-def expert_model(i: int) -> str:
+def experts_model() -> str:
+    """What every expert server loads: the experts it was given (``SERVER_EXPERTS_ENV``)."""
+    return "experts"
+
+
+def expert_folder(i: int) -> str:
+    """Where the repository stores routed expert *i* of every MoE layer (its weights only:
+    servers load them through ``experts``)."""
     return f"expert_{i}"
+
+
+# The experts a server holds, e.g. "0,5,9"; unset: every expert of the version.
+SERVER_EXPERTS_ENV = "AUTOGLM_SERVER_EXPERTS"
+
+
+def format_server_experts(experts: Iterable[int]) -> str:
+    return ",".join(str(e) for e in sorted(experts))
+
+
+def parse_server_experts(value: str) -> list[int]:
+    """The inverse of :func:`format_server_experts` (ValueError: why not)."""
+    try:
+        held = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError("expected expert indices separated by commas") from None
+    if not held or min(held) < 0 or len(set(held)) != len(held):
+        raise ValueError("expected one or more distinct expert indices >= 0")
+    return sorted(held)
 
 
 def workload_name(deployment: str, slot: Slot, component: Component,
@@ -142,7 +168,7 @@ def slot_plan(name: str, spec: AutoGLMSpec, slot: Slot, version: int,
                         router_model(), spec.router.replicas),
         experts=tuple(
             Workload(workload_name(name, slot, "expert", i), "expert", slot, version,
-                     expert_model(i), min(max(replicas[i], lo), hi), expert=i)
+                     experts_model(), min(max(replicas[i], lo), hi), expert=i)
             for i in range(n)
         ),
     )

@@ -10,11 +10,14 @@ Layout (one Triton model per part, numeric version folders; versions coexist)::
     <repo>/router/<V>/hf/                    config.json, tokenizer and generation config
     <repo>/generate/<V>/{model.py, moe.json, config.json}   text generation (decoupled),
                                              on the router's weights and tokenizer
-    <repo>/expert_<i>/config.pbtxt
-    <repo>/expert_<i>/<V>/{model.py, weights.safetensors, moe.json, config.json}
+    <repo>/experts/<V>/{model.py, moe.json, config.json}   what every expert server loads
+    <repo>/expert_<i>/<V>/{weights.safetensors, moe.json}  expert i of every MoE layer
 
 Each folder holds only its own tensors (the router everything but the routed experts,
-``expert_<i>`` expert *i* of every MoE layer), in the checkpoint's dtype. ``moe.json`` holds
+``expert_<i>`` expert *i* of every MoE layer), in the checkpoint's dtype. An expert server
+loads ``experts``, which reads the ``expert_<i>`` folders of the experts it was given: the
+weights are stored per expert, and any packing of them onto servers is a setting of the
+server, not of the repository. ``moe.json`` holds
 the normalized model config. ``config.json`` is version V's full Triton configuration with
 ``version_policy`` pinned to V: servers load it as an override, so a server serves exactly the
 version it was told. ``canary.npz`` holds a canary input and the reference forward's output;
@@ -59,11 +62,11 @@ from autoglm.models.decoder import (
 from autoglm.models.errors import CheckpointError
 from autoglm.models.layers import swiglu
 from autoglm.models.tiny import TinySpec, as_dict, write_tiny_checkpoint
-from autoglm.plan import expert_model, generate_model, router_model
+from autoglm.plan import expert_folder, experts_model, generate_model, router_model
 
 MODEL_SOURCE = Path(os.environ.get("AUTOGLM_MODEL_SOURCE",
                                    Path(__file__).resolve().parents[2] / "model_repo"))
-LAYOUT = 3  # bump when the files of a version change: older builds are then rebuilt
+LAYOUT = 4  # bump when the files of a version change: older builds are then rebuilt
 WEIGHTS = "weights.safetensors"
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -114,13 +117,19 @@ def triton_config(model: str, version: int, cfg: ModelConfig, instances: int = 1
                            io("completion_tokens", "TYPE_INT32", [1]),
                            io("model_version", "TYPE_INT64", [1]),
                            io("canary_expected", "TYPE_INT64", [-1])]}
-    # Experts batch across requests: every token is one batch item.
-    return {**common, "max_batch_size": 4096,
-            "dynamic_batching": {"max_queue_delay_microseconds": 200},
-            "input": [{"name": "LAYER", "data_type": "TYPE_INT32", "dims": [1]},
-                      {"name": "HIDDEN", "data_type": "TYPE_FP32", "dims": [cfg.hidden_size]}],
+    # One call is one layer's rows for several experts (backends/experts.py); without
+    # HIDDEN it answers what the server holds.
+    def opt(name: str, dtype: str, dims: list[int]) -> dict[str, Any]:
+        return {"name": name, "data_type": dtype, "dims": dims, "optional": True}
+
+    return {**common, "max_batch_size": 0,
+            "input": [opt("LAYER", "TYPE_INT32", [1]), opt("EXPERTS", "TYPE_INT32", [-1]),
+                      opt("COUNTS", "TYPE_INT32", [-1]),
+                      opt("HIDDEN", "TYPE_FP32", [-1, cfg.hidden_size])],
             "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32",
-                        "dims": [cfg.hidden_size]}]}
+                        "dims": [-1, cfg.hidden_size]},
+                       {"name": "HELD", "data_type": "TYPE_INT32", "dims": [-1]},
+                       {"name": "MODEL_VERSION", "data_type": "TYPE_INT64", "dims": [1]}]}
 
 
 def to_pbtxt(config: dict[str, Any]) -> str:
@@ -154,11 +163,13 @@ def _progress(total: int, label: str, show: bool | None) -> Iterator[Progress]:
         yield bar.update
 
 
-def _write_folder(tmp: Path, source: str, files: Mapping[str, Any],
-                  config: dict[str, Any]) -> None:
+def _write_folder(tmp: Path, source: str | None, files: Mapping[str, Any],
+                  config: dict[str, Any] | None) -> None:
+    """A model's version folder (``source``: the model.py to copy), or a folder of weights."""
     tmp.mkdir(parents=True)
-    shutil.copyfile(MODEL_SOURCE / source / "model.py", tmp / "model.py")
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if source is not None and config is not None:
+        shutil.copyfile(MODEL_SOURCE / source / "model.py", tmp / "model.py")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
     for name, value in files.items():
         if name.endswith(".npz"):
             np.savez(tmp / name, **value)
@@ -247,8 +258,8 @@ def import_checkpoint(src: Path, repository: Path, version: int, name: str | Non
     cfg = ckpt.config
     name = name or src.resolve().name
     if not force:
-        for model in (router_model(), generate_model(),
-                      *(expert_model(i) for i in range(cfg.num_experts))):
+        for model in (router_model(), generate_model(), experts_model(),
+                      *(expert_folder(i) for i in range(cfg.num_experts))):
             if (repository / model / str(version)).exists():
                 raise CheckpointError(f"{repository / model / str(version)} exists: version "
                                       f"{version} is already in the repository (--force "
@@ -273,10 +284,9 @@ def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, A
     with _progress(total, f"importing {meta['name']} v{version}", progress) as advance:
         experts: dict[int, Path] = {}
         for i in range(cfg.num_experts):
-            model = expert_model(i)
+            model = expert_folder(i)
             tmp = work / model
-            _write_folder(tmp, "expert", {"moe.json": {**meta, "expert": i}},
-                          triton_config(model, version, cfg))
+            _write_folder(tmp, None, {"moe.json": {**meta, "expert": i}}, None)
             _save(dict(ckpt.read(ckpt.names(i))), tmp / WEIGHTS, advance)
             folders[model] = experts[i] = tmp
         router_weights = dict(ckpt.read(ckpt.names(None)))
@@ -299,6 +309,10 @@ def _write_version(ckpt: Checkpoint, work: Path, version: int, meta: dict[str, A
             if (ckpt.src / f).is_file():
                 shutil.copyfile(ckpt.src / f, tmp / "hf" / f)
         folders[router_model()] = tmp
+        tmp = work / experts_model()  # its weights are the expert folders
+        _write_folder(tmp, "experts", {"moe.json": meta},
+                      triton_config(experts_model(), version, cfg))
+        folders[experts_model()] = tmp
         tmp = work / generate_model()  # its weights and tokenizer are the router's
         _write_folder(tmp, "generate", {"moe.json": meta},
                       triton_config(generate_model(), version, cfg))
@@ -312,14 +326,16 @@ def _publish(repository: Path, work: Path, version: int, folders: Mapping[str, P
     placed: list[Path] = []
     try:
         for model in order:
-            config = json.loads((folders[model] / "config.json").read_text())
+            pinned = folders[model] / "config.json"
+            config = json.loads(pinned.read_text()) if pinned.exists() else None
             final = repository / model / str(version)
             (repository / model).mkdir(parents=True, exist_ok=True)
             if final.exists():
                 shutil.rmtree(final)
             folders[model].rename(final)
             placed.append(final)
-            (repository / model / "config.pbtxt").write_text(to_pbtxt(config))
+            if config is not None:  # a Triton model, not a folder of weights
+                (repository / model / "config.pbtxt").write_text(to_pbtxt(config))
     except BaseException:
         for p in placed:
             shutil.rmtree(p, ignore_errors=True)
@@ -389,6 +405,6 @@ def load_reference(repository: Path, version: int) -> Model:
     folder = repository / router_model() / str(version)
     _, cfg = load_part_config(folder)
     router = RouterTier(cfg, load_weights(folder))
-    experts = [ExpertSlice(cfg, i, load_weights(repository / expert_model(i) / str(version)))
+    experts = [ExpertSlice(cfg, i, load_weights(repository / expert_folder(i) / str(version)))
                for i in range(cfg.num_experts)]
     return Model(router, experts)

@@ -369,7 +369,11 @@ class ExpertsSpec(_Object):
     replica_budget: int | None = Field(
         None, ge=1, le=4096,
         description="Most expert replicas in all, shared by load; default numExperts * max.")
-    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per expert replica.")
+    per_server: int | None = Field(
+        None, ge=1, le=4096,
+        description="Experts one expert server holds (1: a server per expert replica); "
+                    "default: derived from the machine under `autoglm up`.")
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per expert server.")
     resources: Resources = Field(
         default_factory=lambda: Resources(requests={"cpu": "1", "memory": "2Gi"}))
 
@@ -426,6 +430,11 @@ class AutoGLMSpec(_Object):
              "experts.replicaBudget must hold minReplicas for every expert",
              lambda s: s.experts.replica_budget is None
              or s.experts.replica_budget >= s.model.num_experts * s.experts.min_replicas),
+        Rule("experts.perServer",
+             "!has(self.experts.perServer) || self.experts.perServer <= self.model.numExperts",
+             "experts.perServer must not exceed model.numExperts",
+             lambda s: s.experts.per_server is None
+             or s.experts.per_server <= s.model.num_experts),
     )
     model: ModelSpec
     triton: TritonSpec = Field(default_factory=TritonSpec)

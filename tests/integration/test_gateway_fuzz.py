@@ -90,7 +90,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     repo = tmp_path_factory.mktemp("repo")
     build(repo, MODEL, 1, PRESETS["tiny"])
     plane = DataPlane(repo, 1, tmp_path_factory.mktemp("v1"))
-    plane.start(replicas=1)
+    plane.start(1)
     try:
         router = plane.router
         assert router is not None

@@ -51,7 +51,7 @@ def planes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, DataP
 def restricted(planes: dict[int, DataPlane], tmp_path_factory: pytest.TempPathFactory,
                ) -> Iterator[TritonServer]:
     """A server whose model-repository gRPC methods need the ADMIN header."""
-    server = TritonServer(planes[1].repository, {"expert_0": 1},
+    server = TritonServer(planes[1].repository, {"experts": 1},
                           log_path=tmp_path_factory.mktemp("restricted") / "triton.log",
                           extra_args=["--grpc-restricted-protocol=model-repository:"
                                       f"{ADMIN[0]}={ADMIN[1]}"])
@@ -167,7 +167,7 @@ def test_metadata_passes_through(restricted: TritonServer, gateway: GatewayServe
             c.get_model_repository_index()
         assert f"expecting header '{HEADER}'" in str(err.value)
         index = c.get_model_repository_index(headers={HEADER: ADMIN[1]}, as_json=True)
-    assert "expert_0" in {m["name"] for m in index["models"]}
+    assert "experts" in {m["name"] for m in index["models"]}
 
 
 def test_unreachable_router_is_a_clear_unavailable(gateway: GatewayServer) -> None:

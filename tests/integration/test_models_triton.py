@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ import tritonclient.http as httpclient
 from autoglm import canary
 from autoglm.engine.text import Tokenizer
 from autoglm.gateway.app import GatewayServer, Routing, Target
-from autoglm.plan import expert_model, router_model
+from autoglm.plan import SERVER_EXPERTS_ENV, experts_model, format_server_experts, router_model
 from autoglm.procs import free_port
 from autoglm.repository import import_checkpoint, router_server_models
 from autoglm.testing import eventually
@@ -40,7 +41,8 @@ from autoglm.testing.checkpoints import (
 from autoglm.triton import TritonServer
 
 pytestmark = pytest.mark.triton
-EXPERTS = 4  # fewer than the unit tests' 8: every expert model is a stub process to start
+EXPERTS = 4
+FLUSH = 1.5  # an expert server hands its summed counters to Triton every 0.5 s
 # the config field that counts routed experts, per architecture
 EXPERT_FIELD: dict[str, dict[str, Any]] = {"MixtralForCausalLM": {"num_local_experts": EXPERTS},
                 "Qwen2MoeForCausalLM": {"num_experts": EXPERTS},
@@ -80,7 +82,7 @@ def infer(router: TritonServer, ids: np.ndarray[Any, Any]) -> np.ndarray[Any, An
 
 
 class Served:
-    """Expert servers (each holding every expert: one replica set) and a router."""
+    """Expert servers (each holding the experts it is given) and a router."""
 
     def __init__(self, repo: Path, workdir: Path) -> None:
         self.repo, self.workdir = repo, workdir
@@ -88,15 +90,16 @@ class Served:
         self.replicas: list[TritonServer] = []
         self.router: TritonServer | None = None
 
-    def add_replica_set(self) -> TritonServer:
+    def add_server(self, experts: list[int] | None = None) -> TritonServer:
+        """A server holding ``experts`` (None: every expert)."""
         n = len(self.replicas)
-        server = TritonServer(self.repo, {expert_model(e): 1 for e in range(EXPERTS)},
+        env = {} if experts is None else {SERVER_EXPERTS_ENV: format_server_experts(experts)}
+        server = TritonServer(self.repo, {experts_model(): 1}, env=env,
                               log_path=self.workdir / f"experts-{n}.log")
         self.replicas.append(server)
         server.start()
         tmp = self.endpoints.with_suffix(".tmp")
-        tmp.write_text(json.dumps({str(e): [s.grpc_url for s in self.replicas]
-                                   for e in range(EXPERTS)}))
+        tmp.write_text(json.dumps([s.grpc_url for s in self.replicas]))
         os.replace(tmp, self.endpoints)
         return server
 
@@ -124,13 +127,16 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, served: Served,
-                                                               tmp_path: Path) -> None:
+def test_served_model_equals_transformers_on_one_and_two_servers(arch: str, served: Served,
+                                                                tmp_path: Path) -> None:
+    """One server holding every expert; then a second server holding the even experts, so
+    that the router splits a layer's experts between two servers (the odd ones only where
+    they are) and the even ones have a replica on each."""
     src = write_checkpoint(arch, tmp_path / "ckpt", seed=11, **EXPERT_FIELD[arch])
     vocab = import_checkpoint(src, served.repo, 1, "m", router_instances=1,
                               progress=False).config.vocab_size
     theirs: Any = reference_model(src)  # a transformers model: generate() is untyped
-    served.add_replica_set()
+    served.add_server()
     router = served.start_router()
     rng = np.random.default_rng(0)
 
@@ -151,14 +157,19 @@ def test_served_model_equals_transformers_with_1_and_2_replicas(arch: str, serve
     check_all_shapes()
     ok, detail = canary.check(f"http://{router.http_url}", 1)
     assert ok is True, detail
-    second = served.add_replica_set()
-    eventually(lambda: all(metric(router.metrics_url, "autoglm_expert_replicas", e) == 2.0
-                           for e in range(EXPERTS)), "the router to see 2 replicas", timeout=30)
+    evens = list(range(0, EXPERTS, 2))
+    second = served.add_server(evens)
+    eventually(lambda: all(metric(router.metrics_url, "autoglm_expert_replicas", e)
+                           == (2.0 if e in evens else 1.0) for e in range(EXPERTS)),
+               "the router to see what the second server holds", timeout=30)
     check_all_shapes()
     check_all_shapes()
-    served_by_second = sum(metric(second.metrics_url, "autoglm_expert_served_tokens_total", e)
-                           for e in range(EXPERTS))
-    assert served_by_second > 0, "the second replica set got no traffic"
+    time.sleep(FLUSH)  # the second server's counters reach Triton
+    by_second = {e: metric(second.metrics_url, "autoglm_expert_served_tokens_total", e)
+                 for e in range(EXPERTS)}
+    assert sum(by_second.values()) > 0, "the second server got no traffic"
+    assert all(by_second[e] == 0 for e in range(EXPERTS) if e not in evens), \
+        f"the second server computed experts it does not hold: {by_second}"
 
     # generation: the decoupled ``generate`` model streams transformers' greedy tokens,
     # for two prompts of different lengths generating at once on one gRPC stream

@@ -8,11 +8,13 @@ import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from autoglm import plan as p
 from autoglm.models.decoder import ExpertSlice
@@ -40,41 +42,69 @@ def spec(gpus: int = 0, **model: object) -> AutoGLMSpec:
 def test_an_expert_refuses_a_version_the_spec_disagrees_with(repo: Path,
                                                             tmp_path: Path) -> None:
     s = spec(numExperts=4, layers=3)
-    server = TritonServer(repo, {"expert_0": 1}, env=p.workload_env(s, "expert"),
+    server = TritonServer(repo, {"experts": 1}, env=p.workload_env(s, "expert"),
                           log_path=tmp_path / "expert.log")
     with pytest.raises(TritonError) as err:
         server.start()
     assert err.value.summary == (
-        "expert_0 v1: version 1 has 3 routed experts but spec.model.numExperts is 4; "
+        "experts v1: version 1 has 3 routed experts but spec.model.numExperts is 4; "
         "version 1 has 2 layers but spec.model.layers is 3")
     assert server.popen is None and not server.shm_regions(), "nothing left running"
 
 
 def test_a_spec_that_agrees_loads(repo: Path, tmp_path: Path) -> None:
-    """The expert loads, is ready, and answers with the in-process slice's output."""
+    """A server given experts 0 and 2 loads, reports them, and answers one call carrying
+    rows of both (one layer per call) with the in-process slices' output."""
     s = spec(numExperts=3, topK=2, layers=2)
-    server = TritonServer(repo, {"expert_1": 1}, env=p.workload_env(s, "expert"),
+    server = TritonServer(repo, {"experts": 1},
+                          env={**p.workload_env(s, "expert"), p.SERVER_EXPERTS_ENV: "2,0"},
                           log_path=tmp_path / "expert.log").start()
     try:
-        folder = repo / "expert_1" / "1"
-        _, cfg = load_part_config(folder)
-        ref = ExpertSlice(cfg, 1, load_weights(folder))
-        layers = sorted(ref.layers)
-        x = np.random.default_rng(3).standard_normal((6, cfg.hidden_size)).astype(np.float32)
-        lay = np.array([[layers[i % len(layers)]] for i in range(len(x))], dtype=np.int32)
+        refs = {}
+        for e in (0, 2):
+            folder = repo / f"expert_{e}" / "1"
+            _, cfg = load_part_config(folder)
+            refs[e] = ExpertSlice(cfg, e, load_weights(folder))
+        rng = np.random.default_rng(3)
         with httpclient.InferenceServerClient(server.http_url) as c:
-            assert c.is_model_ready("expert_1", "1")
-            inputs = [httpclient.InferInput("LAYER", list(lay.shape), "INT32"),
-                      httpclient.InferInput("HIDDEN", list(x.shape), "FP32")]
-            inputs[0].set_data_from_numpy(lay)
-            inputs[1].set_data_from_numpy(x)
-            got = c.infer("expert_1", inputs).as_numpy("OUTPUT")
-        with torch.no_grad():
-            want = np.stack([ref(int(lay[i, 0]), torch.from_numpy(x[i:i + 1]))[0].numpy()
-                             for i in range(len(x))])
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert c.is_model_ready("experts", "1")
+            held = c.infer("experts", [], outputs=[httpclient.InferRequestedOutput("HELD")])
+            assert held.as_numpy("HELD").tolist() == [0, 2]
+            for layer in sorted(refs[0].layers):
+                x = rng.standard_normal((6, cfg.hidden_size)).astype(np.float32)
+                got = c.infer("experts", tensors(layer, [2, 0], [4, 2], x)).as_numpy("OUTPUT")
+                with torch.no_grad():
+                    want = np.concatenate([refs[2](layer, torch.from_numpy(x[:4])).numpy(),
+                                           refs[0](layer, torch.from_numpy(x[4:])).numpy()])
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            with pytest.raises(InferenceServerException, match="expert 1 is not held here"):
+                c.infer("experts", tensors(layer, [1], [6], x))
     finally:
         server.stop()
+
+
+def tensors(layer: int, experts: list[int], counts: list[int], x: np.ndarray[Any, Any],
+            ) -> list[httpclient.InferInput]:
+    arrays = [("LAYER", np.array([layer], dtype=np.int32)),
+              ("EXPERTS", np.array(experts, dtype=np.int32)),
+              ("COUNTS", np.array(counts, dtype=np.int32)), ("HIDDEN", x)]
+    inputs = []
+    for name, a in arrays:
+        i = httpclient.InferInput(name, list(a.shape), "INT32" if a.dtype == np.int32 else "FP32")
+        i.set_data_from_numpy(a)
+        inputs.append(i)
+    return inputs
+
+
+def test_a_server_given_an_expert_the_version_lacks_refuses_it(repo: Path,
+                                                              tmp_path: Path) -> None:
+    server = TritonServer(repo, {"experts": 1}, env={p.SERVER_EXPERTS_ENV: "1,7"},
+                          log_path=tmp_path / "expert.log")
+    with pytest.raises(TritonError) as err:
+        server.start()
+    assert err.value.summary == ("experts v1: this server was assigned expert 7 but version 1 "
+                                 "has 3 routed experts (0..2)")
+    assert server.popen is None and not server.shm_regions(), "nothing left running"
 
 
 def gpus() -> int:
@@ -88,7 +118,7 @@ def test_gpu_experts_ask_triton_for_gpu_instances(repo: Path, tmp_path: Path) ->
     """spec.experts.gpus > 0: the pinned configuration is loaded with KIND_GPU instances (on
     a machine without GPUs Triton says so; with one, the expert loads on it)."""
     s = spec(gpus=1, numExperts=3)
-    server = TritonServer(repo, {"expert_0": 1}, env=p.workload_env(s, "expert"),
+    server = TritonServer(repo, {"experts": 1}, env=p.workload_env(s, "expert"),
                           log_path=tmp_path / "expert.log")
     if gpus():
         server.start()
@@ -97,5 +127,5 @@ def test_gpu_experts_ask_triton_for_gpu_instances(repo: Path, tmp_path: Path) ->
     else:
         with pytest.raises(TritonError) as err:
             server.start()
-        assert err.value.summary == ("expert_0 v1: instance group expert_0_0 of model "
-                                     "expert_0 has kind KIND_GPU but no GPUs are available")
+        assert err.value.summary == ("experts v1: instance group experts_0 of model "
+                                     "experts has kind KIND_GPU but no GPUs are available")

@@ -9,10 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from autoglm.endpoints import Balancer, NoReplica, Resolver
+from autoglm.endpoints import Balancer, Resolver
 from autoglm.models.decoder import forward
 from autoglm.models.tiny import PRESETS
 from autoglm.repository import (
@@ -41,8 +40,10 @@ def test_build_is_deterministic_and_versions_coexist(tmp_path: Path) -> None:
         w1 = f"{part}/1/weights.safetensors"
         assert digest(a / w1) == digest(b / w1), "same (name, version), same weights"
         assert digest(a / w1) != digest(a / f"{part}/2/weights.safetensors")
-        assert (a / part / "config.pbtxt").exists()
-    assert pinned_config(a, "expert_2", 1)["version_policy"] == {"specific": {"versions": [1]}}
+        # Triton models have a configuration; an expert's folder holds only its weights
+        assert (a / part / "config.pbtxt").exists() == (part == "router")
+    assert (a / "experts" / "config.pbtxt").exists()
+    assert pinned_config(a, "experts", 1)["version_policy"] == {"specific": {"versions": [1]}}
     assert 'backend: "python"' in to_pbtxt(pinned_config(a, "router", 2))
     assert not list(a.glob("*/.*")) and not list(a.glob(".*")), "no half-written folders"
     assert read_meta(a, 1)["architecture"] == "Qwen3MoeForCausalLM"
@@ -89,31 +90,45 @@ def test_tiny_checkpoint_is_a_real_architecture_transformers_loads(tmp_path: Pat
 
 def test_balancer_prefers_least_outstanding_and_skips_failed() -> None:
     now = [0.0]
-    closed: list[str] = []
-    b: Balancer[str] = Balancer(lambda a: f"ch:{a}", closed.append, penalty_seconds=2,
-                                clock=lambda: now[0])
-    b.update({0: ["r1", "r2"]})
-    first = b.acquire(0)
-    second = b.acquire(0)
+    b = Balancer(penalty_seconds=2, clock=lambda: now[0])
+    b.update({"r1": [0], "r2": [0]})
+    first = b.assign([0])[0][0]
+    second = b.assign([0])[0][0]
     assert {first.address, second.address} == {"r1", "r2"}, "spread while both busy"
     b.release(first)
-    assert b.acquire(0).address == first.address, "the idle one wins"
+    assert b.assign([0])[0][0].address == first.address, "the idle one wins"
     b.release(second, failed=True)
     b.release(first)
-    assert b.acquire(0).address == first.address, "a failed replica rests a while"
+    assert b.assign([0])[0][0].address == first.address, "a failed server rests a while"
     now[0] = 3.0
-    b.update({0: ["r1", "r3"]})
-    assert closed == ["ch:r2"] and b.addresses(0) == ["r1", "r3"]
-    with pytest.raises(NoReplica):
-        b.acquire(1)
+    b.update({"r1": [0], "r3": [0, 1]})
+    assert b.addresses(0) == ["r1", "r3"] and b.addresses(1) == ["r3"]
+    chosen, missing = b.assign([1, 2], exclude={1: ["r3"]})
+    assert chosen == {} and missing == {1: "every server reporting it failed",
+                                        2: "no server reports it"}
+
+
+def test_balancer_makes_one_call_per_server_per_layer() -> None:
+    """The experts chosen on one server share its call: in flight once per server."""
+    b = Balancer()
+    b.update({"a": [0, 1, 2], "b": [2, 3], "c": [1, 3]})
+    for _ in range(3):
+        chosen, missing = b.assign([0, 1, 2, 3])
+        assert not missing and chosen[0].address == "a"  # its only server
+        servers = {s.address: s for s in chosen.values()}
+        assert all(s.in_flight == 1 for s in servers.values())
+        for s in servers.values():
+            b.release(s)
 
 
 def test_resolver_reads_static_lists_and_files(tmp_path: Path) -> None:
-    assert Resolver(["a:1|b:2", "c:3"]).resolve() == {0: ["a:1", "b:2"], 1: ["c:3"]}
-    assert Resolver(["dns:///localhost:8001"]).resolve()[0]
+    assert Resolver(["a:1|b:2", "c:3", "b:2"]).resolve() == ["a:1", "b:2", "c:3"]
+    assert Resolver(["dns:///localhost:8001"]).resolve()
     f = tmp_path / "endpoints.json"
-    f.write_text('{"0": ["x:1"], "1": []}')
+    f.write_text('["y:1", "x:1"]')
     r = Resolver(file=f)
-    assert r.resolve() == {0: ["x:1"], 1: []}
+    assert r.resolve() == ["x:1", "y:1"]
     f.write_text("{broken")
-    assert r.resolve() == {0: ["x:1"], 1: []}, "keeps the last good view"
+    assert r.resolve() == ["x:1", "y:1"], "keeps the last good view"
+    f.write_text('{"0": ["z:1"]}')
+    assert r.resolve() == ["x:1", "y:1"], "not a list: keeps the last good view"

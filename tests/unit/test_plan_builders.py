@@ -57,8 +57,9 @@ def test_objects_are_wired_as_designed() -> None:
     dep = by[("Deployment", "tiny-a-expert-2")]
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["args"][:3] == ["--repository=/models", "--model=expert_2", "--version=1"]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/expert_2/versions/1/ready"
+    assert c["args"][:3] == ["--repository=/models", "--model=experts", "--version=1"]
+    assert {"name": "AUTOGLM_SERVER_EXPERTS", "value": "2"} in c["env"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/experts/versions/1/ready"
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert c["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}

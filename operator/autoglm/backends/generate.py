@@ -63,7 +63,7 @@ class TritonPythonModel:
         check_expectations(cfg, self.version)
         device, dtype = placement(args)
         torch.set_num_threads(_env_int("AUTOGLM_TORCH_THREADS", 1))
-        self.fanout = ExpertFanout(cfg.num_experts)
+        self.fanout = ExpertFanout(cfg.num_experts, self.version)
         engine = Engine(RouterTier(cfg, load_weights(d, device, dtype)), self.fanout,
                         kv_capacity_tokens=_env_int("AUTOGLM_KV_CAPACITY_TOKENS", 16384),
                         max_batch_tokens=_env_int("AUTOGLM_MAX_BATCH_TOKENS", 256),
@@ -97,7 +97,8 @@ class TritonPythonModel:
                 ("autoglm_kv_cache_capacity_tokens", "KV cache capacity, in tokens", gauge),
                 ("autoglm_generated_tokens_total", "Tokens generated", counter),
                 ("autoglm_generate_steps_total", "Engine steps: batched forwards, each one "
-                 "fan-out per MoE layer (expert calls per step: calls_total / this)", counter),
+                 "fan-out per MoE layer (expert server calls per step: "
+                 "autoglm_expert_server_calls_total / this)", counter),
                 ("autoglm_time_to_first_token_seconds",
                  "From a generation's arrival to its first token", histogram),
                 ("autoglm_inter_token_latency_seconds",
@@ -113,7 +114,7 @@ class TritonPythonModel:
     def _observe(self, force: bool = False) -> None:
         """The engine's gauges, at most once a flush period unless ``force``."""
         now = time.monotonic()
-        if not force and now - self._observed < self.fanout.flush_seconds:
+        if not force and now - self._observed < self.fanout.counters.period:
             return
         self._observed = now
         stats = self.text.engine.stats()

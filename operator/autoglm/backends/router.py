@@ -32,7 +32,7 @@ class TritonPythonModel:
             self.canary = (z["input_ids"], z["logits"].astype(np.float32))
         # Instances scale out as processes; intra-op threads would only oversubscribe.
         torch.set_num_threads(int(os.environ.get("AUTOGLM_TORCH_THREADS", "1")))
-        self.fanout = ExpertFanout(self.cfg.num_experts)
+        self.fanout = ExpertFanout(self.cfg.num_experts, self.version)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []

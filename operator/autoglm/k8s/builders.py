@@ -132,6 +132,8 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
         gpus = 0
     else:
         resources, gpus = spec.experts.resources, spec.experts.gpus
+        assert w.expert is not None
+        env.append({"name": p.SERVER_EXPERTS_ENV, "value": str(w.expert)})
     mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"},
                                     {"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [

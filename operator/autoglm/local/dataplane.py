@@ -1,8 +1,10 @@
-"""One slot's Triton servers on this machine: a router and servers per expert replica,
-wired by an endpoints file the router re-reads (the local counterpart of a headless
-Service). Replicas can be added and removed while serving, and a server that died is
-restarted in place (:meth:`DataPlane.restart`: its ports again, as a pod's Service keeps its
-address).
+"""One slot's Triton servers on this machine: a router and the expert servers of a
+:class:`~autoglm.placement.Placement` (each holds the experts it was given in one
+``experts`` model), wired by an endpoints file the router re-reads (the local counterpart
+of a headless Service); the router asks each server what it holds. The placement can change
+while serving (:meth:`DataPlane.reshape`: a server whose experts change is replaced, the new
+one serving before the old one stops), and a server that died is restarted in place
+(:meth:`DataPlane.restart`: its ports again, as a pod's Service keeps its address).
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoglm.plan import expert_model
+from autoglm.placement import Placement, place
+from autoglm.plan import SERVER_EXPERTS_ENV, experts_model, format_server_experts
 from autoglm.repository import read_meta, router_server_models
 from autoglm.triton import TritonError, TritonServer
+
+
+@dataclass(eq=False)
+class ExpertServer:
+    held: frozenset[int]
+    server: TritonServer
 
 
 @dataclass
@@ -25,6 +34,7 @@ class DataPlane:
     repository: Path
     version: int
     workdir: Path
+    capacity: int = 1  # experts per server
     resolve_seconds: float = 0.5
     expert_timeout_seconds: float = 5.0
     # More environment of the servers (autoglm.plan.workload_env: what the spec says the
@@ -34,7 +44,8 @@ class DataPlane:
     shm_group: str = ""  # starts every server's shared-memory prefix (autoglm.triton)
     router: TritonServer | None = field(default=None, init=False)
     closed: bool = field(default=False, init=False)  # stopped: starts nothing more
-    experts: dict[int, list[TritonServer]] = field(default_factory=dict, init=False)
+    expert_servers: list[ExpertServer] = field(default_factory=list, init=False)
+    _started: int = field(default=0, init=False)  # servers started so far (log names)
     # held while a server is restarted or removed: one change of a server at a time
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -46,44 +57,59 @@ class DataPlane:
     def endpoints_file(self) -> Path:
         return self.workdir / "endpoints.json"
 
+    @property
+    def placement(self) -> Placement:
+        return Placement(tuple(x.held for x in self.expert_servers))
+
+    @property
+    def experts(self) -> dict[int, list[TritonServer]]:
+        """Expert → the servers holding it, in server order."""
+        out: dict[int, list[TritonServer]] = {e: [] for e in range(self.num_experts)}
+        for x in list(self.expert_servers):
+            for e in sorted(x.held):
+                out.setdefault(e, []).append(x.server)
+        return out
+
     def write_endpoints(self) -> None:
         """Atomically: the router re-reads the file while we write it."""
-        view = {str(e): [s.grpc_url for s in servers if s.popen is not None]
-                for e, servers in self.experts.items()}
+        view = [x.server.grpc_url for x in self.expert_servers if x.server.popen is not None]
         tmp = self.endpoints_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(view))
         os.replace(tmp, self.endpoints_file)
 
-    def add_replica(self, expert: int, grpc_port: int = 0) -> TritonServer:
-        n = len(self.experts.get(expert, []))
-        server = TritonServer(self.repository, {expert_model(expert): self.version},
-                              env=dict(self.expert_env),
-                              log_path=self.workdir / f"expert-{expert}-{n}.log",
+    def add_server(self, held: frozenset[int], grpc_port: int = 0) -> TritonServer:
+        """A server holding ``held``, serving (in the endpoints file) once it is ready."""
+        n = self._started
+        self._started += 1
+        server = TritonServer(self.repository, {experts_model(): self.version},
+                              env={**self.expert_env,
+                                   SERVER_EXPERTS_ENV: format_server_experts(held)},
+                              log_path=self.workdir / f"experts-{n}.log",
                               grpc_port=grpc_port, shm_group=self.shm_group)
         server.start()
-        self.experts.setdefault(expert, []).append(server)
-        if self.closed:  # stopped while this replica was starting
+        self.expert_servers.append(ExpertServer(held, server))
+        if self.closed:  # stopped while this server was starting
             server.stop()
             raise RuntimeError("slot stopped")
         self.write_endpoints()
         return server
 
-    def start(self, replicas: int | Sequence[int] = 1) -> DataPlane:
-        """Expert servers (``replicas`` each, or per expert: an expert the counts do not
-        cover gets one), then the router."""
+    def start(self, layout: Placement | Sequence[int] | int = 1) -> DataPlane:
+        """The expert servers of ``layout`` (a placement, or replicas per expert, or for
+        every expert, placed at this plane's capacity), then the router."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        counts = ([replicas] * self.num_experts if isinstance(replicas, int)
-                  else list(replicas))
+        if isinstance(layout, int):
+            layout = [layout] * self.num_experts
+        target = layout if isinstance(layout, Placement) else \
+            place(list(layout), min(self.capacity, len(layout)))
         try:
-            for e in range(self.num_experts):
-                for _ in range(counts[e] if e < len(counts) else 1):
-                    self.add_replica(e)
+            for held in target.servers:
+                self.add_server(held)
             self.start_router()
         except BaseException:
             self.stop()
             raise
         return self
-
     def start_router(self) -> TritonServer:
         self.router = TritonServer(
             self.repository, router_server_models(self.repository, self.version),
@@ -98,16 +124,36 @@ class DataPlane:
             raise RuntimeError("slot stopped")
         return self.router
 
-    def remove_replica(self, expert: int) -> None:
-        """Take the newest replica out of the router's view first, then stop it."""
-        servers = self.experts.get(expert, [])
-        if len(servers) <= 1:
-            return
+    def reshape(self, target: Placement, go_on: Callable[[], bool] = lambda: True,
+                say: Callable[[str], None] = lambda _: None) -> None:
+        """Serve ``target``: server ``s`` keeps running where it already holds
+        ``target.servers[s]``; every other server of the target starts (and serves) first,
+        then the servers it replaces leave the router's view and stop. ``go_on`` false
+        (a swap began): start nothing more."""
+        current = list(self.expert_servers)
+        final: list[ExpertServer | None] = [
+            current[s] if s < len(current) and current[s].held == held else None
+            for s, held in enumerate(target.servers)]
+        for s, held in enumerate(target.servers):
+            if final[s] is not None:
+                continue
+            if not go_on():
+                return
+            self.add_server(held)
+            final[s] = self.expert_servers[-1]
+            say(f"expert server {s + 1} with experts {format_server_experts(held)} serving "
+                f"(started in {self.expert_servers[-1].server.startup_seconds:.1f} s)")
+        kept = [x for x in final if x is not None]
+        gone = [x for x in self.expert_servers if x not in kept]
         with self._lock:
-            victim = servers.pop()
+            self.expert_servers = kept
             self.write_endpoints()
-            time.sleep(2 * self.resolve_seconds)  # the router has stopped choosing it
-            victim.stop()
+            if not gone:
+                return
+            time.sleep(2 * self.resolve_seconds)  # the router has stopped choosing them
+            for x in gone:
+                x.server.stop()
+                say(f"expert server with experts {format_server_experts(x.held)} stopped")
 
     def dead(self) -> list[TritonServer]:
         """The servers that exited on their own (killed, crashed) and were not restarted
@@ -115,12 +161,13 @@ class DataPlane:
         return [s for s in self.servers() if s.popen is None or s.popen.poll() is not None]
 
     def role(self, server: TritonServer) -> str:
-        """``router`` or ``expert <e> replica <i>/<n>``."""
+        """``router`` or ``expert server <s>/<n> (experts 0,1)``."""
         if server is self.router:
             return "router"
-        for e, servers in self.experts.items():
-            if server in servers:
-                return f"expert {e} replica {servers.index(server) + 1}/{len(servers)}"
+        for s, x in enumerate(self.expert_servers):
+            if x.server is server:
+                return (f"expert server {s + 1}/{len(self.expert_servers)} "
+                        f"(experts {format_server_experts(x.held)})")
         return f"server of {', '.join(server.models)}"
 
     def restart(self, server: TritonServer) -> bool:
@@ -159,10 +206,10 @@ class DataPlane:
         return None
 
     def replica_counts(self) -> list[int]:
-        return [len(self.experts.get(e, [])) for e in range(self.num_experts)]
+        return self.placement.replicas(self.num_experts)
 
     def servers(self) -> list[TritonServer]:
-        return [*(s for ss in self.experts.values() for s in ss),
+        return [*(x.server for x in self.expert_servers),
                 *([self.router] if self.router else [])]
 
     def stop(self) -> None:

@@ -42,9 +42,10 @@ from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
+from autoglm.placement import Placement, place
 from autoglm.procs import kill_all, process_start, processes_with, running
 from autoglm.prometheus import MetricsError, Prometheus
-from autoglm.repository import build, read_meta
+from autoglm.repository import WEIGHTS, build, read_meta
 from autoglm.spec import KIND, AutoGLMSpec, InvalidSpec, Slot, parse
 from autoglm.triton import TritonError, TritonServer, shm_group_marker, shm_group_regions
 
@@ -276,12 +277,13 @@ class LocalRuntime:
         self.gateway = GatewayServer(self.routing, self.gateway_port,
                                      grpc_port=self.grpc_port).start()
         plane = self._plane(slot.slot, slot.version, repository)
-        for w in slot.experts:
-            assert w.expert is not None
-            for r in range(w.replicas):
-                s = plane.add_replica(w.expert)
-                self.say(f"  {w.name} replica {r + 1}/{w.replicas} ready "
-                         f"({s.startup_seconds:.1f} s)")
+        target = place([w.replicas for w in slot.experts], plane.capacity)
+        self.say(f"  {len(slot.experts)} experts on {len(target.servers)} expert server(s) "
+                 f"of up to {plane.capacity} experts")
+        for s, held in enumerate(target.servers):
+            server = plane.add_server(held)
+            self.say(f"  expert server {s + 1}/{len(target.servers)} (experts "
+                     f"{p.format_server_experts(held)}) ready ({server.startup_seconds:.1f} s)")
         router = plane.start_router()
         self.say(f"  {slot.router.name} ready ({router.startup_seconds:.1f} s)")
         self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}",
@@ -302,6 +304,7 @@ class LocalRuntime:
         it): they refuse a version whose shape disagrees with the spec."""
         assert self.spec is not None
         plane = DataPlane(repository, version, self.workdir / f"slot-{slot}",
+                          capacity=experts_per_server(self.spec, repository, version),
                           router_env=p.workload_env(self.spec, "router"),
                           expert_env=p.workload_env(self.spec, "expert"),
                           shm_group=self.shm_group)
@@ -360,13 +363,13 @@ class LocalRuntime:
             self.scaling.job.result()
         plane = self.slots[self.state.active_slot]
         lo, hi = spec.experts.min_replicas, spec.experts.max_replicas
-        for e, servers in plane.experts.items():  # the autoscaler will own these
-            while len(servers) < lo:
-                plane.add_replica(e)
-                self.say(f"expert {e}: {len(servers)} replicas")
-            while len(servers) > hi:
-                plane.remove_replica(e)
-                self.say(f"expert {e}: {len(servers)} replicas")
+        current = plane.replica_counts()  # the autoscaler owns them within the bounds
+        desired = [min(max(c, lo), hi) for c in current]
+        if desired != current:
+            for e, (c, d) in enumerate(zip(current, desired, strict=True)):
+                if c != d:
+                    self.say(f"expert {e}: {c} -> {d} replicas")
+            self._apply(plane, current, tuple(desired))
         self._replicas_changed(plane)
         self.say("applied the change")
 
@@ -423,10 +426,11 @@ class LocalRuntime:
     def _do(self, action: swap.Action) -> None:
         if isinstance(action, swap.CreateSlot):
             assert self.state is not None
-            counts = self.slots[self.state.active_slot].replica_counts()
+            # the standby gets the active slot's placement, as it is now
+            layout = self.slots[self.state.active_slot].placement
             self._jobs.pop(f"canary:{action.slot}", None)
             self._jobs[f"create:{action.slot}"] = self._pool.submit(
-                self._create, action.slot, action.version, counts)
+                self._create, action.slot, action.version, layout)
         elif isinstance(action, swap.RunCanary):
             self._jobs[f"canary:{action.slot}"] = self._pool.submit(
                 self._canary, action.slot, action.version)
@@ -449,9 +453,9 @@ class LocalRuntime:
             self.say(f"{'warning: ' if action.warning else ''}{action.reason}: "
                      f"{action.message}")
 
-    def _create(self, slot: Slot, version: int, counts: list[int]) -> None:
+    def _create(self, slot: Slot, version: int, layout: Placement) -> None:
         t0 = time.monotonic()
-        self._plane(slot, version, self._model(version)).start(counts)
+        self._plane(slot, version, self._model(version)).start(layout)
         self.say(f"slot {slot}: version {version} ready in {time.monotonic() - t0:.1f} s")
 
     def _canary(self, slot: Slot, version: int) -> tuple[bool, str]:
@@ -619,27 +623,19 @@ class LocalRuntime:
         self.write_status()
 
     def _apply(self, plane: DataPlane, current: list[int], desired: tuple[int, ...]) -> None:
-        """Add first, then remove: a replica moved between experts serves before the one it
-        replaces stops. A swap that begins meanwhile stops what is left."""
+        """The replicas placed (what each server holds stays where it can; the load
+        balances the rest), the new servers serving before those they replace stop. A swap
+        that begins meanwhile stops what is left."""
         def go_on() -> bool:
             return not plane.closed and self.state is not None \
                 and self.state.phase == swap.Phase.IDLE
 
-        for e, (c, want) in enumerate(zip(current, desired, strict=True)):
-            for _ in range(want - c):
-                if not go_on():
-                    return
-                s = plane.add_replica(e)
-                self._replicas_changed(plane)
-                self.say(f"autoscaler: expert {e} replica {len(plane.experts[e])} serving "
-                         f"(started in {s.startup_seconds:.1f} s)")
-        for e, (c, want) in enumerate(zip(current, desired, strict=True)):
-            for _ in range(c - want):
-                if not go_on():
-                    return
-                plane.remove_replica(e)
-                self._replicas_changed(plane)
-                self.say(f"autoscaler: expert {e} down to {len(plane.experts[e])} replica(s)")
+        load = self.scaling.load if len(self.scaling.load) == len(desired) else ()
+        target = place(list(desired), plane.capacity, load, current=plane.placement)
+        self.say(f"autoscaler: {len(target.servers)} expert server(s): "
+                 + "; ".join(p.format_server_experts(h) for h in target.servers))
+        plane.reshape(target, go_on, lambda m: self.say(f"autoscaler: {m}"))
+        self._replicas_changed(plane)
 
     def _replicas_changed(self, plane: DataPlane) -> None:
         self._update_targets()
@@ -669,7 +665,12 @@ class LocalRuntime:
                 "router": plane.router.http_url if plane.router else None,
                 "router_pid": _pid(plane.router),
                 "expert_replicas": {str(e): len(s) for e, s in plane.experts.items()},
-                # each replica is its own server with its own metrics
+                "experts_per_server": plane.capacity,
+                # the servers, and what each holds
+                "servers": [{"experts": sorted(x.held), "grpc": x.server.grpc_url,
+                             "metrics": x.server.metrics_url, "pid": _pid(x.server)}
+                            for x in list(plane.expert_servers)],
+                # expert → the servers holding it (one server serves several experts)
                 "expert_servers": {str(e): [{"grpc": x.grpc_url, "metrics": x.metrics_url,
                                              "pid": _pid(x)} for x in list(s)]
                                    for e, s in plane.experts.items()},
@@ -728,3 +729,21 @@ class LocalRuntime:
 
 def _pid(server: TritonServer | None) -> int | None:
     return server.popen.pid if server is not None and server.popen is not None else None
+
+
+def experts_per_server(spec: AutoGLMSpec, repository: Path, version: int) -> int:
+    """``spec.experts.perServer``, or what suits this machine: the experts spread over as
+    many servers as there are cores (2 to 4: a server is a process, ~300 MiB before any
+    weight), as long as a server's slices fit in a quarter of the memory available."""
+    e = spec.model.num_experts
+    if spec.experts.per_server is not None:
+        return spec.experts.per_server
+    servers = min(4, max(2, os.cpu_count() or 2))
+    per = -(-e // servers)
+    try:
+        slice_bytes = (repository / p.expert_folder(0) / str(version) / WEIGHTS).stat().st_size
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        per = min(per, max(1, available // 4 // max(slice_bytes, 1)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(per, e))

@@ -89,11 +89,19 @@ def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFan
         tok, k = (idx == e).nonzero(as_tuple=True)
         rows[e] = (tok, k)
         sends[e] = h[tok]
-    outs = fanout(layer, sends)
+    # A fan-out that can (backends/fanout.py) sends first and answers later: the shared
+    # experts run while the expert servers work.
+    start = getattr(fanout, "start", None)
+    if start is not None:
+        pending = start(layer, sends)
+        shared = router.local_mlp(layer, h)
+        outs = pending()
+    else:
+        outs = fanout(layer, sends)
+        shared = router.local_mlp(layer, h)
     y = torch.zeros_like(h)
     for e, (tok, k) in rows.items():
         y.index_add_(0, tok, (outs[e] * weights[tok, k, None]).to(y.dtype))
-    shared = router.local_mlp(layer, h)
     return (y if shared is None else y + shared), {e: int(t.shape[0]) for e, t in sends.items()}
 
 
@@ -157,7 +165,7 @@ def forward_rows(router: RouterTier, ids: torch.Tensor, positions: torch.Tensor,
 
 
 class ExpertSlice:
-    """Routed expert *i* of every MoE layer: what one ``expert_<i>`` Triton model holds."""
+    """Routed expert *i* of every MoE layer (an expert server holds one per expert)."""
 
     def __init__(self, cfg: ModelConfig, expert: int,
                  weights: Mapping[str, torch.Tensor]) -> None:
