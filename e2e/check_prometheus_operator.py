@@ -111,25 +111,25 @@ def workloads() -> list[dict[str, Any]]:
     spec = parse(doc, INSTANCE)
     objs = [without_owner(o) for o in builders.desired_objects(
         INSTANCE, NS, "uid", spec, p.plan(INSTANCE, spec, p.RoutingState()), monitors=False)]
-    expert = builders.labels(INSTANCE, "expert", slot="a", expert=0, version=1)
+    expert = builders.labels(INSTANCE, "expert", slot="a", server=0, version=1)
     triton = {"name": "triton", "image": "x", "ports": builders.TRITON_PORTS}
     # an init container's named port is a target too
     fetch = {"name": "fetch", "image": "x",
              "ports": [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}]}
-    job_labels = builders.labels(INSTANCE, "expert", slot="b", expert=1, version=1)
+    job_labels = builders.labels(INSTANCE, "expert", slot="b", server=1, version=1)
     return [
         *objs,
-        pod(f"{INSTANCE}-a-expert-0-init", expert,
+        pod(f"{INSTANCE}-a-experts-0-init", expert,
             {"initContainers": [fetch], "containers": [triton]}),
         # Running, never Ready: still scraped
-        pod(f"{INSTANCE}-a-expert-0-unready",
+        pod(f"{INSTANCE}-a-experts-0-unready",
             {**expert, controlplane.VERSION_LABEL: str(controlplane.NEVER_READY_VERSION)},
             {"containers": [triton]}),
         # another instance's pod: not selected
-        pod("other-a-expert-0-x", builders.labels("other", "expert", slot="a", expert=0),
+        pod("other-a-experts-0-x", builders.labels("other", "expert", slot="a", server=0),
             {"containers": [triton]}),
         # unschedulable, so Pending without an IP: no target
-        pod(f"{INSTANCE}-a-expert-0-pending", expert, {
+        pod(f"{INSTANCE}-a-experts-0-pending", expert, {
             "nodeSelector": {"autoglm.io/no-such-node": "x"}, "containers": [triton]}, None),
         # kwok completes a Job's pod: Succeeded, dropped
         {"apiVersion": "batch/v1", "kind": "Job",
@@ -291,7 +291,7 @@ def main() -> int:
         cp.kubectl("-n", NS, "wait", "--for=condition=Complete", "--timeout=90s",
                    f"job/{INSTANCE}-done")
         cp.kubectl("-n", NS, "wait", "--for=condition=PodScheduled=False", "--timeout=60s",
-                   f"pod/{INSTANCE}-a-expert-0-pending")
+                   f"pod/{INSTANCE}-a-experts-0-pending")
         eventually(lambda: all(pd["status"].get("phase") != "Pending"
                                for pd in pods() if pd["spec"].get("nodeName")),
                    "kwok to start the bare pods", 90)

@@ -2,8 +2,9 @@
 
 Pure: a typed spec and the routing state kept in the resource's status go in, a
 :class:`Topology` comes out; the Kubernetes and local adapters each turn it into their own
-objects. Expert replica counts here are only the *initial* counts: once a workload exists
-the autoscaler owns them, so adapters never reset them.
+objects. The expert servers' placement comes from the routing state (the live servers): once
+a slot exists the autoscaler owns it, so adapters never reset it; a new slot gets
+``minReplicas`` of every expert placed on servers of ``experts_per_server``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from autoglm.placement import Placement, place, servers_needed
 from autoglm.spec import SLOTS, AutoGLMSpec, Slot
 
 Component = Literal["gateway", "router", "expert"]
@@ -96,15 +98,17 @@ def parse_server_experts(value: str) -> list[int]:
 
 
 def workload_name(deployment: str, slot: Slot, component: Component,
-                  expert: int | None = None) -> str:
-    """``<name>-<slot>-router`` or ``<name>-<slot>-expert-<i>`` (DESIGN.md §4)."""
-    base = f"{deployment}-{slot}-{component}"
-    return base if expert is None else f"{base}-{expert}"
+                  server: int | None = None) -> str:
+    """``<name>-<slot>-router``; ``<name>-<slot>-experts`` (the slot's expert servers, their
+    headless Service) and ``<name>-<slot>-experts-<s>`` (expert server ``s``) (DESIGN.md §4)."""
+    base = f"{deployment}-{slot}-{'router' if component == 'router' else 'experts'}"
+    return base if server is None else f"{base}-{server}"
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One independently scaled group of Triton servers serving one Triton model."""
+    """A group of Triton servers serving one Triton model: the router tier (``replicas``
+    alike), or expert server ``server`` holding ``experts`` (one replica)."""
 
     name: str
     component: Literal["router", "expert"]
@@ -112,7 +116,8 @@ class Workload:
     version: int
     triton_model: str
     replicas: int
-    expert: int | None = None
+    server: int | None = None
+    experts: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -120,17 +125,24 @@ class SlotPlan:
     slot: Slot
     version: int
     router: Workload
-    experts: tuple[Workload, ...]
+    servers: tuple[Workload, ...]
 
     @property
     def workloads(self) -> tuple[Workload, ...]:
-        return (self.router, *self.experts)
+        return (self.router, *self.servers)
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(tuple(w.experts for w in self.servers))
 
 
 @dataclass(frozen=True)
 class SlotState:
     version: int
-    expert_replicas: tuple[int, ...] = ()
+    servers: tuple[frozenset[int], ...] = ()  # what each expert server holds
+    # how many of them (from the first) serve on; the rest retire (kept until the
+    # autoscaler removes them, once their experts serve elsewhere)
+    serving: int | None = None
 
 
 @dataclass(frozen=True)
@@ -151,26 +163,55 @@ class Topology:
         return next(p for p in self.slots if p.slot == self.active)
 
 
+# Expert servers a cluster gets when spec.experts.perServer is unset: a handful, whatever
+# the expert count (the operator cannot read the repository for the slices' size).
+DEFAULT_SERVERS = 4
+
+
+def experts_per_server(spec: AutoGLMSpec) -> int:
+    """``spec.experts.perServer``, else the experts spread over ``DEFAULT_SERVERS``."""
+    n = spec.model.num_experts
+    if spec.experts.per_server is not None:
+        return min(spec.experts.per_server, n)
+    return -(-n // min(n, DEFAULT_SERVERS))
+
+
 def initial_expert_replicas(spec: AutoGLMSpec) -> tuple[int, ...]:
     """minReplicas for every expert: the budget rule guarantees this fits."""
     return (spec.experts.min_replicas,) * spec.model.num_experts
 
 
+def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...]) -> Placement:
+    """The placement ``servers`` records, kept as it is while it still suits the spec (every
+    expert held, within min/max replicas and ``perServer``); else the replicas it holds,
+    bounded, placed again, what each server holds kept where it fits and never on fewer
+    servers (removing servers is the autoscaler's, once their experts serve elsewhere)."""
+    n, e = spec.model.num_experts, spec.experts
+    capacity = experts_per_server(spec)
+    current = Placement(servers)
+    replicas = current.replicas(n) if servers else list(initial_expert_replicas(spec))
+    bounded = [min(max(r, e.min_replicas), e.max_replicas) for r in replicas]
+    fits = all(h and max(h) < n for h in servers) and all(len(h) <= capacity for h in servers)
+    if servers and fits and bounded == replicas:
+        return current
+    needed = servers_needed(bounded, capacity)
+    return place(bounded, capacity, current=current if servers else None,
+                 servers=max(needed, len(servers)) if fits else needed)
+
+
 def slot_plan(name: str, spec: AutoGLMSpec, slot: Slot, version: int,
-              expert_replicas: tuple[int, ...]) -> SlotPlan:
-    n = spec.model.num_experts
-    replicas = expert_replicas if len(expert_replicas) == n else initial_expert_replicas(spec)
-    lo, hi = spec.experts.min_replicas, spec.experts.max_replicas
+              servers: tuple[frozenset[int], ...], serving: int | None = None) -> SlotPlan:
+    n = len(servers) if serving is None else serving
+    layout = Placement(slot_placement(spec, servers[:n]).servers + servers[n:])
     return SlotPlan(
         slot=slot,
         version=version,
         router=Workload(workload_name(name, slot, "router"), "router", slot, version,
                         router_model(), spec.router.replicas),
-        experts=tuple(
-            Workload(workload_name(name, slot, "expert", i), "expert", slot, version,
-                     experts_model(), min(max(replicas[i], lo), hi), expert=i)
-            for i in range(n)
-        ),
+        servers=tuple(
+            Workload(workload_name(name, slot, "expert", s), "expert", slot, version,
+                     experts_model(), 1, server=s, experts=held)
+            for s, held in enumerate(layout.servers)),
     )
 
 
@@ -184,10 +225,10 @@ def plan(name: str, spec: AutoGLMSpec, state: RoutingState) -> Topology:
     """
     if state.active_slot is None or state.active_slot not in state.slots:
         active: Slot = SLOTS[0]
-        slots: Mapping[Slot, SlotState] = {
-            active: SlotState(spec.model.version, initial_expert_replicas(spec))}
+        slots: Mapping[Slot, SlotState] = {active: SlotState(spec.model.version)}
     else:
         active, slots = state.active_slot, state.slots
     order = [active, *(s for s in SLOTS if s != active and s in slots)]
     return Topology(active, tuple(slot_plan(name, spec, s, slots[s].version,
-                                            slots[s].expert_replicas) for s in order))
+                                            slots[s].servers, slots[s].serving)
+                                  for s in order))

@@ -60,11 +60,12 @@ MANAGED_TRITON_FLAGS = ("--model-repository", "--model-store", "--model-control-
                         "--load-model", "--http-port", "--grpc-port", "--metrics-port",
                         "--allow-http", "--allow-grpc", "--allow-metrics",
                         "--backend-directory")
-# The longest name the operator gives a child is plan.workload_name(name, "b", "expert",
-# numExperts - 1), "<name>-b-expert-<last>": a Service name, so a DNS-1035 label of at most
-# 63 characters. The resource's own name names the gateway Service: a DNS-1035 label too.
+# The longest name the operator gives a child is an expert server's Deployment,
+# "<name>-b-experts-<s>"; it is kept a DNS-1035 label of at most 63 characters for servers
+# up to numExperts - 1 (the Services, "<name>-b-experts" and "<name>-b-router", are shorter).
+# The resource's own name names the gateway Service: a DNS-1035 label too.
 CHILD_NAME_MAX = 63
-LONGEST_CHILD_INFIX = "-b-expert-"
+LONGEST_CHILD_INFIX = "-b-experts-"
 NAME_BUDGET = CHILD_NAME_MAX - len(LONGEST_CHILD_INFIX)  # for the name and the last index
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # What the API server requires of every custom resource's name (NameIsDNSSubdomain).
@@ -468,11 +469,21 @@ class Condition(_StatusObject):
     last_transition_time: str | None = None
 
 
+class ServerStatus(_StatusObject):
+    name: str = Field(description="The expert server's Deployment.")
+    experts: list[int] = Field(description="The experts it holds.")
+    ready: bool = False
+    retiring: bool = Field(False, description="Being removed once the others serve its "
+                                              "experts.")
+
+
 class SlotStatus(_StatusObject):
     version: int
     ready: bool = False
     expert_replicas: list[int] = Field(default_factory=list,
                                        description="Replicas per expert, by expert index.")
+    servers: list[ServerStatus] = Field(default_factory=list,
+                                        description="The expert servers and what each holds.")
 
 
 class WarmSlotStatus(_StatusObject):
@@ -520,6 +531,8 @@ class AutoGLMStatus(_StatusObject):
     active_slot: Slot | None = None
     active_version: int | None = None
     ready: str | None = Field(None, description="Ready workloads / workloads, e.g. 5/5.")
+    expert_servers: int | None = Field(None, description="Expert servers of the serving "
+                                                         "slot.")
     slots: dict[str, SlotStatus] = Field(default_factory=dict)
     swap: SwapStatus | None = None
     autoscaling: AutoscalingStatus | None = None

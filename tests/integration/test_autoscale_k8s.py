@@ -22,8 +22,9 @@ import tritonclient.http as httpclient
 
 from autoglm.autoscale import rate_window
 from autoglm.gateway.app import GatewayServer, Routing, Target
-from autoglm.k8s.rollout import epoch
+from autoglm.k8s.rollout import epoch, server_experts
 from autoglm.k8s.scaling import SCRAPE_SECONDS
+from autoglm.k8s.status import retiring
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.models.tiny import PRESETS
@@ -145,9 +146,21 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
         eventually(lambda: autoscaling().get("lastDecision") != last,
                    "the autoscaler's next decision", 30)
 
+    def servers() -> dict[str, tuple[frozenset[int], bool]]:
+        """The expert servers' Deployments: what each holds, and whether it retires."""
+        out = {}
+        for d in cluster.get("deployments", None)["items"]:
+            name = d["metadata"]["name"]
+            if name.startswith("m-a-experts-"):
+                held = server_experts(d)
+                assert held is not None, name
+                out[name] = (held, retiring(d))
+        return out
+
     def replicas() -> list[int]:
-        return [cluster.get("deployment", f"m-a-expert-{i}")["spec"]["replicas"]
-                for i in range(2)]
+        """Per expert: the servers holding it that serve on."""
+        serving = [held for held, retiring in servers().values() if not retiring]
+        return [sum(e in held for held in serving) for e in range(2)]
 
     eventually(lambda: autoscaling().get("metricsAvailable"), "metrics to be available")
     assert (cluster.condition("m", "MetricsAvailable") or {}).get("status") == "True"
@@ -220,6 +233,10 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
     assert epoch(down["lastDecision"]) - epoch(quiet["lastDecision"]) \
         >= STABILIZATION - 2 * INTERVAL, "no scale-down within the stabilization window"
     eventually(lambda: replicas() == [1, 1], "the experts to scale back down", 120)
+    # and the servers no longer needed go, once the one left serves every expert
+    eventually(lambda: list(servers().values()) == [(frozenset({0, 1}), False)],
+               "the retired expert servers to be deleted", 120)
+    assert any(ev["reason"] == "Placed" for ev in cluster.events("m"))
     with Prometheus(prometheus.url) as prom:
         assert prom.gateway_inflight(selector, "a", t1) == 0, "drained"
     print(f"load stop -> back to the minimum: {time.monotonic() - t1:.1f} s")

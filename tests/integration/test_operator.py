@@ -38,7 +38,8 @@ EXPECTED = {
     ("Deployment", "tiny"), ("Service", "tiny"), ("ServiceAccount", "tiny-gateway"),
     ("Role", "tiny-gateway"), ("RoleBinding", "tiny-gateway"),
     ("Deployment", "tiny-a-router"), ("Service", "tiny-a-router"),
-    *{(k, f"tiny-a-expert-{i}") for i in range(4) for k in ("Deployment", "Service")},
+    ("Service", "tiny-a-experts"),  # the slot's expert servers: perServer 2, 2 servers
+    ("Deployment", "tiny-a-experts-0"), ("Deployment", "tiny-a-experts-1"),
 }
 
 
@@ -66,8 +67,10 @@ def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
     cluster.kubectl("apply", "-f", str(REPO_ROOT / "examples" / "tiny.yaml"))
     r = cluster.wait_ready("tiny")
     st = r["status"]
-    assert st["activeSlot"] == "a" and st["activeVersion"] == 1 and st["ready"] == "6/6"
-    assert st["slots"]["a"]["expertReplicas"] == [1, 1, 1, 1]
+    assert st["activeSlot"] == "a" and st["activeVersion"] == 1 and st["ready"] == "4/4"
+    assert st["slots"]["a"]["expertReplicas"] == [1, 1, 1, 1] and st["expertServers"] == 2
+    assert [(x["name"], x["experts"], x["ready"]) for x in st["slots"]["a"]["servers"]] == [
+        ("tiny-a-experts-0", [0, 2], True), ("tiny-a-experts-1", [1, 3], True)]
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Ready"]["status"] == "True"
     assert conds["Progressing"]["status"] == "False"
@@ -81,27 +84,27 @@ def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
         assert ref["uid"] == r["metadata"]["uid"] and ref["controller"] is True
     # pods of every workload run Ready on kwok nodes, selected by the Services
     pods = cluster.get("pods", None)["items"]
-    assert len(pods) == 6
+    assert len(pods) == 4
     assert all(any(c["type"] == "Ready" and c["status"] == "True"
                    for c in p["status"]["conditions"]) for p in pods)
-    expert2 = [p for p in pods if p["metadata"]["labels"].get("autoglm.io/expert") == "2"]
-    assert len(expert2) == 1
-    assert expert2[0]["metadata"]["labels"]["autoglm.io/model-version"] == "1"
+    servers = [p for p in pods if p["metadata"]["labels"].get("autoglm.io/server")]
+    assert sorted(p["metadata"]["labels"]["autoglm.io/server"] for p in servers) == ["0", "1"]
+    assert all(p["metadata"]["labels"]["autoglm.io/model-version"] == "1" for p in servers)
 
-    def expert2_endpoints() -> set[str]:
+    def expert_endpoints() -> set[str]:
         slices = cluster.get("endpointslices")["items"]
         return {a for s in slices
-                if s["metadata"]["labels"].get("kubernetes.io/service-name") == "tiny-a-expert-2"
+                if s["metadata"]["labels"].get("kubernetes.io/service-name") == "tiny-a-experts"
                 for e in s.get("endpoints") or [] for a in e["addresses"]}
 
-    eventually(lambda: expert2_endpoints() == {expert2[0]["status"]["podIP"]},
-               "the expert-2 headless Service to list its pod")
+    eventually(lambda: expert_endpoints() == {p["status"]["podIP"] for p in servers},
+               "the experts headless Service to list every expert server's pod")
     # printer columns
     out = cluster.kubectl("get", "autoglm", "tiny").stdout
     header, row = out.splitlines()
     assert header.split() == ["NAME", "MODEL", "VERSION", "SERVING", "SLOT", "PHASE", "SWAP",
-                              "READY", "AGE"]
-    assert row.split()[:8] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "Idle", "6/6"]
+                              "READY", "SERVERS", "AGE"]
+    assert row.split()[:9] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "Idle", "4/4", "2"]
     reasons = {e["reason"] for e in cluster.events("tiny")}
     assert "Created" in reasons
 
@@ -199,29 +202,32 @@ def test_invalid_specs_are_refused_or_reported_and_serving_is_untouched(
     assert cluster.serving_snapshot("tiny") == before
 
 
-def test_non_version_changes_converge_and_leave_expert_replicas_alone(
+def test_non_version_changes_converge_and_leave_the_placement_alone(
         cluster: Cluster) -> None:
-    cluster.apply(tiny())
+    cluster.apply(tiny(experts__perServer=3))
     cluster.wait_ready("tiny")
-    # the autoscaler's decision, which reconciliation must not undo
-    cluster.kubectl("scale", "deployment/tiny-a-expert-1", "--replicas=3")
-    cluster.apply(tiny(router__replicas=2,
+    # the autoscaler's decision (expert 0 gets a replica on server 1), which
+    # reconciliation must not undo
+    cluster.kubectl("set", "env", "deployment/tiny-a-experts-1", "AUTOGLM_SERVER_EXPERTS=0,1,3")
+    cluster.apply(tiny(experts__perServer=3, router__replicas=2,
                        triton__extraArgs=["--log-verbose=1"],
                        triton__resources={"requests": {"cpu": "750m", "memory": "1Gi"}}))
     r = cluster.wait_ready("tiny")
-    assert r["status"]["ready"] == "6/6"
+    assert r["status"]["ready"] == "4/4"
     router = cluster.get("deployment", "tiny-a-router")
     c = router["spec"]["template"]["spec"]["containers"][0]
     assert router["spec"]["replicas"] == 2
     assert c["args"][-1] == "--log-verbose=1"
     assert c["resources"] == {"requests": {"cpu": "750m", "memory": "1Gi"}}
     assert router["status"]["availableReplicas"] == 2
-    assert cluster.get("deployment", "tiny-a-expert-1")["spec"]["replicas"] == 3
-    assert r["status"]["slots"]["a"]["expertReplicas"] == [1, 3, 1, 1]
+    server = cluster.get("deployment", "tiny-a-experts-1")["spec"]["template"]["spec"]
+    assert {"name": "AUTOGLM_SERVER_EXPERTS", "value": "0,1,3"} in server["containers"][0]["env"]
+    assert r["status"]["slots"]["a"]["expertReplicas"] == [2, 1, 1, 1]
 
     # a version change starts a swap in the other slot; the serving slot is not touched
     before = cluster.serving_snapshot("tiny")
-    cluster.apply(tiny(router__replicas=2, triton__extraArgs=["--log-verbose=1"],
+    cluster.apply(tiny(experts__perServer=3, router__replicas=2,
+                       triton__extraArgs=["--log-verbose=1"],
                        triton__resources={"requests": {"cpu": "750m", "memory": "1Gi"}},
                        model__version=2))
     eventually(lambda: (cluster.condition("tiny", "Progressing") or {}).get("reason")
@@ -235,8 +241,8 @@ def test_non_version_changes_converge_and_leave_expert_replicas_alone(
     assert {k: after[k] for k in before} == before
 
     # drift is repaired: a deleted child comes back
-    cluster.kubectl("delete", "service", "tiny-a-expert-0")
-    eventually(lambda: cluster.kubectl("get", "service", "tiny-a-expert-0",
+    cluster.kubectl("delete", "service", "tiny-a-experts")
+    eventually(lambda: cluster.kubectl("get", "service", "tiny-a-experts",
                                        check=False).returncode == 0,
                "the deleted Service to be recreated", timeout=60)
 

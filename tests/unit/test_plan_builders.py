@@ -9,7 +9,7 @@ import yaml
 
 from autoglm import plan as p
 from autoglm.k8s import builders, status
-from autoglm.k8s.converge import holds, managed_fields
+from autoglm.k8s.converge import holds
 from autoglm.k8s.crd import crd
 from autoglm.spec import AutoGLMStatus, parse
 from autoglm.swap import Phase, SwapState
@@ -26,14 +26,33 @@ def test_plan_starts_in_slot_a_and_keeps_the_serving_version() -> None:
     s = spec()
     topo = p.plan("tiny", s, p.RoutingState())
     assert topo.active == "a" and topo.active_plan.version == 1
-    assert [w.name for w in topo.active_plan.experts] == [f"tiny-a-expert-{i}" for i in range(4)]
-    assert all(w.replicas == 1 for w in topo.active_plan.experts)
-    # the status says slot b serves version 1 with scaled experts; spec asks for 2
+    # the tiny example: 4 experts, perServer 2
+    assert [w.name for w in topo.active_plan.servers] == ["tiny-a-experts-0", "tiny-a-experts-1"]
+    assert [sorted(w.experts) for w in topo.active_plan.servers] == [[0, 2], [1, 3]]
+    assert all(w.replicas == 1 for w in topo.active_plan.servers)
+    # the live servers of slot b serve version 1, scaled; spec asks for version 2
     bumped = s.model_copy(update={"model": s.model.model_copy(update={"version": 2})})
-    state = p.RoutingState("b", {"b": p.SlotState(1, (3, 1, 2, 9))})
-    topo = p.plan("tiny", bumped, state)
+    scaled = tuple(map(frozenset, ({0, 1}, {2, 3}, {0, 2}, {0})))
+    topo = p.plan("tiny", bumped, p.RoutingState("b", {"b": p.SlotState(1, scaled)}))
     assert topo.active == "b" and topo.active_plan.version == 1
-    assert [w.replicas for w in topo.active_plan.experts] == [3, 1, 2, 3], "clamped to max"
+    assert topo.active_plan.placement.servers == scaled, "the live placement is kept"
+    # one replica too many (maxReplicas 3): placed again, what each server holds kept
+    over = (*scaled, frozenset({0, 1}))
+    placed = p.plan("tiny", s, p.RoutingState("a", {"a": p.SlotState(1, over)})).active_plan
+    assert placed.placement.replicas(4) == [3, 2, 2, 1]
+    assert len(placed.servers) == 5, "never fewer servers: removing them is the autoscaler's"
+    assert all(len(h) <= 2 for h in placed.placement.servers)
+    # a retiring tail is kept as it is
+    kept = p.plan("tiny", s, p.RoutingState("a", {"a": p.SlotState(1, over, 4)})).active_plan
+    assert kept.placement.servers == over
+
+
+def test_default_placement_on_a_cluster_is_a_handful_of_servers() -> None:
+    for n, servers in ((1, 1), (4, 4), (8, 4), (160, 4), (256, 4)):
+        s = parse({"model": {"name": "m", "version": 1, "repository": "/m", "numExperts": n}},
+                  "x")
+        plan = p.plan("x", s, p.RoutingState()).active_plan
+        assert len(plan.servers) == servers and plan.placement.replicas(n) == [1] * n
 
 
 def test_objects_are_wired_as_designed() -> None:
@@ -43,22 +62,23 @@ def test_objects_are_wired_as_designed() -> None:
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
     assert ("Deployment", "tiny") in names and ("Service", "tiny") in names
     assert ("Deployment", "tiny-a-router") in names
-    for i in range(4):
-        assert ("Deployment", f"tiny-a-expert-{i}") in names
+    assert {n for k, n in names if n.startswith("tiny-a-experts")} == {
+        "tiny-a-experts", "tiny-a-experts-0", "tiny-a-experts-1"}
     by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
     for o in objs:
         assert o["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == "tiny"
-    svc = by[("Service", "tiny-a-expert-2")]
+    svc = by[("Service", "tiny-a-experts")]  # every expert server of the slot
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": "tiny",
                                        "app.kubernetes.io/component": "expert",
-                                       "autoglm.io/slot": "a", "autoglm.io/expert": "2"}
-    dep = by[("Deployment", "tiny-a-expert-2")]
+                                       "autoglm.io/slot": "a"}
+    dep = by[("Deployment", "tiny-a-experts-1")]
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["args"][:3] == ["--repository=/models", "--model=experts", "--version=1"]
-    assert {"name": "AUTOGLM_SERVER_EXPERTS", "value": "2"} in c["env"]
+    assert {"name": "AUTOGLM_SERVER_EXPERTS", "value": "1,3"} in c["env"]
+    assert dep["spec"]["template"]["metadata"]["labels"]["autoglm.io/server"] == "1"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/experts/versions/1/ready"
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -66,7 +86,7 @@ def test_objects_are_wired_as_designed() -> None:
     assert dep["spec"]["template"]["metadata"]["labels"]["autoglm.io/model-version"] == "1"
     router = by[("Deployment", "tiny-a-router")]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in router["env"]}
-    assert env["AUTOGLM_EXPERT_ENDPOINTS"].split(",")[3] == "dns:///tiny-a-expert-3.ns.svc:8001"
+    assert env["AUTOGLM_EXPERT_ENDPOINTS"] == "dns:///tiny-a-experts.ns.svc:8001"
     gateway = by[("Deployment", "tiny")]["spec"]["template"]["spec"]["containers"][0]
     assert "--grpc-port=8001" in gateway["args"]
     assert {"name": "grpc", "containerPort": 8001, "protocol": "TCP"} in gateway["ports"]
@@ -84,7 +104,7 @@ def test_gpu_experts_request_and_tolerate_gpus() -> None:
     s = spec()
     s = s.model_copy(update={"experts": s.experts.model_copy(update={"gpus": 2})})
     slot = p.plan("tiny", s, p.RoutingState()).active_plan
-    pod = builders.triton_pod_spec("tiny", "ns", s, slot.experts[0])
+    pod = builders.triton_pod_spec("tiny", "ns", s, slot.servers[0])
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     # and load their model as GPU instances; the router (no GPUs in the spec) stays on CPU
@@ -94,7 +114,7 @@ def test_gpu_experts_request_and_tolerate_gpus() -> None:
     cpu = spec()
     assert "AUTOGLM_INSTANCE_KIND" not in env_of(
         builders.triton_pod_spec("tiny", "ns", cpu, p.plan("tiny", cpu, p.RoutingState())
-                                 .active_plan.experts[0]))
+                                 .active_plan.servers[0]))
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
@@ -134,17 +154,6 @@ def test_pod_templates_follow_only_the_model_shape() -> None:
             != builders.desired_objects("tiny", "ns", "uid", other, topo, False))
 
 
-def test_expert_replicas_are_left_to_the_autoscaler() -> None:
-    s = spec()
-    objs = builders.desired_objects("tiny", "ns", "u", s, p.plan("tiny", s, p.RoutingState()),
-                                    False)
-    expert = next(o for o in objs if o["metadata"]["name"] == "tiny-a-expert-0")
-    router = next(o for o in objs if o["metadata"]["name"] == "tiny-a-router"
-                  and o["kind"] == "Deployment")
-    assert "replicas" not in managed_fields(expert)["spec"]
-    assert managed_fields(router)["spec"]["replicas"] == 1
-
-
 def test_holds_ignores_server_defaults_and_canonical_quantities() -> None:
     want = {"spec": {"containers": [{"name": "a", "resources": {"requests": {"cpu": "1000m"}}}]}}
     live: dict[str, Any] = {"spec": {"containers": [{"name": "a", "imagePullPolicy": "IfNotPresent",
@@ -167,15 +176,19 @@ def test_status_conditions() -> None:
                 "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
                            "availableReplicas": ready}}
 
-    some = {n: dep(n, 0 if n.endswith("expert-3") else 1) for n in names}
+    some = {n: dep(n, 0 if n.endswith("experts-1") else 1) for n in names}
     st = status.observed_status(AutoGLMStatus(), 1, topo, some, "tiny", 1, None, "t0")
-    assert st.phase == "Progressing" and st.ready == "5/6"
+    assert st.phase == "Progressing" and st.ready == "3/4" and st.expert_servers == 2
     ready = {c.type: c for c in st.conditions}["Ready"]
-    assert ready.status == "False" and "tiny-a-expert-3" in ready.message
+    assert ready.status == "False" and "tiny-a-experts-1" in ready.message
+    servers = st.slots["a"].servers
+    assert [(x.name, x.experts, x.ready) for x in servers] == [
+        ("tiny-a-experts-0", [0, 2], True), ("tiny-a-experts-1", [1, 3], False)]
+    assert st.slots["a"].expert_replicas == [1, 1, 1, 1]
     st2 = status.observed_status(st, 1, topo, {n: dep(n, 1) for n in names}, "tiny", 1, None,
                                  "t1")
     conds = {c.type: c for c in st2.conditions}
-    assert st2.phase == "Ready" and st2.ready == "6/6" and st2.active_slot == "a"
+    assert st2.phase == "Ready" and st2.ready == "4/4" and st2.active_slot == "a"
     assert conds["Ready"].status == "True" and conds["Ready"].last_transition_time == "t1"
     assert conds["Degraded"].last_transition_time == "t0", "unchanged status keeps its time"
     assert all(c.observed_generation == 1 for c in st2.conditions)

@@ -16,19 +16,23 @@ SPEC = parse({"model": {"name": "m", "version": 2, "repository": "/models", "num
 
 
 def deployment(name: str, version: int, ready: bool = True, replicas: int = 1,
-               ) -> dict[str, Any]:
+               experts: frozenset[int] = frozenset()) -> dict[str, Any]:
+    env = [{"name": p.SERVER_EXPERTS_ENV, "value": p.format_server_experts(experts)}]
     return {"metadata": {"name": name, "generation": 2},
-            "spec": {"replicas": replicas, "template": {"metadata": {"labels": {
-                "autoglm.io/model-version": str(version)}}}},
+            "spec": {"replicas": replicas, "template": {
+                "metadata": {"labels": {"autoglm.io/model-version": str(version)}},
+                "spec": {"containers": [{"name": "triton", "env": env if experts else []}]}}},
             "status": {"observedGeneration": 2, "replicas": replicas,
                        "updatedReplicas": replicas,
                        "availableReplicas": replicas if ready else 0}}
 
 
 def slot_objects(slot: str, version: int, ready: bool = True,
-                 replicas: tuple[int, ...] = (1, 1)) -> dict[str, dict[str, Any]]:
-    plan = p.slot_plan("tiny", SPEC, slot, version, replicas)  # type: ignore[arg-type]
-    return {w.name: deployment(w.name, version, ready, w.replicas) for w in plan.workloads}
+                 servers: tuple[frozenset[int], ...] = (),
+                 ) -> dict[str, dict[str, Any]]:
+    plan = p.slot_plan("tiny", SPEC, slot, version, servers)  # type: ignore[arg-type]
+    return {w.name: deployment(w.name, version, ready, w.replicas, w.experts)
+            for w in plan.workloads}
 
 
 def test_state_round_trips_through_status() -> None:
@@ -41,11 +45,21 @@ def test_state_round_trips_through_status() -> None:
 
 
 def test_slots_kept_follow_the_state() -> None:
-    live = slot_objects("a", 1, replicas=(3, 1))
+    scaled = (frozenset({0}), frozenset({1}), frozenset({0}))  # a server per expert
+    live = slot_objects("a", 1, servers=scaled)
     staging = SwapState("a", 1, Phase.WARMING, 1.0, target_version=2)
     r = rollout.routing("tiny", SPEC, staging, AutoGLMStatus(), live)
-    # the standby starts with the active slot's current replica counts
-    assert r.slots == {"a": p.SlotState(1, (3, 1)), "b": p.SlotState(2, (3, 1))}
+    # the standby starts with the active slot's placement, as it is now
+    assert r.slots == {"a": p.SlotState(1, scaled, 3), "b": p.SlotState(2, scaled)}
+    # a retiring server stays in its slot (it serves until removed), not in the standby
+    live["tiny-a-experts-2"]["metadata"]["annotations"] = {"autoglm.io/retiring": "true"}
+    r = rollout.routing("tiny", SPEC, staging, AutoGLMStatus(), live)
+    assert r.slots == {"a": p.SlotState(1, scaled, 2), "b": p.SlotState(2, scaled[:2])}
+    # a server deleted by hand: the placement recorded in status recreates it
+    del live["tiny-a-experts-1"]
+    recorded = AutoGLMStatus(slots={"a": {"version": 1, "servers": [
+        {"name": f"tiny-a-experts-{s}", "experts": sorted(h)} for s, h in enumerate(scaled)]}})
+    assert rollout.routing("tiny", SPEC, staging, recorded, live).slots["a"].servers == scaled
     warm = SwapState("b", 2, previous=Warm("a", 1, 100.0))
     assert set(rollout.routing("tiny", SPEC, warm, AutoGLMStatus(), live).slots) == {"a", "b"}
     aborted = SwapState("a", 1, Phase.ABORTING, 1.0, target_version=2, failed_version=2)

@@ -115,10 +115,10 @@ def test_name_too_long_for_children() -> None:
     with pytest.raises(InvalidSpec) as err:
         parse(tiny(), "x" * 55)
     assert err.value.field == "metadata.name"
-    # the longest child is <name>-b-expert-<numExperts - 1>, a Service: 63 characters at most
+    # the longest child is <name>-b-experts-<numExperts - 1>: 63 characters at most
     for n in (1, 4, 10, 11, 100, 101, 256):
         spec = merge(tiny(), {"model": {"numExperts": n, "topK": 1},
-                              "experts": {"replicaBudget": None}})
+                              "experts": {"replicaBudget": None, "perServer": None}})
         longest = max(len(plan.workload_name("x" * 10, slot, "expert", n - 1))
                       for slot in s.SLOTS) - 10
         fits = "x" * (s.CHILD_NAME_MAX - longest)

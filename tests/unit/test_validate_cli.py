@@ -88,7 +88,7 @@ def test_every_document_of_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert lines == [f"{f}: document 3: spec.model.version: must be an integer",
                      f"{f}: document 5: not a mapping but a number: expected an "
                      "AutoGLMDeployment",
-                     f"{f}: not valid YAML: line 80, column 5: expected the node content, "
+                     f"{f}: not valid YAML: line 82, column 5: expected the node content, "
                      "but found '<stream end>'"]
     good = write(tmp_path, "good.yaml", f"{ns}---\n{TINY}---\n"
                  + TINY.replace("name: tiny\n", "name: two\n"))

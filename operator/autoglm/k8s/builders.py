@@ -1,7 +1,8 @@
 """Pure builders of every Kubernetes object an AutoGLMDeployment owns (DESIGN.md §4).
 
-Each returns a plain manifest dict. Expert Deployments carry ``replicas`` for creation only:
-afterwards the autoscaler owns them (see ``converge.managed_fields``).
+Each returns a plain manifest dict. An expert server is a Deployment of one replica whose pod
+template names the experts it holds (``AUTOGLM_SERVER_EXPERTS``): a change of its experts
+rolls it with a surge, the new pod ready before the old one goes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ GRACE_SECONDS = 60
 
 
 def labels(instance: str, component: p.Component, slot: Slot | None = None,
-           expert: int | None = None, version: int | None = None) -> dict[str, str]:
+           server: int | None = None, version: int | None = None) -> dict[str, str]:
     out = {
         "app.kubernetes.io/name": "autoglm",
         "app.kubernetes.io/instance": instance,
@@ -33,21 +34,21 @@ def labels(instance: str, component: p.Component, slot: Slot | None = None,
     }
     if slot is not None:
         out["autoglm.io/slot"] = slot
-    if expert is not None:
-        out["autoglm.io/expert"] = str(expert)
+    if server is not None:
+        out["autoglm.io/server"] = str(server)
     if version is not None:
         out["autoglm.io/model-version"] = str(version)
     return out
 
 
 def selector(instance: str, component: p.Component, slot: Slot | None = None,
-             expert: int | None = None) -> dict[str, str]:
+             server: int | None = None) -> dict[str, str]:
     """Labels that select a workload's pods; never includes the version (it may change)."""
     out = {"app.kubernetes.io/instance": instance, "app.kubernetes.io/component": component}
     if slot is not None:
         out["autoglm.io/slot"] = slot
-    if expert is not None:
-        out["autoglm.io/expert"] = str(expert)
+    if server is not None:
+        out["autoglm.io/server"] = str(server)
     return out
 
 
@@ -105,9 +106,10 @@ TRITON_SERVICE_PORTS = [{"name": x["name"], "port": x["containerPort"], "targetP
                          "protocol": "TCP"} for x in TRITON_PORTS]
 
 
-def expert_endpoint(instance: str, namespace: str, slot: Slot, expert: int) -> str:
-    """The headless-Service DNS name the router resolves for an expert's replicas."""
-    svc = p.workload_name(instance, slot, "expert", expert)
+def experts_endpoint(instance: str, namespace: str, slot: Slot) -> str:
+    """The headless-Service DNS name the router resolves for the slot's expert servers (one
+    address per ready pod; each server tells the router what it holds)."""
+    svc = p.workload_name(instance, slot, "expert")
     return f"dns:///{svc}.{namespace}.svc:{p.TRITON_GRPC_PORT}"
 
 
@@ -125,15 +127,14 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
         *({"name": k, "value": v} for k, v in sorted(p.workload_env(spec, w.component).items())),
     ]
     if w.component == "router":
-        endpoints = [expert_endpoint(instance, namespace, w.slot, i)
-                     for i in range(m.num_experts)]
-        env.append({"name": "AUTOGLM_EXPERT_ENDPOINTS", "value": ",".join(endpoints)})
+        env.append({"name": "AUTOGLM_EXPERT_ENDPOINTS",
+                    "value": experts_endpoint(instance, namespace, w.slot)})
         resources: Resources = t.resources
         gpus = 0
     else:
         resources, gpus = spec.experts.resources, spec.experts.gpus
-        assert w.expert is not None
-        env.append({"name": p.SERVER_EXPERTS_ENV, "value": str(w.expert)})
+        env.append({"name": p.SERVER_EXPERTS_ENV,
+                    "value": p.format_server_experts(w.experts)})
     mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"},
                                     {"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [
@@ -176,8 +177,8 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
         "topologySpreadConstraints": [{
             "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": selector(instance, w.component, w.slot,
-                                                      w.expert)},
+            # a slot's expert servers spread as one group: a node's loss costs few of them
+            "labelSelector": {"matchLabels": selector(instance, w.component, w.slot)},
         }],
     }
     if gpus:
@@ -188,15 +189,23 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
 
 def workload_objects(instance: str, namespace: str, owner: dict[str, Any],
                      spec: AutoGLMSpec, w: p.Workload) -> list[Manifest]:
-    """The Deployment and Service of a router or an expert."""
-    lbls = labels(instance, w.component, w.slot, w.expert, w.version)
-    sel = selector(instance, w.component, w.slot, w.expert)
-    return [
-        _deployment(w.name, namespace, owner, lbls, sel, w.replicas,
-                    triton_pod_spec(instance, namespace, spec, w)),
-        _service(w.name, namespace, owner, lbls, sel, TRITON_SERVICE_PORTS,
-                 headless=w.component == "expert"),
-    ]
+    """The Deployment of a router tier or an expert server, and the router tier's Service."""
+    lbls = labels(instance, w.component, w.slot, w.server, w.version)
+    sel = selector(instance, w.component, w.slot, w.server)
+    dep = _deployment(w.name, namespace, owner, lbls, sel, w.replicas,
+                      triton_pod_spec(instance, namespace, spec, w))
+    if w.component == "expert":
+        return [dep]
+    return [dep, _service(w.name, namespace, owner, lbls, sel, TRITON_SERVICE_PORTS)]
+
+
+def experts_service(instance: str, namespace: str, owner: dict[str, Any], slot: Slot,
+                    version: int) -> Manifest:
+    """One headless Service for every expert server of a slot: one DNS record per ready
+    pod, and the router asks each what it holds."""
+    return _service(p.workload_name(instance, slot, "expert"), namespace, owner,
+                    labels(instance, "expert", slot, version=version),
+                    selector(instance, "expert", slot), TRITON_SERVICE_PORTS, headless=True)
 
 
 def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
@@ -281,7 +290,8 @@ def desired_objects(instance: str, namespace: str, uid: str, spec: AutoGLMSpec,
     owner = owner_reference(instance, uid)
     out = gateway_objects(instance, namespace, owner, spec)
     for slot in topology.slots:
-        for w in (*slot.experts, slot.router):
+        out.append(experts_service(instance, namespace, owner, slot.slot, slot.version))
+        for w in (*slot.servers, slot.router):
             out.extend(workload_objects(instance, namespace, owner, spec, w))
     if monitors:
         out.extend(monitor_objects(instance, namespace, owner))

@@ -4,12 +4,12 @@ One list per kind (by the resource's labels) is the whole read: a pass over a co
 resource costs six requests, not one per object. Idempotent: an object that already holds
 every desired field (values the API server filled in are ignored) is left alone, so a
 second pass changes nothing. Tolerant: 404 and 409 mean someone else got there first.
-Expert ``replicas`` belong to the autoscaler and are only set on creation.
+The expert servers' placement is the autoscaler's: the desired servers are built from the
+live ones (k8s/rollout.py), so reconciling never undoes a decision.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,23 +33,7 @@ class Change:
         return f"{self.action} {self.kind} {self.name}"
 
 
-def autoscaled(m: Manifest) -> bool:
-    return bool(m["kind"] == "Deployment"
-                and m["metadata"]["labels"].get("app.kubernetes.io/component") == "expert")
-
-
 VERSION_LABEL = "autoglm.io/model-version"
-
-
-def managed_fields(m: Manifest, live: Manifest | None = None) -> Manifest:
-    """The part of a desired manifest reconciliation enforces on an existing object. A slot
-    re-staged at another version starts from the planned replicas, like a new one."""
-    out = copy.deepcopy(m)
-    restaged = live is not None and (live["metadata"].get("labels", {}).get(VERSION_LABEL)
-                                     != m["metadata"]["labels"].get(VERSION_LABEL))
-    if autoscaled(out) and not restaged:
-        del out["spec"]["replicas"]
-    return out
 
 
 def _same_quantity(a: Any, b: Any) -> bool:
@@ -132,9 +116,8 @@ def converge(api: Api, uid: str, desired: list[Manifest],
         if not owned_by(live, uid):
             raise ObjectConflict(f"{m['kind']} {meta['name']} exists and is not owned by this "
                                  "AutoGLMDeployment; rename or delete it")
-        want = managed_fields(m, live)
-        if not holds(live, want):
-            api.patch(*key, want)
+        if not holds(live, m):
+            api.patch(*key, m)
             changes.append(Change("updated", m["kind"], meta["name"]))
     return changes
 

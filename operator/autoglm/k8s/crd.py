@@ -112,6 +112,8 @@ PRINTER_COLUMNS = [
      "description": "Phase of the version swap"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready",
      "description": "Ready workloads of the serving slot"},
+    {"name": "Servers", "type": "integer", "jsonPath": ".status.expertServers",
+     "description": "Expert servers of the serving slot"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Message", "type": "string", "priority": 1,
      "jsonPath": '.status.conditions[?(@.type=="Ready")].message'},
@@ -138,7 +140,8 @@ def crd() -> dict[str, Any]:
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
                     "description": "A sparse Mixture-of-Experts model served on Triton, "
-                                   "one Deployment per expert, autoscaled per expert.",
+                                   "expert servers that each hold several experts, "
+                                   "autoscaled per expert.",
                     "required": ["spec"],
                     "properties": {
                         "apiVersion": {"type": "string"},

@@ -20,7 +20,7 @@ from typing import Any
 from autoglm import canary, swap
 from autoglm import plan as p
 from autoglm.k8s.converge import VERSION_LABEL
-from autoglm.k8s.status import deployment_available, deployment_failure
+from autoglm.k8s.status import deployment_available, deployment_failure, retiring
 from autoglm.spec import AutoGLMSpec, AutoGLMStatus, Slot, SwapStatus, WarmSlotStatus
 
 Manifest = dict[str, Any]
@@ -67,37 +67,60 @@ def to_status(state: swap.SwapState) -> SwapStatus:
         failed_version=state.failed_version, reason=state.reason)
 
 
-def expert_replicas(name: str, spec: AutoGLMSpec, slot: Slot,
-                    deployments: Mapping[str, Manifest], fallback: tuple[int, ...],
-                    ) -> tuple[int, ...]:
-    """The slot's live per-expert replica counts (the autoscaler's), else ``fallback``."""
-    out = []
-    for i in range(spec.model.num_experts):
-        d = deployments.get(p.workload_name(name, slot, "expert", i))
-        if d is None:
-            return fallback
-        out.append(int(d.get("spec", {}).get("replicas", 1)))
-    return tuple(out)
+def server_experts(d: Manifest) -> frozenset[int] | None:
+    """What an expert server's Deployment tells its pods to hold (None: unreadable)."""
+    for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        for e in c.get("env", []):
+            if e.get("name") == p.SERVER_EXPERTS_ENV:
+                try:
+                    return frozenset(p.parse_server_experts(str(e.get("value", ""))))
+                except ValueError:
+                    return None
+    return None
+
+
+def live_servers(name: str, slot: Slot, deployments: Mapping[str, Manifest],
+                 ) -> tuple[tuple[frozenset[int], ...], int] | None:
+    """The slot's expert servers as they run, in server order, and how many of them (from
+    the first) serve on (the rest retire: the autoscaler removes them once the others have
+    rolled out); None when they are not all there (a slot being created, or a server
+    someone deleted: the recorded placement recreates it)."""
+    prefix = p.workload_name(name, slot, "expert") + "-"
+    found: dict[int, Manifest] = {}
+    for n, d in deployments.items():
+        if n.startswith(prefix) and n[len(prefix):].isdigit():
+            found[int(n[len(prefix):])] = d
+    if not found or sorted(found) != list(range(len(found))):
+        return None
+    held = [server_experts(found[s]) for s in range(len(found))]
+    if any(h is None for h in held):
+        return None
+    serving = min((s for s in range(len(found)) if retiring(found[s])), default=len(found))
+    return tuple(h for h in held if h is not None), serving
 
 
 def routing(name: str, spec: AutoGLMSpec, state: swap.SwapState, st: AutoGLMStatus,
             deployments: Mapping[str, Manifest]) -> p.RoutingState:
     """The slots the swap state keeps: the active one, the standby while it is staged (with
-    the active slot's current replica counts), and the previous one while it is warm."""
-    def recorded(slot: Slot) -> tuple[int, ...]:
+    the active slot's current placement, retiring servers left out), and the previous one
+    while it is warm. A slot's placement is its live servers', else the one its status
+    recorded."""
+    def servers(slot: Slot) -> tuple[tuple[frozenset[int], ...], int | None]:
+        live = live_servers(name, slot, deployments)
+        if live is not None:
+            return live
         s = st.slots.get(slot)
-        return tuple(s.expert_replicas) if s else ()
+        recorded = tuple(frozenset(x.experts) for x in s.servers if not x.retiring) if s else ()
+        return recorded, None
 
-    active = expert_replicas(name, spec, state.active_slot, deployments,
-                             recorded(state.active_slot))
-    slots: dict[Slot, p.SlotState] = {state.active_slot: p.SlotState(state.active_version,
-                                                                      active)}
+    active, serving = servers(state.active_slot)
+    slots: dict[Slot, p.SlotState] = {
+        state.active_slot: p.SlotState(state.active_version, active, serving)}
     if state.phase in STAGED and state.target_version is not None:
-        slots[state.standby_slot] = p.SlotState(state.target_version, active)
+        slots[state.standby_slot] = p.SlotState(state.target_version, active[:serving])
     if state.previous is not None:
         prev = state.previous
-        slots[prev.slot] = p.SlotState(prev.version, expert_replicas(
-            name, spec, prev.slot, deployments, recorded(prev.slot)))
+        slots[prev.slot] = p.SlotState(prev.version, *servers(prev.slot))
     return p.RoutingState(state.active_slot, slots)
 
 

@@ -1,5 +1,8 @@
-"""Per-expert autoscaling on Kubernetes: Prometheus → :func:`autoscale.decide` → the active
-slot's expert Deployments' ``replicas`` (which reconciliation never resets).
+"""Per-expert autoscaling on Kubernetes: Prometheus → :func:`autoscale.decide` → replicas
+per expert → :func:`autoglm.placement.place` → the active slot's expert servers (one
+Deployment each, naming the experts it holds; reconciliation builds its servers from the
+live ones, so it never undoes a decision). Servers no longer needed retire: they keep
+serving until every other server has rolled out, then they are deleted.
 
 One step per ``spec.autoscaling.intervalSeconds``, under the resource's lock (the same as
 reconciliation's, so status writes never cross). Scaling pauses while a swap is under way:
@@ -16,9 +19,11 @@ from typing import Any
 
 from autoglm import autoscale, swap
 from autoglm import plan as p
-from autoglm.k8s import rollout, status
-from autoglm.k8s.reconcile import EventSink, Reconciler
+from autoglm.k8s import builders, rollout, status
+from autoglm.k8s.converge import converge
+from autoglm.k8s.reconcile import EventSink, Manifest, Reconciler
 from autoglm.metrics import ControlMetrics
+from autoglm.placement import Placement, place
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.spec import (
     API_VERSION,
@@ -65,24 +70,34 @@ class Autoscaler:
                 return None
             spec, state, live, st = again
             deployments = self.r.deployments(name, ns)
-            names = [p.workload_name(name, state.active_slot, "expert", i)
-                     for i in range(spec.model.num_experts)]
-            if any(n not in deployments for n in names):
+            layout = rollout.live_servers(name, state.active_slot, deployments)
+            if layout is None:
                 return None  # not provisioned yet
-            experts = [deployments[n] for n in names]
-            current = [int(d["spec"].get("replicas", 1)) for d in experts]
-            ready = [int(d.get("status", {}).get("readyReplicas", 0)) for d in experts]
+            servers, serving = layout
+            placement = Placement(servers[:serving])
+            names = [p.workload_name(name, state.active_slot, "expert", s)
+                     for s in range(len(servers))]
+            up = [status.deployment_available(deployments[n]) for n in names]
+            n_experts = spec.model.num_experts
+            current = placement.replicas(n_experts)
+            ready = [sum(up[s] for s in range(serving) if e in servers[s])
+                     for e in range(n_experts)]
             now = self.wall()
             history = self._state.get(uid) or autoscale.State(history=((now, tuple(current)),))
             self._state[uid], d = autoscale.decide(history, current, sample, now,
                                                    autoscale.policy_for(spec), ready=ready)
-            for i, (c, want) in enumerate(zip(current, d.desired, strict=True)):
-                if want != c:
-                    self.r.api.patch("apps/v1", "Deployment", ns, names[i],
-                                     {"spec": {"replicas": want}})
+            load = sample.tokens_per_s if sample is not None else (None,) * len(current)
+            if list(d.desired) != current:
+                target = place(list(d.desired), p.experts_per_server(spec),
+                               load if d.metrics_ok else (), current=placement)
+                self._place(live, spec, state, target, servers, deployments, emit)
+            elif serving < len(servers) and all(up[:serving]):
+                for s in range(serving, len(servers)):  # their experts serve elsewhere now
+                    if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
+                        emit("Normal", "Deleted", f"deleted Deployment {names[s]}: expert "
+                             f"server {s} retired, its experts serve on the others")
             for change in d.changes:
                 emit("Normal", "Scaled", change)
-            load = sample.tokens_per_s if sample is not None else (None,) * len(current)
             imbalance = (autoscale.imbalance([x or 0.0 for x in load], current)
                          if d.metrics_ok else None)
             self.metrics.decision((ns, name), current, d.desired, load, imbalance or 0.0,
@@ -97,6 +112,36 @@ class Autoscaler:
                                                               strict=True))])
             self._write(live, st, new, emit)
             return new
+
+    def _place(self, live: Mapping[str, Any], spec: AutoGLMSpec, state: swap.SwapState,
+               target: Placement, servers: tuple[frozenset[int], ...],
+               deployments: Mapping[str, Manifest], emit: EventSink) -> None:
+        """Serve ``target``: its servers created or changed (a change rolls with a surge:
+        the new pod serves before the old one goes); servers it no longer needs marked
+        retiring, deleted by a later step once every other server has rolled out."""
+        meta = live["metadata"]
+        name, ns = meta["name"], meta["namespace"]
+        plan = p.slot_plan(name, spec, state.active_slot, state.active_version,
+                           target.servers)
+        owner = builders.owner_reference(name, meta["uid"])
+        desired = [o for w in plan.servers
+                   for o in builders.workload_objects(name, ns, owner, spec, w)]
+        observed = {("Deployment", n): d for n, d in deployments.items()}
+        for c in converge(self.r.api, meta["uid"], desired, observed):
+            emit("Normal", c.action.capitalize(), str(c))
+        for w in plan.servers:
+            d = deployments.get(w.name)
+            if d is not None and status.retiring(d):
+                self.r.api.patch("apps/v1", "Deployment", ns, w.name,
+                                 {"metadata": {"annotations": {status.RETIRING: None}}})
+        for s in range(len(plan.servers), len(servers)):
+            w_name = p.workload_name(name, state.active_slot, "expert", s)
+            if not status.retiring(deployments.get(w_name)):
+                self.r.api.patch("apps/v1", "Deployment", ns, w_name,
+                                 {"metadata": {"annotations": {status.RETIRING: "true"}}})
+        emit("Normal", "Placed", f"{len(plan.servers)} expert server(s): "
+             + "; ".join(f"{w.server}: {p.format_server_experts(w.experts)}"
+                         for w in plan.servers))
 
     def _current(self, name: str, namespace: str, uid: str,
                  ) -> tuple[AutoGLMSpec, swap.SwapState, dict[str, Any], AutoGLMStatus] | None:

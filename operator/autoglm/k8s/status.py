@@ -10,12 +10,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from autoglm.plan import Topology
-from autoglm.spec import AutoGLMStatus, Condition, SlotStatus, SwapStatus
+from autoglm.plan import SlotPlan, Topology
+from autoglm.spec import AutoGLMStatus, Condition, ServerStatus, SlotStatus, SwapStatus
 from autoglm.swap import Phase, SwapState
 
 Manifest = dict[str, Any]
 Status = Literal["True", "False", "Unknown"]
+
+
+RETIRING = "autoglm.io/retiring"  # annotation: an expert server the autoscaler removes
+
+
+def retiring(d: Manifest | None) -> bool:
+    return d is not None and d["metadata"].get("annotations", {}).get(RETIRING) == "true"
+
+
+def num_experts(plan: SlotPlan) -> int:
+    return max((max(w.experts) for w in plan.servers if w.experts), default=-1) + 1
 
 
 def deployment_available(d: Manifest | None) -> bool:
@@ -130,8 +141,11 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
     slots = {plan.slot: SlotStatus(
         version=plan.version,
         ready=all(deployment_available(deployments.get(w.name)) for w in plan.workloads),
-        expert_replicas=[int((deployments.get(w.name) or {}).get("spec", {})
-                             .get("replicas", w.replicas)) for w in plan.experts])
+        expert_replicas=plan.placement.replicas(num_experts(plan)),
+        servers=[ServerStatus(name=w.name, experts=sorted(w.experts),
+                              ready=deployment_available(deployments.get(w.name)),
+                              retiring=retiring(deployments.get(w.name)))
+                 for w in plan.servers])
         for plan in topology.slots}
     return AutoGLMStatus(
         observed_generation=g,
@@ -139,6 +153,7 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
         active_slot=active.slot,
         active_version=active.version,
         ready=f"{len(names) - len(waiting)}/{len(names)}",
+        expert_servers=len(active.servers),
         slots=slots,
         swap=swap_status if swap_status is not None else prev.swap,
         autoscaling=prev.autoscaling,  # the autoscaler's own (k8s/scaling.py)

@@ -277,8 +277,8 @@ class LocalRuntime:
         self.gateway = GatewayServer(self.routing, self.gateway_port,
                                      grpc_port=self.grpc_port).start()
         plane = self._plane(slot.slot, slot.version, repository)
-        target = place([w.replicas for w in slot.experts], plane.capacity)
-        self.say(f"  {len(slot.experts)} experts on {len(target.servers)} expert server(s) "
+        target = place(p.initial_expert_replicas(spec), plane.capacity)
+        self.say(f"  {spec.model.num_experts} experts on {len(target.servers)} expert server(s) "
                  f"of up to {plane.capacity} experts")
         for s, held in enumerate(target.servers):
             server = plane.add_server(held)
