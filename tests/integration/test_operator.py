@@ -259,7 +259,9 @@ def test_deleting_the_resource_removes_every_child(cluster: Cluster) -> None:
 def test_operator_killed_mid_reconcile_converges_without_duplicates(
         cluster: Cluster, operator: OperatorProcess) -> None:
     experts = 64
-    big = tiny("big", model__numExperts=experts, experts__replicaBudget=2 * experts)
+    # a server per expert: many children to interrupt
+    big = tiny("big", model__numExperts=experts, experts__replicaBudget=2 * experts,
+               experts__perServer=1)
     operator.kill()
     try:
         cluster.apply(big)
@@ -269,7 +271,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
         partial = len(cluster.children("big"))
     finally:
         operator.start()
-    total = 5 + 2 + experts * 2
+    total = 5 + 2 + 1 + experts  # gateway, router, the experts' Service, their servers
     assert 0 < partial < total, "the kill must interrupt a reconciliation"
     r = cluster.wait_ready("big", timeout=180)
     assert r["status"]["ready"] == f"{experts + 2}/{experts + 2}"
