@@ -138,9 +138,11 @@ def active(st: dict[str, Any]) -> dict[str, Any]:
     return dict(st["slots"][st["active"]["slot"]])
 
 
-def served_tokens(metrics_url: str) -> float:
+def served_tokens(metrics_url: str, expert: int = 0) -> float:
+    """The tokens of ``expert`` a server computed (a server holds several experts)."""
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    m = re.search(r"^autoglm_expert_served_tokens_total\{[^}]*\} (\S+)$", text, re.M)
+    m = re.search(rf'^autoglm_expert_served_tokens_total\{{expert="{expert}"\}} (\S+)$', text,
+                  re.M)
     return float(m.group(1)) if m else 0.0
 
 
@@ -186,7 +188,7 @@ def test_a_load_on_one_expert_adds_replicas_that_serve(up: Up, hot: NDArray[np.i
             if len(servers) < 2:
                 return None
             url = servers[1]["metrics"]
-            return (time.monotonic(), url) if served_tokens(url) > 0 else None
+            return (time.monotonic(), url) if served_tokens(url, HOT) > 0 else None
 
         t_serving, url = eventually(new_replica_serving, "a new replica of the hot expert to "
                                     "serve", timeout=90, interval=0.1)
@@ -199,8 +201,8 @@ def test_a_load_on_one_expert_adds_replicas_that_serve(up: Up, hot: NDArray[np.i
         eventually(lambda: len(active(status(up))["expert_servers"][str(HOT)]) == SCALED,
                    "the hot expert's replicas", timeout=60)
         servers = active(status(up))["expert_servers"][str(HOT)]
-        first = [served_tokens(s["metrics"]) for s in servers]
-        eventually(lambda: all(served_tokens(s["metrics"]) > f
+        first = [served_tokens(s["metrics"], HOT) for s in servers]
+        eventually(lambda: all(served_tokens(s["metrics"], HOT) > f
                                for s, f in zip(servers, first, strict=True)),
                    "every replica of the hot expert to serve", timeout=30)
         st = status(up)

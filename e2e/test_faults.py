@@ -259,11 +259,15 @@ def fault(r: Run, case: str, kill: Callable[[], None], restored: str,
     return fig
 
 
-def test_a_expert_replica_killed_with_two_replicas_nothing_fails(run: Run) -> None:
+def test_a_expert_server_killed_others_hold_its_experts_nothing_fails(run: Run) -> None:
+    """A server holding both experts dies; the other server holds a replica of each."""
     assert replicas(run.up) == {"0": 2, "1": 2}
+    servers = status(run.up)["slots"]["a"]["servers"]
+    assert [x["experts"] for x in servers] == [[0, 1], [0, 1]], "packed: 2 experts a server"
     pid = status(run.up)["slots"]["a"]["expert_servers"]["0"][1]["pid"]
-    fault(run, "expert replica killed (2 replicas)", lambda: os.kill(pid, signal.SIGKILL),
-          r"a: expert 0 replica 2/2 restarted", may_fail=False)
+    fault(run, "expert server killed (its experts held elsewhere too)",
+          lambda: os.kill(pid, signal.SIGKILL),
+          r"a: expert server 2/2 \(experts 0,1\) restarted", may_fail=False)
     assert status(run.up)["slots"]["a"]["expert_servers"]["0"][1]["pid"] != pid
     assert replicas(run.up) == {"0": 2, "1": 2}
 
@@ -299,14 +303,16 @@ def test_c_router_killed_fails_then_recovers(run: Run) -> None:
     assert fig.serving_again is not None, "serving came back"
 
 
-def test_d_only_replica_killed_fails_fast_then_recovers(run: Run) -> None:
+def test_d_only_server_killed_fails_fast_then_recovers(run: Run) -> None:
     up, mark = run.up, len(run.up.lines)
     up.file.write_text(config(1))
     eventually(lambda: up.said("applied the change", mark), "the edit applied", timeout=120)
     assert replicas(up) == {"0": 1, "1": 1}
     pid = status(up)["slots"]["a"]["expert_servers"]["0"][0]["pid"]
-    fig = fault(run, "only replica of an expert killed", lambda: os.kill(pid, signal.SIGKILL),
-                r"a: expert 0 replica 1/1 restarted", may_fail=True)
+    assert len(status(up)["slots"]["a"]["servers"]) == 1, "one server holds both experts"
+    fig = fault(run, "the only server of its experts killed",
+                lambda: os.kill(pid, signal.SIGKILL),
+                r"a: expert server 1/1 \(experts 0,1\) restarted", may_fail=True)
     assert fig.failed > 0, "its requests cannot be served while it is down"
     assert "expert 0 unavailable" in fig.error, fig.error
     assert fig.serving_again is not None
