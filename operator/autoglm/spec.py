@@ -393,8 +393,9 @@ class AutoscalingSpec(_Object):
     target: float = Field(200.0, gt=0, description="Routed tokens/s one replica should serve.")
     queue_guard_milliseconds: int | None = Field(
         None, ge=1, le=600000,
-        description="If an expert's mean Triton queue time exceeds this, it gets at least one "
-                    "more replica whatever its token rate; unset: no guard.")
+        description="If the routers' calls carrying an expert's rows take longer than this "
+                    "on average (its servers' queue and compute), it gets at least one more "
+                    "replica whatever its token rate; unset: no guard.")
     tolerance: float = Field(0.1, ge=0, le=1)
     interval_seconds: int = Field(15, ge=1, le=3600)
     scale_up_limit: int = Field(2, ge=1, le=64,

@@ -36,16 +36,18 @@ class Ticking(Collector):
             c.add_metric(["0"], 10.0 * n)
             c.add_metric(["1"], 0.0)
             yield c
-        else:
-            # Triton's counters have no _total suffix (CounterMetricFamily would add one)
-            q = UntypedMetricFamily("nv_inference_queue_duration_us", "", labels=["model"])
-            q.add_metric(["expert_0"], 5000.0 * n)
-            q.add_metric(["expert_1"], 0.0)
-            yield q
-            k = UntypedMetricFamily("nv_inference_count", "", labels=["model"])
-            k.add_metric(["expert_0"], float(n))
-            k.add_metric(["expert_1"], 0.0)
+            t = CounterMetricFamily("autoglm_expert_call_seconds", "", labels=["expert"])
+            t.add_metric(["0"], 0.005 * n)  # 5 ms a call
+            t.add_metric(["1"], 0.0)
+            yield t
+            k = CounterMetricFamily("autoglm_expert_calls", "", labels=["expert"])
+            k.add_metric(["0"], float(n))
+            k.add_metric(["1"], 0.0)
             yield k
+        else:  # an expert server's own series: not what the autoscaler reads
+            q = UntypedMetricFamily("nv_inference_queue_duration_us", "", labels=["model"])
+            q.add_metric(["experts"], 9000.0 * n)
+            yield q
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_expert_sample(prom: PrometheusServer) -> None:
         assert isinstance(s.tokens_per_s[0], float) and s.tokens_per_s[0] > 0
         assert s.tokens_per_s[1:] == (0.0, None)  # idle expert: 0; no series: None
         assert s.queue_ms[0] == pytest.approx(5.0)
-        assert s.queue_ms[1:] == (None, None)  # no requests: no queue time
+        assert s.queue_ms[1:] == (None, None)  # no calls: no time
         assert s.at > 1e9, "at: epoch seconds of the newest sample (not a monotonic clock)"
         # the other slot, or another deployment, has no data
         with pytest.raises(MetricsError, match=r"^no data: .*slot=\"b\""):

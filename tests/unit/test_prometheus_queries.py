@@ -36,8 +36,9 @@ def test_queries_name_the_contract_series_and_window() -> None:
         'max(timestamp(autoglm_expert_tokens_total'
         '{component="router",deployment="tiny",slot="a"}))')
     q = queue_query({"deployment": "tiny", "namespace": "ns"}, 0.2)  # window at least 1 s
-    assert "rate(nv_inference_queue_duration_us{deployment=\"tiny\",namespace=\"ns\"}[1s])" in q
-    assert "sum by (model) (rate(nv_inference_count" in q and q.endswith("/ 1000")
+    assert "rate(autoglm_expert_call_seconds_total{deployment=\"tiny\",namespace=\"ns\"}[1s])" \
+        in q
+    assert "sum by (expert) (rate(autoglm_expert_calls_total" in q and q.endswith("* 1000")
 
 
 def test_unreachable_prometheus_says_so() -> None:
