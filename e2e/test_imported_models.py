@@ -78,7 +78,7 @@ def test_imported_version_serves_and_a_disagreeing_one_is_refused(
                                        None), "version 2 to be refused", timeout=120)
         # one line naming both values; the servers' log tails stay in their files
         assert re.fullmatch(rf"warning: RolloutFailed: version 2: standby failed: "
-                            rf"expert_0 v2: {REFUSED}; version 1 keeps serving", line), line
+                            rf"experts v2: {REFUSED}; version 1 keeps serving", line), line
         def status() -> dict[str, Any]:
             path = up.home / "run" / "imported" / "status.json"
             return dict(json.loads(path.read_text()))
@@ -98,7 +98,7 @@ def test_starting_with_a_version_that_disagrees_fails_in_one_line(
     up = Up.start(file, home)
     assert up.wait(timeout=120) == 2
     errors = [t for t in up.text if t.startswith("error:")]
-    assert len(errors) == 1 and f"expert_0 v2: {REFUSED}" in errors[0], up.text
+    assert len(errors) == 1 and f"experts v2: {REFUSED}" in errors[0], up.text
     assert not any("Traceback" in t for t in up.text), up.text
     assert not up.leftovers(), up.leftovers()
     assert not port_open(up.port)

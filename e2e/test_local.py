@@ -127,6 +127,7 @@ def test_status_shows_slots_versions_replicas(up: Up) -> None:
     assert "serving v1 from slot a (spec asks v1); swap Idle" in out
     assert f"(gRPC 127.0.0.1:{up.grpc_port})" in out
     assert re.search(r"expert 3: \d replica\(s\)", out), out  # the autoscaler decides
+    assert re.search(r"expert server 1: experts 0,2 \(gRPC 127\.0\.0\.1:\d+\)", out), out
 
 
 def test_invalid_change_is_reported_and_changes_nothing(up: Up) -> None:

@@ -280,6 +280,9 @@ def _status(args: argparse.Namespace) -> int:
             print(f"  autoscaling: metrics unavailable: {auto['reason']}; holding replicas")
         for slot, s in st["slots"].items():
             print(f"  slot {slot} ({s['role']}): version {s['version']}, router {s['router']}")
+            for i, server in enumerate(s.get("servers", [])):
+                print(f"    expert server {i + 1}: experts "
+                      f"{','.join(map(str, server['experts']))} (gRPC {server['grpc']})")
             for e, n in s["expert_replicas"].items():
                 serving = slot == active.get("slot")  # loads are the active slot's
                 load = f"{loads[e]:.1f} tokens/s" if serving and e in loads else "-"

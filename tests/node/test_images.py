@@ -180,7 +180,8 @@ def test_triton_cpu_image_has_tritonserver_torch_without_cuda_and_the_model(
     site = triton_root / "opt/autoglm/lib/python3.11/site-packages"
     assert not (site / "nvidia/cusolver").exists()
     assert (triton_root / "models/router/1").is_dir()
-    assert (triton_root / "models/expert_0/1").is_dir()
+    assert (triton_root / "models/experts/1").is_dir()
+    assert (triton_root / "models/expert_0/1/weights.safetensors").is_file()
     env = img["env"]
     for var in ("AUTOGLM_TRITONSERVER", "AUTOGLM_MODEL_SOURCE"):
         assert (triton_root / env[var].lstrip("/")).exists(), var
@@ -191,11 +192,11 @@ def test_triton_cpu_image_has_tritonserver_torch_without_cuda_and_the_model(
 # `autoglm triton-serve` as a pod runs it: the model loads (Python backend stub, torch) and
 # Triton answers ready on 8000 — in the test's own network namespace.
 SERVE = r"""
-autoglm triton-serve --repository=/models --model=expert_0 --version=1 &
+AUTOGLM_SERVER_EXPERTS=0,2 autoglm triton-serve --repository=/models --model=experts --version=1 &
 pid=$!
 python - <<'EOF'
 import time, urllib.request
-url = "http://127.0.0.1:8000/v2/models/expert_0/versions/1/ready"
+url = "http://127.0.0.1:8000/v2/models/experts/versions/1/ready"
 for _ in range(240):
     try:
         if urllib.request.urlopen(url, timeout=1).status == 200:

@@ -23,7 +23,7 @@ from autoglm.k8s import builders, rollout, status
 from autoglm.k8s.converge import converge
 from autoglm.k8s.reconcile import EventSink, Manifest, Reconciler
 from autoglm.metrics import ControlMetrics
-from autoglm.placement import Placement, place
+from autoglm.placement import Placement, PlacementError, place
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.spec import (
     API_VERSION,
@@ -88,9 +88,13 @@ class Autoscaler:
                                                    autoscale.policy_for(spec), ready=ready)
             load = sample.tokens_per_s if sample is not None else (None,) * len(current)
             if list(d.desired) != current:
-                target = place(list(d.desired), p.experts_per_server(spec),
-                               load if d.metrics_ok else (), current=placement)
-                self._place(live, spec, state, target, servers, deployments, emit)
+                try:
+                    target = place(list(d.desired), p.experts_per_server(spec),
+                                   load if d.metrics_ok else (), current=placement)
+                except PlacementError as e:  # the servers as they are keep serving
+                    emit("Warning", "PlacementFailed", f"{e}; replicas held")
+                else:
+                    self._place(live, spec, state, target, servers, deployments, emit)
             elif serving < len(servers) and all(up[:serving]):
                 for s in range(serving, len(servers)):  # their experts serve elsewhere now
                     if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
