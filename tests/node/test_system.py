@@ -405,12 +405,15 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
     system.kube.apply(obj)
 
     def scaled() -> tuple[int, list[str]] | None:
-        """An expert held by two ready expert servers, and their pods."""
+        """An expert held by two ready expert servers of the serving slot, and their
+        Deployments."""
+        slot = system.kube.resource(NAME)["status"]["activeSlot"]
         holders: dict[int, list[str]] = {}
         for d in system.kube.get("deployments")["items"]:
             held = server_experts(d)
-            if held is None or d["metadata"]["labels"].get(
-                    "app.kubernetes.io/component") != "expert" \
+            labels = d["metadata"]["labels"]
+            if held is None or labels.get("app.kubernetes.io/component") != "expert" \
+                    or labels.get("autoglm.io/slot") != slot \
                     or not deployment_available(d) or retiring(d):
                 continue
             for e in held:
