@@ -20,8 +20,9 @@ from tritonclient.utils import InferenceServerException
 
 from autoglm import canary
 from autoglm.local.dataplane import DataPlane
+from autoglm.models.decoder import forward
 from autoglm.models.tiny import PRESETS
-from autoglm.placement import place
+from autoglm.placement import Placement, place
 from autoglm.repository import build, load_reference
 from autoglm.testing import eventually
 from autoglm.triton import TritonServer
@@ -180,3 +181,43 @@ def test_canary_passes_on_the_router_and_says_why_otherwise(plane: DataPlane) ->
     assert ok is None and "answered 404" in detail and "version 2" in detail, detail
     ok, detail = canary.check("http://127.0.0.1:9", VERSION, timeout=2)
     assert ok is None and "127.0.0.1:9" in detail
+
+
+def test_a_server_holding_several_experts_killed(repo: Path,
+                                                 tmp_path_factory: pytest.TempPathFactory,
+                                                 ) -> None:
+    """Server 0 holds experts 0 and 1; server 1 holds a replica of 0 only. Server 0 killed:
+    requests that route to expert 0 (and not 1) all succeed on the other replica; those
+    that route to expert 1 fail clearly; all succeed again once it is restarted."""
+    dp = DataPlane(repo, VERSION, tmp_path_factory.mktemp("mixed"), capacity=2)
+    dp.start(Placement(tuple(map(frozenset, ({0, 1}, {0}, {2, 3})))))
+    try:
+        assert dp.router is not None
+        ref = load_reference(repo, VERSION)
+        rng = np.random.default_rng(5)
+        inputs = [rng.integers(0, ref.cfg.vocab_size, (1, 2)).astype(np.int64)
+                  for _ in range(60)]
+        uses = [set(forward(ref.router, torch.from_numpy(x), ref.local_fanout)[1])
+                for x in inputs]
+        spared = [x for x, u in zip(inputs, uses, strict=True) if 0 in u and 1 not in u]
+        lost = [x for x, u in zip(inputs, uses, strict=True) if 1 in u]
+        assert len(spared) >= 3 and len(lost) >= 3, (len(spared), len(lost))
+        victim = dp.expert_servers[0].server
+        victim.kill()
+        for x in spared:  # expert 0's other replica answers: none of these fails
+            logits, version = infer(dp.router, x)
+            assert version == VERSION
+            np.testing.assert_allclose(logits, ref(torch.from_numpy(x)).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+        for x in lost:
+            with pytest.raises(InferenceServerException, match="expert 1 unavailable"):
+                infer(dp.router, x)
+        assert dp.restart(victim)
+        router = dp.router
+        eventually(lambda: infer(router, lost[0])[1] == VERSION, "expert 1 back", timeout=30)
+        for x in lost:
+            np.testing.assert_allclose(infer(router, x)[0], ref(torch.from_numpy(x)).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        dp.stop()
+        assert not [f for s in dp.servers() for f in s.shm_regions()], "shared memory left"
