@@ -174,16 +174,17 @@ class DataPlane:
         """Start a server that died again: what is left of it reaped (its stubs, its shared
         memory), then the same models on the same ports, so that the router (an expert) or
         the gateway and Prometheus (the router) find it where it was; ports taken meanwhile:
-        new ones (the endpoints file names them; the caller re-points the rest). Out of the
-        endpoints file until it serves. False: not restarted (the slot stopped, the replica
-        was removed, or it runs)."""
+        new ones (the endpoints file names them; the caller re-points the rest). An expert
+        server stays in the endpoints file meanwhile: the router keeps what it last reported
+        and its calls there fail fast and go to other replicas, as while it was dead; taken
+        out and put back, a router refresh that read the file in between could drop it again
+        after it serves. False: not restarted (the slot stopped, the server was removed, or
+        it runs)."""
         with self._lock:
             if self.closed or server not in self.servers() or \
                     (server.popen is not None and server.popen.poll() is None):
                 return False
             server.stop()  # SIGKILLs the stubs left in its process group; unlinks its regions
-            if server is not self.router:
-                self.write_endpoints()
             try:
                 server.start()
             except TritonError:
@@ -195,7 +196,7 @@ class DataPlane:
                 server.stop()
                 return False
             if server is not self.router:
-                self.write_endpoints()
+                self.write_endpoints()  # the same address, or the new ports
             return True
 
     def failure(self) -> str | None:
