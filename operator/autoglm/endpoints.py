@@ -28,14 +28,19 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# getaddrinfo's answers that mean "no such name or no address", not "no answer now"
+_NO_ADDRESS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
-def _resolve_one(spec: str) -> list[str]:
+
+def _resolve_one(spec: str) -> list[str] | None:
+    """The addresses ``spec`` names; None when DNS gave no answer now (a timeout, a
+    server failure): the caller keeps what it last knew, as gRPC's own resolver does."""
     if spec.startswith("dns:///"):
         host, _, port = spec[len("dns:///"):].rpartition(":")
         try:
             infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            return []
+        except socket.gaierror as e:
+            return [] if e.errno in _NO_ADDRESS else None
         return sorted({f"{i[4][0]}:{port}" for i in infos})
     return [a for a in spec.split("|") if a]
 
@@ -48,6 +53,7 @@ class Resolver:
     file: Path | None = None
     _mtime: float = field(default=-1.0, init=False)
     _cache: list[str] = field(default_factory=list, init=False)
+    _last: dict[str, list[str]] = field(default_factory=dict, init=False)  # per spec
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Resolver:
@@ -68,7 +74,13 @@ class Resolver:
             except (OSError, ValueError):
                 pass  # a file being rewritten: keep the last good answer
             return list(self._cache)
-        return sorted({a for s in self.specs for a in _resolve_one(s)})
+        out: set[str] = set()
+        for spec in self.specs:
+            found = _resolve_one(spec)
+            if found is not None:
+                self._last[spec] = found
+            out.update(self._last.get(spec, []))
+        return sorted(out)
 
 
 @dataclass

@@ -7,8 +7,10 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from autoglm.endpoints import Balancer, Resolver
@@ -132,3 +134,26 @@ def test_resolver_reads_static_lists_and_files(tmp_path: Path) -> None:
     assert r.resolve() == ["x:1", "y:1"], "keeps the last good view"
     f.write_text('{"0": ["z:1"]}')
     assert r.resolve() == ["x:1", "y:1"], "not a list: keeps the last good view"
+
+
+def test_resolver_keeps_the_last_answer_when_dns_gives_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DNS timeout is not "no servers" (every expert would fail until the next answer);
+    a name that no longer exists is."""
+    import socket
+
+    answers: list[Any] = [[(0, 0, 0, "", ("10.0.0.1", 8001))],
+                          socket.gaierror(socket.EAI_AGAIN, "Temporary failure"),
+                          socket.gaierror(socket.EAI_NONAME, "Name or service not known")]
+
+    def getaddrinfo(*_: Any, **__: Any) -> Any:
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    r = Resolver(["dns:///svc:8001"])
+    assert r.resolve() == ["10.0.0.1:8001"]
+    assert r.resolve() == ["10.0.0.1:8001"], "no answer now: the last one"
+    assert r.resolve() == [], "no such name: none"

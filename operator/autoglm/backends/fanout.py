@@ -157,8 +157,12 @@ class ExpertFanout:
     def refresh(self) -> None:
         """Ask every server the resolver names what it holds; a server that does not
         answer keeps what it last reported (a failed call rests it), a new one is used
-        once it answers, and one at another version is never used."""
-        addresses = self.resolver.resolve()
+        once it answers, and one at another version is never used. A known server the
+        resolver no longer names stays while it still answers (a pod that missed a
+        readiness probe under load, a DNS answer that came back short) and goes at its
+        first failed probe (a pod gone; its calls meanwhile go to other replicas)."""
+        named = set(self.resolver.resolve())
+        addresses = sorted(named | set(self._known))
         probes = {a: self._conn(a).infer.future(_probe_request(), timeout=PROBE_TIMEOUT)
                   for a in addresses}
         holdings: dict[str, list[int]] = {}
@@ -166,7 +170,7 @@ class ExpertFanout:
             try:
                 version, held = _report(f.result())
             except (grpc.RpcError, KeyError, IndexError, ValueError):
-                if a in self._known:
+                if a in self._known and a in named:
                     holdings[a] = self._known[a]
                 continue
             if version != self.version:
@@ -179,7 +183,8 @@ class ExpertFanout:
         self._known = holdings
         self.balancer.update(holdings)
         with self._conns_lock:
-            gone = [self.conns.pop(a) for a in list(self.conns) if a not in addresses]
+            gone = [self.conns.pop(a) for a in list(self.conns)
+                    if a not in named and a not in holdings]
         for conn in gone:  # calls in flight on it end with an error and are retried
             conn.channel.close()
         for e in range(self.num_experts):  # a gauge update is a message: only on change
