@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,9 @@ def _probe_request() -> Any:
     return r
 
 
+PROBE = _probe_request()  # the same request every time: built once
+
+
 def _report(response: Any) -> tuple[int, list[int]]:
     """(version, experts held) from a probe's answer."""
     out = {o.name: i for i, o in enumerate(response.outputs)}
@@ -102,7 +105,6 @@ class ExpertFanout:
         self.balancer = Balancer()
         self.conns: dict[str, _Conn] = {}
         self._conns_lock = threading.Lock()
-        self._known: dict[str, list[int]] = {}  # address → what it last reported
         self._refused: set[tuple[str, int]] = set()  # (address, version) warned about
         self._metrics()
         self.refresh()
@@ -162,16 +164,17 @@ class ExpertFanout:
         readiness probe under load, a DNS answer that came back short) and goes at its
         first failed probe (a pod gone; its calls meanwhile go to other replicas)."""
         named = set(self.resolver.resolve())
-        addresses = sorted(named | set(self._known))
-        probes = {a: self._conn(a).infer.future(_probe_request(), timeout=PROBE_TIMEOUT)
+        known = self.balancer.holdings()  # address → what it last reported
+        addresses = sorted(named | set(known))
+        probes = {a: self._conn(a).infer.future(PROBE, timeout=PROBE_TIMEOUT)
                   for a in addresses}
-        holdings: dict[str, list[int]] = {}
+        holdings: dict[str, Collection[int]] = {}
         for a, f in probes.items():
             try:
                 version, held = _report(f.result())
             except (grpc.RpcError, KeyError, IndexError, ValueError):
-                if a in self._known and a in named:
-                    holdings[a] = self._known[a]
+                if a in known and a in named:
+                    holdings[a] = known[a]
                 continue
             if version != self.version:
                 if (a, version) not in self._refused:
@@ -180,7 +183,6 @@ class ExpertFanout:
                                              f"not {self.version}: not used")
                 continue
             holdings[a] = [e for e in held if 0 <= e < self.num_experts]
-        self._known = holdings
         self.balancer.update(holdings)
         with self._conns_lock:
             gone = [self.conns.pop(a) for a in list(self.conns)
