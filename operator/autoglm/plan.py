@@ -24,6 +24,9 @@ TRITON_METRICS_PORT = 8002
 # The instance_group kind a server loads its model with, instead of the stored KIND_CPU
 # (autoglm/triton.py): KIND_GPU puts the weights on the GPU Triton gives each instance.
 INSTANCE_KIND_ENV = "AUTOGLM_INSTANCE_KIND"
+# Tokens per streamed response of the router's ``generate`` (spec.router.streamInterval;
+# backends/generate.py); unset: 1.
+STREAM_INTERVAL_ENV = "AUTOGLM_STREAM_INTERVAL"
 
 # The model shape the spec states, which a server must find in the version it loads:
 # environment variable → (spec field, what the version has). The operator cannot read the
@@ -48,13 +51,17 @@ def expectation_env(num_experts: int, top_k: int | None, layers: int | None) -> 
 
 def workload_env(spec: AutoGLMSpec, component: Literal["router", "expert"]) -> dict[str, str]:
     """What every router or expert server of ``spec`` gets in its environment: the model
-    shape the spec states (the servers refuse a version that disagrees) and, for experts with
-    GPUs, GPU model instances. A pure function of ``spec.model``'s shape and
-    ``spec.experts.gpus``, so nothing else (rollout tuning, replicas) changes pod templates."""
+    shape the spec states (the servers refuse a version that disagrees), for experts with
+    GPUs, GPU model instances, and for routers a stream interval other than 1. A pure
+    function of ``spec.model``'s shape, ``spec.experts.gpus`` and
+    ``spec.router.streamInterval``, so nothing else (rollout tuning, replicas) changes pod
+    templates; a setting at its default adds nothing, so it changes no template either."""
     m = spec.model
     env = expectation_env(m.num_experts, m.top_k, m.layers)
     if component == "expert" and spec.experts.gpus > 0:
         env[INSTANCE_KIND_ENV] = "KIND_GPU"
+    if component == "router" and spec.router.stream_interval != 1:
+        env[STREAM_INTERVAL_ENV] = str(spec.router.stream_interval)
     return env
 
 
@@ -174,6 +181,17 @@ def experts_per_server(spec: AutoGLMSpec) -> int:
     if spec.experts.per_server is not None:
         return min(spec.experts.per_server, n)
     return -(-n // min(n, DEFAULT_SERVERS))
+
+
+# An expert server's memory limit in bytes (the pod's limits.memory, by the downward API).
+MEMORY_LIMIT_ENV = "AUTOGLM_MEMORY_LIMIT"
+
+
+def experts_that_fit(limit_bytes: int, used_bytes: int, slice_bytes: int) -> int:
+    """How many expert slices fit a server's memory limit beside what it uses already, with
+    a tenth of the limit kept free (allocator slack, request buffers)."""
+    room = limit_bytes * 9 // 10 - used_bytes
+    return max(0, room // max(slice_bytes, 1))
 
 
 def initial_expert_replicas(spec: AutoGLMSpec) -> tuple[int, ...]:

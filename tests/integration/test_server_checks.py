@@ -107,6 +107,22 @@ def test_a_server_given_an_expert_the_version_lacks_refuses_it(repo: Path,
     assert server.popen is None and not server.shm_regions(), "nothing left running"
 
 
+def test_a_server_whose_experts_do_not_fit_its_memory_limit_refuses_them(
+        repo: Path, tmp_path: Path) -> None:
+    """The limit a pod gets from limits.memory, below what tritonserver and the stub use
+    already: the load fails before a weight is read, naming the fix (not an OOM kill)."""
+    server = TritonServer(repo, {"experts": 1},
+                          env={p.SERVER_EXPERTS_ENV: "0,2", p.MEMORY_LIMIT_ENV: str(64 << 20)},
+                          log_path=tmp_path / "expert.log")
+    with pytest.raises(TritonError) as err:
+        server.start()
+    assert err.value.summary.startswith("experts v1: the 2 experts assigned to this server "
+                                        "need "), err.value.summary
+    assert err.value.summary.endswith("MiB in use, leaves room for 0: raise "
+                                      "spec.experts.resources.limits.memory")
+    assert server.popen is None and not server.shm_regions(), "nothing left running"
+
+
 def gpus() -> int:
     if not shutil.which("nvidia-smi"):
         return 0

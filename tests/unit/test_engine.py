@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +147,42 @@ def test_together_each_gets_its_own_tokens_and_one_fanout_call_per_layer(
         assert routed == top_k * total, f"layer {layer}"
     # a decode step of all 8 sequences: one call per layer carrying 8 tokens x top_k
     assert sum(per_step[-NEW // 2][0][1].values()) == 8 * top_k
+    assert eng.pool.used_tokens == 0
+
+
+class DeferredFanout(CountingFanout):
+    """A local fan-out that, like the servers' (backends/fanout.py), starts calls and answers
+    them later; it logs each start and finish: (event, layer)."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__(model)
+        self.log: list[tuple[str, int]] = []
+
+    def start(self, layer: int, sends: Mapping[int, torch.Tensor],
+              ) -> Callable[[], dict[int, torch.Tensor]]:
+        self.log.append(("start", layer))
+
+        def finish() -> dict[int, torch.Tensor]:
+            self.log.append(("finish", layer))
+            return self(layer, sends)
+        return finish
+
+
+@pytest.mark.parametrize("micro", [2, 3])
+def test_micro_batches_interleave_and_change_no_token(case: Case, micro: int) -> None:
+    """Micro-batches (MegaScale-Infer's ping-pong): the next micro-batch starts its expert
+    calls of a layer before the first one's of that layer are answered, and every greedy
+    token stays transformers'."""
+    fanout = DeferredFanout(case.model)
+    eng = Engine(case.model.router, fanout, kv_capacity_tokens=4096, max_batch_tokens=32,
+                 prefill_chunk=8, micro_batches=micro)
+    ids = [eng.add(Request(p, GREEDY)) for p in case.prompts]
+    out = drain(eng)
+    for i, want in zip(ids, case.expected, strict=True):
+        assert out[i] == want
+    first = case.model.cfg.moe_layers[0]
+    assert fanout.log[:micro + 1] == [("start", first)] * micro + [("finish", first)], \
+        "every micro-batch's calls of the first MoE layer are in flight together"
     assert eng.pool.used_tokens == 0
 
 

@@ -18,11 +18,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from autoglm.backends.counters import Counters
-from autoglm.backends.expect import check_expectations
+from autoglm.backends.expect import check_expectations, check_fits, memory_limit
 from autoglm.backends.placement import placement
 from autoglm.models.decoder import ExpertSlice
 from autoglm.models.errors import CheckpointError
-from autoglm.plan import SERVER_EXPERTS_ENV, expert_folder, parse_server_experts
+from autoglm.plan import (
+    SERVER_EXPERTS_ENV,
+    expert_folder,
+    parse_server_experts,
+)
 from autoglm.repository import load_part_config, load_weights
 
 
@@ -51,13 +55,15 @@ class TritonPythonModel:
         self.held = held_experts(cfg.num_experts, self.version,
                                  os.environ.get(SERVER_EXPERTS_ENV))
         self.device, dtype = placement(args)
-        self.slices: dict[int, ExpertSlice] = {}
-        for e in self.held:
-            folder = root / expert_folder(e) / str(self.version)
+        folders = {e: root / expert_folder(e) / str(self.version) for e in self.held}
+        for e, folder in folders.items():
             if not (folder / "moe.json").is_file():
                 raise CheckpointError(f"expert {e} of version {self.version} is missing from "
                                       f"the repository ({folder})")
-            self.slices[e] = ExpertSlice(cfg, e, load_weights(folder, self.device, dtype))
+        if self.device == "cpu":  # fp32 in host memory; on a GPU they live in GPU memory
+            check_fits(len(self.held), cfg.slice_bytes(), memory_limit(os.environ))
+        self.slices = {e: ExpertSlice(cfg, e, load_weights(folder, self.device, dtype))
+                       for e, folder in folders.items()}
         self.dtype = (next(iter(next(iter(self.slices.values())).layers.values()))[0].dtype
                       if self.slices else torch.float32)
         torch.set_num_threads(int(os.environ.get("AUTOGLM_TORCH_THREADS", "1")))

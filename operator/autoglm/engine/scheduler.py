@@ -24,11 +24,17 @@ from typing import Literal
 
 import torch
 
-from autoglm.engine.cache import KVPool, Row
+from autoglm.engine.cache import KVPool, Row, StepCache
 from autoglm.engine.errors import RequestError
 from autoglm.engine.sampler import SamplingParams, generator_for, sample
 from autoglm.models.config import ModelConfig
-from autoglm.models.decoder import ExpertFanout, RouteObserver, RouterTier, forward_rows
+from autoglm.models.decoder import (
+    ExpertFanout,
+    RouteObserver,
+    RouterTier,
+    forward_rows,
+    interleave,
+)
 
 FinishReason = Literal["stop", "length"]
 
@@ -89,6 +95,17 @@ class _Sequence:
         return len(self.tokens) - self.prompt_len
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One micro-batch of a step: its rows' token ids, the flat indices to sample from and
+    the sequences they belong to, and its cache."""
+
+    ids: torch.Tensor
+    select: torch.Tensor
+    done: list[_Sequence]
+    cache: StepCache
+
+
 class Engine:
     """Continuous-batching generation over a :class:`RouterTier`, experts through ``fanout``.
 
@@ -98,7 +115,8 @@ class Engine:
 
     def __init__(self, router: RouterTier, fanout: ExpertFanout, kv_capacity_tokens: int,
                  max_batch_tokens: int, prefill_chunk: int, *, block_size: int = 16,
-                 row_width: int | None = None, on_route: RouteObserver | None = None) -> None:
+                 row_width: int | None = None, on_route: RouteObserver | None = None,
+                 micro_batches: int = 1) -> None:
         if max_batch_tokens < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and prefill_chunk "
                              f"({prefill_chunk}) must be >= 1")
@@ -108,6 +126,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.on_route = on_route
         self.row_width = row_width
+        self.micro_batches = micro_batches
         emb = router.w["model.embed_tokens.weight"]
         self.device = emb.device
         self.pool = KVPool.for_model(router.cfg, kv_capacity_tokens, block_size=block_size,
@@ -196,27 +215,24 @@ class Engine:
 
     def step(self) -> list[Event]:
         """One iteration: admit what fits, run every running sequence's next tokens in one
-        forward, sample, and retire finished sequences. Returns the tokens made."""
+        forward (or in interleaved micro-batches, see :meth:`_split`), sample, and retire
+        finished sequences. Returns the tokens made."""
         with self._lock:
             self._admit()
             if not self._running:
                 return []
             seqs = list(self._running.values())
             counts = self._plan(seqs)
-            rows, width = self._layout(seqs, counts)
-            ids = torch.tensor([self._running[r.seq].tokens[r.start:r.start + r.count]
-                                + [0] * (width - r.count) for r in rows], device=self.device)
-            # sample where a chunk reaches the end of what is known: decode, or prompt done
-            last_row = {r.seq: i for i, r in enumerate(rows)}
-            done = [s for s in seqs if s.computed + counts[s.id] == len(s.tokens)]
-            select = torch.tensor([last_row[s.id] * width + rows[last_row[s.id]].count - 1
-                                   for s in done], dtype=torch.long, device=self.device)
             try:
-                cache = self.pool.step(rows, width)
+                batches = [self._batch(group, counts) for group in self._split(seqs, counts)]
+                done = [s for b in batches for s in b.done]
                 with torch.inference_mode():
-                    logits, routed = forward_rows(self.router, ids, cache.positions,
-                                                  cache.valid, select, self.fanout, cache,
-                                                  self.on_route)
+                    stages = [forward_rows(self.router, b.ids, b.cache.positions,
+                                           b.cache.valid, b.select, self.fanout, b.cache,
+                                           self.on_route)
+                              for b in batches]
+                    outs = interleave(stages)
+                    logits = torch.cat([out[0] for out in outs])
                     tokens = sample(logits, [s.params for s in done],
                                     [s.generator for s in done])
             except Exception as e:
@@ -225,7 +241,8 @@ class Engine:
                     self.pool.release(s.id)
                 raise StepError([s.id for s in seqs], e) from e
             self._steps += 1
-            self.routed_tokens.update(routed)
+            for out in outs:
+                self.routed_tokens.update(out[1])
             for s in seqs:
                 n = counts[s.id]
                 self._prompt_tokens += max(0, min(s.computed + n, s.prompt_len) - s.computed)
@@ -253,6 +270,31 @@ class Engine:
                 counts[s.id] += min(extra, budget)
                 budget -= counts[s.id] - 1
         return counts
+
+    def _split(self, seqs: list[_Sequence], counts: dict[int, int]) -> list[list[_Sequence]]:
+        """The step's micro-batches: one, or with ``micro_batches`` > 1 and a fan-out that
+        answers later, that many runs of sequences of about equal tokens, so one's attention
+        runs while another's expert calls are in flight."""
+        m = min(self.micro_batches, len(seqs))
+        if m < 2 or getattr(self.fanout, "start", None) is None:
+            return [seqs]
+        total, acc = sum(counts.values()), 0
+        groups: list[list[_Sequence]] = [[] for _ in range(m)]
+        for s in seqs:
+            groups[min(m - 1, acc * m // total)].append(s)
+            acc += counts[s.id]
+        return [g for g in groups if g]
+
+    def _batch(self, seqs: Sequence[_Sequence], counts: dict[int, int]) -> _Batch:
+        rows, width = self._layout(seqs, counts)
+        ids = torch.tensor([self._running[r.seq].tokens[r.start:r.start + r.count]
+                            + [0] * (width - r.count) for r in rows], device=self.device)
+        # sample where a chunk reaches the end of what is known: decode, or prompt done
+        last_row = {r.seq: i for i, r in enumerate(rows)}
+        done = [s for s in seqs if s.computed + counts[s.id] == len(s.tokens)]
+        select = torch.tensor([last_row[s.id] * width + rows[last_row[s.id]].count - 1
+                               for s in done], dtype=torch.long, device=self.device)
+        return _Batch(ids, select, done, self.pool.step(rows, width))
 
     def _layout(self, seqs: Sequence[_Sequence], counts: dict[int, int],
                 ) -> tuple[list[Row], int]:

@@ -120,7 +120,7 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
     # loads exactly this model at exactly this version (autoglm/triton.py).
     args = [f"--repository={m.repository}", f"--model={w.triton_model}",
             f"--version={w.version}", "--", *t.extra_args]
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "AUTOGLM_MODEL_VERSION", "value": str(w.version)},
         {"name": "AUTOGLM_SLOT", "value": w.slot},
         # the spec's model shape (a version that disagrees fails to load) and GPU instances
@@ -135,6 +135,9 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
         resources, gpus = spec.experts.resources, spec.experts.gpus
         env.append({"name": p.SERVER_EXPERTS_ENV,
                     "value": p.format_server_experts(w.experts)})
+        if "memory" in resources.limits:  # the server refuses experts that would not fit
+            env.append({"name": p.MEMORY_LIMIT_ENV, "valueFrom": {"resourceFieldRef": {
+                "containerName": "triton", "resource": "limits.memory"}}})
     mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"},
                                     {"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [

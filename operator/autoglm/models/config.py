@@ -70,6 +70,11 @@ class ModelConfig:
     def is_moe(self, layer: int) -> bool:
         return layer in self.moe_layers
 
+    def slice_bytes(self, element_bytes: int = 4) -> int:
+        """One routed expert's weights, every MoE layer (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * len(self.moe_layers) \
+            * element_bytes
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

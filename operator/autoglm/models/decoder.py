@@ -9,7 +9,8 @@ call injected, so their outputs agree.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -21,6 +22,7 @@ from autoglm.models.rope import Rotary
 ExpertFanout = Callable[[int, Mapping[int, torch.Tensor]], Mapping[int, torch.Tensor]]
 # sees each MoE layer's routing: (layer, expert ids [T, k])
 RouteObserver = Callable[[int, torch.Tensor], None]
+T = TypeVar("T")
 
 
 def layer_prefix(layer: int) -> str:
@@ -76,8 +78,44 @@ class RouterTier:
         return L.linear(x, self.w, "lm_head")
 
 
-def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
-              on_route: RouteObserver | None = None) -> tuple[torch.Tensor, dict[int, int]]:
+# A forward in stages: it yields while a layer's expert calls are in flight, so that another
+# micro-batch's forward can run then (:func:`interleave`); its value is the forward's result.
+Stages = Generator[None, None, T]
+
+
+def run(stages: Stages[T]) -> T:
+    """A staged forward run to the end on its own."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def interleave(stages: Sequence[Stages[T]]) -> list[T]:
+    """Staged forwards round-robin, MegaScale-Infer's ping-pong: while one micro-batch's
+    expert calls are in flight the next computes its attention. Results in order."""
+    results: dict[int, T] = {}
+    live = list(enumerate(stages))
+    try:
+        while live:
+            still = []
+            for i, g in live:
+                try:
+                    next(g)
+                    still.append((i, g))
+                except StopIteration as done:
+                    results[i] = done.value
+            live = still
+    finally:
+        for g in stages:
+            g.close()
+    return [results[i] for i in range(len(stages))]
+
+
+def moe_layer_stages(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
+                     on_route: RouteObserver | None = None,
+                     ) -> Stages[tuple[torch.Tensor, dict[int, int]]]:
     """h [T, d] (post-norm tokens) → Σ_k w_k · expert_k(h) (+ shared experts), and the tokens
     sent to each expert. Each selected expert receives only its tokens, all at once."""
     idx, weights = router.route(layer, h)
@@ -90,11 +128,12 @@ def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFan
         rows[e] = (tok, k)
         sends[e] = h[tok]
     # A fan-out that can (backends/fanout.py) sends first and answers later: the shared
-    # experts run while the expert servers work.
+    # experts, and other micro-batches, run while the expert servers work.
     start = getattr(fanout, "start", None)
     if start is not None:
         pending = start(layer, sends)
         shared = router.local_mlp(layer, h)
+        yield
         outs = pending()
     else:
         outs = fanout(layer, sends)
@@ -105,12 +144,18 @@ def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFan
     return (y if shared is None else y + shared), {e: int(t.shape[0]) for e, t in sends.items()}
 
 
+def moe_layer(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
+              on_route: RouteObserver | None = None) -> tuple[torch.Tensor, dict[int, int]]:
+    """:func:`moe_layer_stages` run on its own."""
+    return run(moe_layer_stages(router, layer, h, fanout, on_route))
+
+
 def mlp_block(router: RouterTier, layer: int, h: torch.Tensor, fanout: ExpertFanout,
-              on_route: RouteObserver | None, tokens: dict[int, int]) -> torch.Tensor:
+              on_route: RouteObserver | None, tokens: dict[int, int]) -> Stages[torch.Tensor]:
     """A layer's MLP half on post-norm tokens h [T, d]: the MoE fan-out (adding the tokens
     it routed to ``tokens``) or the dense MLP."""
     if router.cfg.is_moe(layer):
-        out, sent = moe_layer(router, layer, h, fanout, on_route)
+        out, sent = yield from moe_layer_stages(router, layer, h, fanout, on_route)
         for e, n in sent.items():
             tokens[e] = tokens.get(e, 0) + n
         return out
@@ -132,7 +177,7 @@ def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
     for layer in range(router.cfg.num_layers):
         x = router.attention(layer, x, positions, cache)
         h = router.post_norm(layer, x).reshape(b * s, -1)
-        out = mlp_block(router, layer, h, fanout, on_route, tokens)
+        out = run(mlp_block(router, layer, h, fanout, on_route, tokens))
         x = x + out.view(b, s, -1)
     return router.head(x), tokens
 
@@ -140,13 +185,13 @@ def forward(router: RouterTier, ids: torch.Tensor, fanout: ExpertFanout,
 def forward_rows(router: RouterTier, ids: torch.Tensor, positions: torch.Tensor,
                  valid: torch.Tensor, select: torch.Tensor, fanout: ExpertFanout,
                  cache: L.KVCache, on_route: RouteObserver | None = None,
-                 ) -> tuple[torch.Tensor, dict[int, int]]:
+                 ) -> Stages[tuple[torch.Tensor, dict[int, int]]]:
     """The generation engine's step: rows of tokens ids [R, S] whose ``valid`` [R, S] marks
     real tokens; the rest pad the rows to one shape. Padding goes through attention only
     (rows must be rectangular there; the cache must not store it, and its positions must let
     it see a key so it stays finite); it never reaches a gate, an expert or an MLP. Returns
     the logits of the flat token indices ``select`` [n] (the tokens to sample from) and the
-    tokens routed to each expert."""
+    tokens routed to each expert. Staged: run it with :func:`run` or :func:`interleave`."""
     r, s = ids.shape
     keep = valid.reshape(-1).nonzero().squeeze(1)
     dense = keep.numel() == r * s  # no padding (e.g. decode only): skip the gathers
@@ -156,7 +201,7 @@ def forward_rows(router: RouterTier, ids: torch.Tensor, positions: torch.Tensor,
         x = router.attention(layer, x, positions, cache)
         flat = x.view(r * s, -1)
         h = router.post_norm(layer, flat if dense else flat.index_select(0, keep))
-        out = mlp_block(router, layer, h, fanout, on_route, tokens)
+        out = yield from mlp_block(router, layer, h, fanout, on_route, tokens)
         if dense:
             flat += out.to(flat.dtype)  # x is attention's fresh output: update it in place
         else:
