@@ -52,12 +52,15 @@ def test_an_expert_refuses_a_version_the_spec_disagrees_with(repo: Path,
     assert server.popen is None and not server.shm_regions(), "nothing left running"
 
 
-def test_a_spec_that_agrees_loads(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grouped", ["0", "1"], ids=["per-expert", "grouped"])
+def test_a_spec_that_agrees_loads(repo: Path, tmp_path: Path, grouped: str) -> None:
     """A server given experts 0 and 2 loads, reports them, and answers one call carrying
-    rows of both (one layer per call) with the in-process slices' output."""
+    rows of both (one layer per call, in either order) with the in-process slices' output:
+    with a matmul chain per expert (CPU) and with the batched layout a GPU gets."""
     s = spec(numExperts=3, topK=2, layers=2)
     server = TritonServer(repo, {"experts": 1},
-                          env={**p.workload_env(s, "expert"), p.SERVER_EXPERTS_ENV: "2,0"},
+                          env={**p.workload_env(s, "expert"), p.SERVER_EXPERTS_ENV: "2,0",
+                               p.GROUPED_ENV: grouped},
                           log_path=tmp_path / "expert.log").start()
     try:
         refs = {}
@@ -71,12 +74,14 @@ def test_a_spec_that_agrees_loads(repo: Path, tmp_path: Path) -> None:
             held = c.infer("experts", [], outputs=[httpclient.InferRequestedOutput("HELD")])
             assert held.as_numpy("HELD").tolist() == [0, 2]
             for layer in sorted(refs[0].layers):
-                x = rng.standard_normal((6, cfg.hidden_size)).astype(np.float32)
-                got = c.infer("experts", tensors(layer, [2, 0], [4, 2], x)).as_numpy("OUTPUT")
-                with torch.no_grad():
-                    want = np.concatenate([refs[2](layer, torch.from_numpy(x[:4])).numpy(),
-                                           refs[0](layer, torch.from_numpy(x[4:])).numpy()])
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                for (a, b), (n, m) in (((2, 0), (4, 2)), ((0, 2), (1, 5))):
+                    x = rng.standard_normal((6, cfg.hidden_size)).astype(np.float32)
+                    got = c.infer("experts", tensors(layer, [a, b], [n, m], x)) \
+                        .as_numpy("OUTPUT")
+                    with torch.no_grad():
+                        want = np.concatenate([refs[a](layer, torch.from_numpy(x[:n])).numpy(),
+                                               refs[b](layer, torch.from_numpy(x[n:])).numpy()])
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
             with pytest.raises(InferenceServerException, match="expert 1 is not held here"):
                 c.infer("experts", tensors(layer, [1], [6], x))
     finally:

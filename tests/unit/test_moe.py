@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoglm.endpoints import Balancer, Resolver
+from autoglm.models import layers as L
 from autoglm.models.decoder import forward
 from autoglm.models.tiny import PRESETS
 from autoglm.repository import (
@@ -157,3 +160,21 @@ def test_resolver_keeps_the_last_answer_when_dns_gives_none(
     assert r.resolve() == ["10.0.0.1:8001"]
     assert r.resolve() == ["10.0.0.1:8001"], "no answer now: the last one"
     assert r.resolve() == [], "no such name: none"
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=6))
+@settings(max_examples=30, deadline=None)
+def test_grouped_swiglu_equals_one_swiglu_per_expert(counts: list[int]) -> None:
+    """The batched layout an expert server uses on a GPU gives what the per-expert chain
+    gives, whatever the group sizes (empty groups too)."""
+    g = torch.Generator().manual_seed(len(counts) * 7 + sum(counts))
+    d, i, k = 8, 12, len(counts)
+    gate, up = torch.randn(k, i, d, generator=g), torch.randn(k, i, d, generator=g)
+    down = torch.randn(k, d, i, generator=g)
+    x = torch.randn(sum(counts), d, generator=g)
+    chained, start = [], 0
+    for e, n in enumerate(counts):
+        chained.append(L.swiglu(x[start:start + n], gate[e], up[e], down[e]))
+        start += n
+    torch.testing.assert_close(L.grouped_swiglu(x, counts, gate, up, down),
+                               torch.cat(chained), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,9 @@ from autoglm.backends.expect import check_expectations, check_fits, memory_limit
 from autoglm.backends.placement import placement
 from autoglm.models.decoder import ExpertSlice
 from autoglm.models.errors import CheckpointError
+from autoglm.models.layers import grouped_swiglu
 from autoglm.plan import (
+    GROUPED_ENV,
     SERVER_EXPERTS_ENV,
     expert_folder,
     parse_server_experts,
@@ -64,6 +66,20 @@ class TritonPythonModel:
             check_fits(len(self.held), cfg.slice_bytes(), memory_limit(os.environ))
         self.slices = {e: ExpertSlice(cfg, e, load_weights(folder, self.device, dtype))
                        for e, folder in folders.items()}
+        # On a GPU a call runs as three batched matmuls over the experts it asks for: each
+        # layer's held weights stacked [held, ...], and the slices kept as views of them.
+        # (On a CPU the padding costs more than the launches it saves; GROUPED_ENV=1 forces it.)
+        self.position = {e: j for j, e in enumerate(self.held)}
+        self.stacked: dict[int, tuple[torch.Tensor, ...]] = {}
+        grouped = os.environ.get(GROUPED_ENV, "1" if self.device != "cpu" else "0") == "1"
+        if grouped and self.slices:
+            for layer in cfg.moe_layers:
+                self.stacked[layer] = tuple(
+                    torch.stack([self.slices[e].layers[layer][m] for e in self.held])
+                    for m in range(3))
+                for j, e in enumerate(self.held):
+                    self.slices[e].layers[layer] = tuple(
+                        w[j] for w in self.stacked[layer])
         self.dtype = (next(iter(next(iter(self.slices.values())).layers.values()))[0].dtype
                       if self.slices else torch.float32)
         torch.set_num_threads(int(os.environ.get("AUTOGLM_TORCH_THREADS", "1")))
@@ -98,21 +114,34 @@ class TritonPythonModel:
         if experts.shape != counts.shape or int(counts.sum()) != h.shape[0]:
             raise ValueError("EXPERTS and COUNTS must have one entry per expert and COUNTS "
                              f"must sum to HIDDEN's {h.shape[0]} rows")
+        asked, rows = experts.tolist(), counts.tolist()
+        missing = [e for e in asked if e not in self.slices]
+        if missing:
+            raise ValueError(f"expert {missing[0]} is not held here (held: {self.held})")
+        if asked and layer not in self.slices[asked[0]].layers:
+            raise ValueError(f"layer {layer} is not an MoE layer")
         x = torch.from_numpy(h).to(self.device, self.dtype)
-        y = torch.empty_like(x)
-        start = 0
-        with torch.no_grad():  # one matmul chain per expert asked for, not per token
-            for e, n in zip(experts.tolist(), counts.tolist(), strict=True):
-                s = self.slices.get(e)
-                if s is None:
-                    raise ValueError(f"expert {e} is not held here (held: {self.held})")
-                if layer not in s.layers:
-                    raise ValueError(f"layer {layer} is not an MoE layer")
-                y[start:start + n] = s(layer, x[start:start + n])
-                self.served.add(e, float(n))
-                start += n
+        with torch.no_grad():
+            if self.stacked:
+                y = self._grouped(layer, asked, rows, x)
+            else:  # one matmul chain per expert asked for, not per token
+                y = torch.empty_like(x)
+                start = 0
+                for e, n in zip(asked, rows, strict=True):
+                    y[start:start + n] = self.slices[e](layer, x[start:start + n])
+                    start += n
+        for e, n in zip(asked, rows, strict=True):
+            self.served.add(e, float(n))
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("OUTPUT", y.to(torch.float32).cpu().numpy())])
+
+    def _grouped(self, layer: int, asked: list[int], rows: list[int],
+                 x: torch.Tensor) -> torch.Tensor:
+        weights = self.stacked[layer]
+        if asked != self.held:  # the asked experts' weights, in the request's order
+            index = torch.tensor([self.position[e] for e in asked], device=x.device)
+            weights = tuple(w.index_select(0, index) for w in weights)
+        return grouped_swiglu(x, rows, *weights)
 
     def finalize(self) -> None:
         self.served.close()

@@ -46,6 +46,23 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def grouped_swiglu(x: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Several experts' SwiGLUs as three batched matmuls: x [Σ counts, d] holds each expert's
+    rows in turn; gate, up [k, i, d] and down [k, d, i] are the k experts' weights. Rows are
+    padded to the largest group, the layout a GPU wants (one launch per projection, not one
+    per expert)."""
+    k, longest = len(counts), max(counts, default=0)
+    if k == 0 or longest == 0:
+        return x.new_zeros(x.shape)
+    lengths = torch.tensor(counts, device=x.device)
+    valid = torch.arange(longest, device=x.device) < lengths[:, None]  # [k, longest]
+    padded = x.new_zeros(k, longest, x.shape[1])
+    padded[valid] = x
+    h = F.silu(padded @ gate.transpose(1, 2)) * (padded @ up.transpose(1, 2))
+    return (h @ down.transpose(1, 2))[valid]
+
+
 def mlp(x: torch.Tensor, w: Weights, prefix: str) -> torch.Tensor:
     """A SwiGLU MLP stored as ``<prefix>.{gate,up,down}_proj``: dense layers, shared experts."""
     return swiglu(x, w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"],
