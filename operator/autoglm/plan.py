@@ -183,6 +183,9 @@ def experts_per_server(spec: AutoGLMSpec) -> int:
     return -(-n // min(n, DEFAULT_SERVERS))
 
 
+# "1": an expert server runs a call as batched matmuls over its experts (default on a GPU
+# only; on a CPU the padding costs more than the launches it saves).
+GROUPED_ENV = "AUTOGLM_GROUPED_EXPERTS"
 # An expert server's memory limit in bytes (the pod's limits.memory, by the downward API).
 MEMORY_LIMIT_ENV = "AUTOGLM_MEMORY_LIMIT"
 
