@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm.plan import SERVER_EXPERTS_ENV, parse_server_experts
 from autoglm.spec import GROUP, PLURAL
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
@@ -284,6 +285,93 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
     assert len(pods) == experts + 2, "one pod per workload: no duplicate ReplicaSets"
     sets = cluster.get("replicasets")["items"]
     assert len([s for s in sets if s["metadata"]["name"].startswith("big-")]) == experts + 2
+
+
+# The servers a model gets without spec.experts.perServer (plan.DEFAULT_SERVERS), stated
+# here on purpose: a change of the default, or one Deployment per expert, fails below.
+DEFAULT_EXPERT_SERVERS = 4
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # the API server's limit on an object's annotations, all
+
+
+def _annotations_bytes(obj: dict[str, Any]) -> int:
+    return sum(len(k) + len(v) for k, v in (obj["metadata"].get("annotations") or {}).items())
+
+
+@pytest.mark.parametrize(("experts", "per_server"), [(160, 40), (256, 64)])
+def test_many_experts_without_per_server_share_a_handful_of_servers(
+        cluster: Cluster, experts: int, per_server: int) -> None:
+    """numExperts 160 / 256 and no perServer: every expert once, on 4 servers (not a
+    Deployment per expert), and what the objects and the status say of 256 experts fits."""
+    name = f"moe{experts}"
+    moe = tiny(name, model__numExperts=experts, model__topK=8,
+               experts__replicaBudget=experts,
+               # a decision every interval, from a Prometheus that refuses at once: the
+               # per-expert status is written and the replicas held
+               autoscaling__intervalSeconds=1, autoscaling__prometheusUrl="http://127.0.0.1:1")
+    del moe["spec"]["experts"]["perServer"]
+    cluster.apply(moe)
+    r = cluster.wait_ready(name, timeout=120)
+    assert "perServer" not in r["spec"]["experts"]
+
+    # the Deployments: the gateway, the router and 4 expert servers, nothing else
+    servers = [f"{name}-a-experts-{s}" for s in range(DEFAULT_EXPERT_SERVERS)]
+    deployments = {d["metadata"]["name"]: d for d in cluster.get("deployments")["items"]}
+    assert set(deployments) == {name, f"{name}-a-router", *servers}
+    held: list[list[int]] = []
+    for s, server in enumerate(servers):
+        d = deployments[server]
+        assert d["spec"]["replicas"] == 1
+        assert d["spec"]["template"]["metadata"]["labels"]["autoglm.io/server"] == str(s)
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value", "") for e in c["env"]}
+        assert env["AUTOGLM_EXPECT_NUM_EXPERTS"] == str(experts)
+        held.append(parse_server_experts(env[SERVER_EXPERTS_ENV]))
+        assert len(held[s]) == per_server, (server, held[s])
+        assert _annotations_bytes(d) < MAX_ANNOTATIONS_BYTES
+    every = sorted(e for h in held for e in h)
+    assert every == list(range(experts)), "each expert on exactly one server"
+
+    # the status says the same
+    st = r["status"]
+    assert st["ready"] == "6/6" and st["expertServers"] == DEFAULT_EXPERT_SERVERS
+    assert list(st["slots"]) == ["a"]
+    assert st["slots"]["a"]["expertReplicas"] == [1] * experts
+    assert [(x["name"], x["experts"], x["ready"], x.get("retiring", False))
+            for x in st["slots"]["a"]["servers"]] == [
+        (server, held[s], True, False) for s, server in enumerate(servers)]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Degraded"]["status"] == "False", conds["Degraded"]
+    pods = [p for p in cluster.get("pods")["items"]
+            if p["metadata"]["labels"].get("app.kubernetes.io/instance") == name]
+    assert len(pods) == 2 + DEFAULT_EXPERT_SERVERS
+
+    # the autoscaler's per-expert status: a status patch listing all of them, accepted
+    def per_expert() -> list[dict[str, Any]] | None:
+        scaling = cluster.resource(name).get("status", {}).get("autoscaling") or {}
+        return scaling.get("experts") if len(scaling.get("experts", [])) == experts else None
+
+    rows = eventually(per_expert, f"the autoscaler's status of {experts} experts")
+    assert [(x["expert"], x["replicas"], x["readyReplicas"], x["desired"]) for x in rows] == [
+        (e, 1, 1, 1) for e in range(experts)]
+    r = cluster.resource(name)
+    assert r["status"]["autoscaling"]["metricsAvailable"] is False
+    assert r["status"]["slots"]["a"]["expertReplicas"] == [1] * experts
+    assert _annotations_bytes(r) < MAX_ANNOTATIONS_BYTES
+    # holding replicas moved no expert
+    after = {d["metadata"]["name"]: d for d in cluster.get("deployments")["items"]}
+    assert set(after) == set(deployments)
+    for s, server in enumerate(servers):
+        (c,) = after[server]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value", "") for e in c["env"]}
+        assert parse_server_experts(env[SERVER_EXPERTS_ENV]) == held[s]
+
+    # kubectl get: the SERVERS column
+    header, row = cluster.kubectl("get", "autoglm", name).stdout.splitlines()
+    columns = dict(zip(header.split(), row.split(), strict=False))
+    assert columns["SERVERS"] == str(DEFAULT_EXPERT_SERVERS) and columns["READY"] == "6/6"
+    # nothing refused on the way (an object or a status patch too large would say so)
+    assert {e["reason"] for e in cluster.events(name) if e["type"] == "Warning"} <= {
+        "MetricsUnavailable"}
 
 
 def test_pod_monitor_only_where_the_prometheus_operator_is(cluster: Cluster,
