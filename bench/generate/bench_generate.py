@@ -22,7 +22,12 @@ transformers': a difference stops the run (a ratio between different outputs mea
 nothing).
 
     .venv/bin/python bench/generate/bench_generate.py [--rounds 2] [--concurrency 1 8 32]
-        [--per-server 4]
+        [--per-server 4] [--stream-interval 1] [--micro-batches 1]
+
+``--stream-interval N``: the router sends N tokens a response after the first (as
+``spec.router.streamInterval``); tokens of one response arrive together, so AutoGLM's ITL
+then counts the gaps inside a response as 0. ``--micro-batches N``: the router's engine
+splits a step into N micro-batches (``AUTOGLM_MICRO_BATCHES``).
 """
 
 from __future__ import annotations
@@ -50,10 +55,12 @@ import torch
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.models.tiny import PRESETS, write_tiny_checkpoint
+from autoglm.plan import STREAM_INTERVAL_ENV
 from autoglm.procs import free_port
 from autoglm.repository import import_checkpoint
 
 PROMPT_TOKENS, NEW_TOKENS, VERSION = 32, 64, 1
+MICRO_BATCHES_ENV = "AUTOGLM_MICRO_BATCHES"  # the router engine's micro-batches per step
 PEERS = Path.home() / ".cache" / "autoglm" / "bench-peers"
 HERE = Path(__file__).resolve().parent
 
@@ -234,14 +241,16 @@ def bench_prompts(n: int) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def served(work: Path, per_server: int) -> Iterator[tuple[Path, DataPlane, int]]:
-    """The bench checkpoint written in ``work`` and served as deployed (a router server,
-    expert servers of ``per_server`` experts, the gateway): (the checkpoint, its servers,
-    the gateway's port)."""
+def served(work: Path, per_server: int, stream_interval: int = 1, micro_batches: int = 1,
+           ) -> Iterator[tuple[Path, DataPlane, int]]:
+    """The bench checkpoint written in ``work`` and served as deployed (a router server with
+    ``stream_interval`` and ``micro_batches``, expert servers of ``per_server`` experts, the
+    gateway): (the checkpoint, its servers, the gateway's port)."""
     src = write_tiny_checkpoint(work / "ckpt", PRESETS["bench"], "bench-moe", VERSION)
     repo = import_checkpoint(src, work / "repo", VERSION, "bench-moe",
                              progress=False).repository
-    plane = DataPlane(repo, VERSION, work / "plane", capacity=per_server)
+    plane = DataPlane(repo, VERSION, work / "plane", capacity=per_server,
+                      router_env=router_env(stream_interval, micro_batches))
     gateway: GatewayServer | None = None
     try:
         plane.start()
@@ -256,6 +265,10 @@ def served(work: Path, per_server: int) -> Iterator[tuple[Path, DataPlane, int]]
         plane.stop()
 
 
+def router_env(stream_interval: int, micro_batches: int) -> dict[str, str]:
+    return {STREAM_INTERVAL_ENV: str(stream_interval), MICRO_BATCHES_ENV: str(micro_batches)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -263,13 +276,24 @@ def main() -> int:
     ap.add_argument("--no-peers", action="store_true", help="leave out (c)")
     ap.add_argument("--per-server", type=int, default=4,
                     help="experts per expert server (1: a server per expert)")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="tokens per streamed response after the first (1..64)")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="micro-batches per router engine step")
     args = ap.parse_args()
+    if not 1 <= args.stream_interval <= 64:
+        ap.error("--stream-interval must be in 1..64")
+    if args.micro_batches < 1:
+        ap.error("--micro-batches must be at least 1")
     torch.set_num_threads(int(os.environ.get("AUTOGLM_BENCH_THREADS", "2")))
     prompts = bench_prompts(max(args.concurrency))
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp, \
-            served(Path(tmp), args.per_server) as (src, plane, port):
-        print(f"{len(plane.expert_servers)} expert servers of up to {plane.capacity} experts")
+            served(Path(tmp), args.per_server, args.stream_interval,
+                   args.micro_batches) as (src, plane, port):
+        print(f"{len(plane.expert_servers)} expert servers of up to {plane.capacity} experts; "
+              f"router: stream interval {args.stream_interval}, "
+              f"micro-batches {args.micro_batches}")
         forms: dict[str, Form] = {}
         hf, hf_greedy = transformers_form(src)
         forms["transformers"] = hf
@@ -287,7 +311,7 @@ def main() -> int:
             for name, (python, script) in found.items():
                 forms[name] = peer_form(name, python, script, src, Path(tmp))
         rows = run(forms, prompts, args)
-    report(rows, args.concurrency)
+    report(rows, args.concurrency, args.stream_interval, args.micro_batches)
     return 0
 
 
@@ -325,9 +349,11 @@ def latency(runs: Sequence[Run]) -> tuple[tuple[float, float], tuple[float, floa
     return (pct(ttft_s, 50), pct(ttft_s, 99)), (pct(itl_s, 50), pct(itl_s, 99))
 
 
-def report(rows: Rows, levels: Sequence[int]) -> None:
+def report(rows: Rows, levels: Sequence[int], stream_interval: int = 1,
+           micro_batches: int = 1) -> None:
     base = rows["transformers"]
-    print("\noutput tokens/s (ratio to transformers of the same round, median over rounds);"
+    print(f"\nautoglm: stream interval {stream_interval}, micro-batches {micro_batches}")
+    print("output tokens/s (ratio to transformers of the same round, median over rounds);"
           " TTFT and ITL p50/p99 in ms over every request of every round")
     print(f"{'form':<26}{'c':>3}{'tok/s':>9}{'ratio':>8}{'ttft p50':>10}{'p99':>8}"
           f"{'itl p50':>9}{'p99':>8}")

@@ -356,6 +356,10 @@ class TritonSpec(_Object):
 
 class RouterSpec(_Object):
     replicas: int = Field(1, ge=1, le=64)
+    stream_interval: int = Field(
+        1, ge=1, le=64,
+        description="Tokens per streamed response: the first token is always sent at once; "
+                    "larger values cut per-token costs at the price of burstier streams.")
 
 
 class ExpertsSpec(_Object):

@@ -2,7 +2,8 @@
 client (chat and completions, streamed and not) and Triton's generate extension get the
 in-process engine's greedy tokens, alone and 8 at once; refusals are OpenAI-style 4xx; a
 client that disconnects mid-stream frees its sequence at once; a generation stays on the slot
-it started on and is counted in flight until it ends."""
+it started on and is counted in flight until it ends; a router with a stream interval sends
+the same tokens, several a response."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -26,6 +28,7 @@ from autoglm.engine.text import Tokenizer
 from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.models.tiny import PRESETS
+from autoglm.plan import STREAM_INTERVAL_ENV
 from autoglm.procs import free_port
 from autoglm.repository import build, load_reference
 from autoglm.testing import eventually
@@ -437,3 +440,93 @@ def test_unknown_v1_path_and_other_models_generate(served: Served) -> None:
     assert status == want_status and json.loads(raw).keys() == json.loads(want).keys()
     assert json.loads(raw).get("model_name") == "router"
 
+
+
+def test_a_stream_interval_sends_the_same_tokens_four_a_response(
+        served: Served, tmp_path: Path) -> None:
+    """A second router on the same expert servers with ``spec.router.streamInterval`` 4: the
+    same greedy tokens and text as the first (interval 1), the first token alone, then 4 a
+    response, the rest with the last; every API's text, usage and stop strings as before;
+    the latency histograms still count every token."""
+    (tmp_path / "endpoints.json").symlink_to(served.plane.endpoints_file)  # its servers
+    plane = DataPlane(served.plane.repository, 1, tmp_path, router_env={STREAM_INTERVAL_ENV: "4"})
+    router = plane.start_router()
+    try:
+        gateway = GatewayServer(Routing(Target("a", 1, f"http://{router.http_url}",
+                                               router.grpc_url, model=MODEL)),
+                                free_port()).start()
+        try:
+            check_interval_four(served, f"http://127.0.0.1:{gateway.port}", router.metrics_url)
+        finally:
+            gateway.stop()
+    finally:
+        plane.stop()
+
+
+def check_interval_four(served: Served, base: str, metrics_url: str) -> None:
+    def counts() -> tuple[float, float]:
+        text = scrape(metrics_url)
+        first, later = (sample(text, f"autoglm_{name}_seconds_count", version="1") or 0.0
+                        for name in ("time_to_first_token", "inter_token_latency"))
+        return first, later
+
+    ids, text, _ = served.expect(24, text="Hello there")
+    body: dict[str, Any] = {"text_input": "Hello there",
+            "parameters": {"max_tokens": 24, "temperature": 0, "ignore_eos": True}}
+    status, raw = post(f"{served.base}/v2/models/generate/generate_stream", body)
+    assert status == 200
+    one = events(raw)  # interval 1: a token a response
+    assert [len(e["output_ids"]) for e in one] == [1] * 24
+    assert [t for e in one for t in e["output_ids"]] == ids
+    before = counts()
+    status, raw = post(f"{base}/v2/models/generate/generate_stream", body)
+    assert status == 200
+    four = events(raw)
+    assert [len(e["output_ids"]) for e in four] == [1, 4, 4, 4, 4, 4, 3]
+    assert [e["completion_tokens"] for e in four] == [1, 5, 9, 13, 17, 21, 24]
+    assert [t for e in four for t in e["output_ids"]] == ids
+    assert "".join(e["text_output"] for e in four) == "".join(e["text_output"] for e in one) \
+        == text
+    assert [e["finish_reason"] for e in four] == [""] * 6 + ["length"]
+    # the histograms time tokens as they are made, not responses
+    eventually(lambda: counts() == (before[0] + 1, before[1] + 23),
+               "1 first token and 23 later ones observed", timeout=30)
+    status, raw = post(f"{base}/v2/models/generate/generate", body)
+    assert status == 200 and json.loads(raw)["output_ids"] == ids
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="Hello there", max_tokens=24, stream=True,
+        stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=24, **GREEDY)
+    assert r.choices[0].text == text and r.usage is not None \
+        and r.usage.completion_tokens == 24
+    # a stop string inside a burst: the text ends before it, as with one token a response
+    stop = next(text[i:i + 3] for i in range(6, len(text) - 3) if text[i:i + 3].strip())
+    by: dict[str, tuple[str, str | None]] = {}
+    for name, url in (("one", served.base), ("four", base)):
+        parts = list(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                     .completions.create(model=MODEL, prompt="Hello there", max_tokens=24,
+                                         stop=[stop], stream=True, **GREEDY))
+        by[name] = ("".join(c.choices[0].text for c in parts if c.choices),
+                    [c.choices[0].finish_reason for c in parts if c.choices][-1])
+    assert by["four"] == by["one"] == (text[:text.index(stop)], "stop")
+    # a client that goes away with tokens held back: its sequence ends all the same
+    kv = "autoglm_kv_cache_used_tokens"
+    port = int(base.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/generate/generate_stream", json.dumps(
+            {**body, "parameters": {**body["parameters"], "max_tokens": 120}}),
+            {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+    finally:
+        conn.close()
+    eventually(lambda: sample(scrape(metrics_url), kv, version="1") == 0,
+               "the sequence's KV cache to be freed", timeout=30, interval=0.05)
+    r2 = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=24, **GREEDY)
+    assert r2.choices[0].text == text, "the router serves on"

@@ -117,8 +117,8 @@ def test_gpu_experts_request_and_tolerate_gpus() -> None:
                                  .active_plan.servers[0]))
 
 
-def env_of(pod: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["containers"][0]["env"]}
 
 
 def test_servers_get_the_model_shape_the_spec_states() -> None:
@@ -140,6 +140,17 @@ def test_servers_get_the_model_shape_the_spec_states() -> None:
         "tiny", "ns", imported, p.plan("tiny", imported, p.RoutingState()).active_plan.router))
     assert env["AUTOGLM_EXPECT_NUM_EXPERTS"] == "4"
     assert "AUTOGLM_EXPECT_TOP_K" not in env and "AUTOGLM_EXPECT_LAYERS" not in env
+
+
+def test_a_stream_interval_reaches_the_router_pods() -> None:
+    s = spec(router={"replicas": 1, "streamInterval": 8})
+    slot = p.plan("tiny", s, p.RoutingState()).active_plan
+    assert env_of(builders.triton_pod_spec("tiny", "ns", s, slot.router))[
+        p.STREAM_INTERVAL_ENV] == "8"
+    assert p.STREAM_INTERVAL_ENV not in env_of(
+        builders.triton_pod_spec("tiny", "ns", s, slot.servers[0]))
+    assert p.STREAM_INTERVAL_ENV not in env_of(
+        builders.triton_pod_spec("tiny", "ns", spec(), slot.router)), "1: nothing set"
 
 
 def test_pod_templates_follow_only_the_model_shape() -> None:

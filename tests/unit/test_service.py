@@ -10,7 +10,7 @@ import torch
 
 from autoglm.engine.errors import RequestError
 from autoglm.engine.scheduler import Engine
-from autoglm.engine.service import Chunk, TextEngine, parse_parameters
+from autoglm.engine.service import Chunk, TextEngine, merge, parse_parameters
 from autoglm.engine.text import Tokenizer
 from autoglm.models.tiny import PRESETS, write_tiny_checkpoint
 from autoglm.repository import import_checkpoint, load_reference
@@ -125,3 +125,33 @@ def test_exactly_one_prompt_form(served: tuple[TextEngine, Any, Path]) -> None:
 def test_stop_given_as_a_json_string_parameter() -> None:
     _, stop, ignore = parse_parameters({"stop": '["a", "bc"]', "ignore_eos": True})
     assert stop == ["a", "bc"] and ignore
+
+
+def test_merged_chunks_join_text_and_tokens_and_keep_the_last_counts() -> None:
+    """A response of several tokens (a stream interval): everything the chunks carried, in
+    order, with the last one's finish reason and counts."""
+    a, b = Chunk(7, "He", (1,), None, 3, 1), Chunk(7, "", (2,), None, 3, 2)
+    c = Chunk(7, "llo!", (3, 4), "stop", 3, 4)
+    assert merge([a]) is a
+    assert merge([a, b, c]) == Chunk(7, "Hello!", (1, 2, 3, 4), "stop", 3, 4)
+    assert merge([a, b]) == Chunk(7, "He", (1, 2), None, 3, 2)
+    with pytest.raises(ValueError, match="nothing"):
+        merge([])
+    with pytest.raises(ValueError, match="different requests"):
+        merge([a, Chunk(8, "x", (5,), None, 1, 1)])
+
+
+def test_a_generation_merged_four_tokens_a_response_is_the_same_generation(
+        served: tuple[TextEngine, Any, Path]) -> None:
+    te, _, _ = served
+    rid = te.submit({"max_tokens": 10, "temperature": 0, "ignore_eos": True}, text="Hello")
+    chunks = run(te)[rid]
+    responses = [merge(g) for g in
+                 [chunks[:1], *(chunks[i:i + 4] for i in range(1, len(chunks), 4))]]
+    assert [len(r.token_ids) for r in responses] == [1, 4, 4, 1]
+    assert "".join(r.text for r in responses) == "".join(c.text for c in chunks)
+    assert [t for r in responses for t in r.token_ids] == \
+        [t for c in chunks for t in c.token_ids]
+    assert [r.completion_tokens for r in responses] == [1, 5, 9, 10]
+    assert responses[-1].finish_reason == "length" and \
+        all(r.finish_reason is None for r in responses[:-1])

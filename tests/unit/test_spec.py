@@ -87,6 +87,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
      "spec.gateway.resources.requests.cpu"),
     ("a string is not a number", {"model": {"numExperts": "4"}}, "spec.model.numExperts"),
     ("a fraction is not an integer", {"router": {"replicas": 1.5}}, "spec.router.replicas"),
+    ("stream interval 0", {"router": {"streamInterval": 0}}, "spec.router.streamInterval"),
+    ("stream interval above 64", {"router": {"streamInterval": 65}},
+     "spec.router.streamInterval"),
     ("a snake_case name is unknown", {"experts": {"min_replicas": 2}},
      "spec.experts.min_replicas"),
 ]

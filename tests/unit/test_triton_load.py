@@ -106,6 +106,18 @@ def test_workload_env_is_the_specs_shape_and_gpus() -> None:
     assert p.INSTANCE_KIND_ENV not in p.workload_env(g, "router")
 
 
+def test_a_stream_interval_reaches_routers_only_and_only_when_set() -> None:
+    """The default adds nothing: existing router pod templates stay as they are."""
+    model = {"name": "m", "version": 1, "repository": "/m", "numExperts": 8}
+    assert parse({"model": model}, "m").router.stream_interval == 1
+    assert parse({"model": model, "router": {"streamInterval": 1}}, "m") \
+        == parse({"model": model}, "m")
+    s = parse({"model": model, "router": {"streamInterval": 4}}, "m")
+    assert p.workload_env(s, "router") == {"AUTOGLM_EXPECT_NUM_EXPERTS": "8",
+                                           p.STREAM_INTERVAL_ENV: "4"}
+    assert p.STREAM_INTERVAL_ENV not in p.workload_env(s, "expert")
+
+
 def test_termination_message_only_where_the_kubelet_provides_the_file(tmp_path: Path) -> None:
     log = tmp_path / "termination-log"
     assert not write_termination_message("why", log), "no file: not a container"

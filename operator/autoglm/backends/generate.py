@@ -4,8 +4,12 @@
 It lives beside ``router`` in every router server and loads the same version's router slice
 and tokenizer (``router/<V>/``). ``execute`` only hands requests to the inbox; one engine
 thread admits them between steps, runs the continuous-batching loop and streams each
-request's tokens out through its response sender as they are made. No lock is held across a
-step (its expert calls), so new requests are taken while a step runs. A cancelled request (a
+request's tokens out through its response sender as they are made, ``AUTOGLM_STREAM_INTERVAL``
+(``spec.router.streamInterval``, default 1) tokens a response: the first token goes alone at
+once (time to first token is unchanged), then a response when that many are pending or the
+generation ends, which cuts the per-response costs downstream (the gateway's events, the
+client's reads) at the price of burstier streams. No lock is held across a step (its expert
+calls), so new requests are taken while a step runs. A cancelled request (a
 gRPC client that went away) is aborted within ``CANCEL_CHECK_SECONDS``, freeing its KV cache:
 each ``is_cancelled()``, like each metric update, is a blocking message to the Triton
 process, so neither is sent every step.
@@ -14,8 +18,10 @@ Inputs (exactly one): ``text_input`` BYTES [1] (a prompt), ``messages`` BYTES [1
 messages as JSON, rendered with the checkpoint's chat template), ``input_ids`` INT64 [-1].
 Request parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``
 (a string or a JSON list), ``ignore_eos``. Each response: ``text_output`` (new text),
-``output_ids`` (new token ids), ``finish_reason`` ("" until the last: "stop" or "length"),
-``prompt_tokens``, ``completion_tokens``, ``model_version``. The parameter ``canary`` (no
+``output_ids`` (new token ids: one, up to the stream interval), ``finish_reason`` ("" until
+the last: "stop" or "length"), ``prompt_tokens``, ``completion_tokens`` (so far),
+``model_version``. The latency histograms time the tokens as the engine makes them, not the
+responses. The parameter ``canary`` (no
 input) runs the version's stored prompt greedily; its last response adds
 ``canary_expected``, the reference's greedy tokens, so a version's generation can be verified
 by whoever reaches the router.
@@ -39,10 +45,10 @@ from autoglm.backends.fanout import ExpertFanout
 from autoglm.backends.placement import placement
 from autoglm.engine.errors import FAILED, RequestError
 from autoglm.engine.scheduler import Engine, StepError
-from autoglm.engine.service import Chunk, TextEngine
+from autoglm.engine.service import Chunk, TextEngine, merge
 from autoglm.engine.text import Tokenizer
 from autoglm.models.decoder import RouterTier
-from autoglm.plan import router_model
+from autoglm.plan import STREAM_INTERVAL_ENV, router_model
 from autoglm.repository import load_part_config, load_weights
 
 # Seconds. Time to first token spans queueing and prefill; inter-token latency one step.
@@ -63,11 +69,15 @@ class TritonPythonModel:
         check_expectations(cfg, self.version)
         device, dtype = placement(args)
         torch.set_num_threads(_env_int("AUTOGLM_TORCH_THREADS", 1))
+        self.interval = _env_int(STREAM_INTERVAL_ENV, 1)
+        if self.interval < 1:
+            raise ValueError(f"{STREAM_INTERVAL_ENV} must be at least 1, got {self.interval}")
         self.fanout = ExpertFanout(cfg.num_experts, self.version)
         engine = Engine(RouterTier(cfg, load_weights(d, device, dtype)), self.fanout,
                         kv_capacity_tokens=_env_int("AUTOGLM_KV_CAPACITY_TOKENS", 16384),
                         max_batch_tokens=_env_int("AUTOGLM_MAX_BATCH_TOKENS", 256),
                         prefill_chunk=_env_int("AUTOGLM_PREFILL_CHUNK", 128),
+                        micro_batches=_env_int("AUTOGLM_MICRO_BATCHES", 1),
                         on_route=self._routed)
         self._metrics()
         self.text = TextEngine(engine, Tokenizer.from_dir(d / "hf"))
@@ -77,6 +87,7 @@ class TritonPythonModel:
         self.canaries: set[int] = set()
         self.requests: dict[int, Any] = {}  # engine id → Triton request (for its sender)
         self.senders: dict[int, Any] = {}
+        self.pending: dict[int, list[Chunk]] = {}  # chunks made, not yet sent (the interval)
         self._cancel_checked = self._observed = 0.0
         # Shared with execute(), under the lock: requests not yet admitted, and stopping.
         self.inbox: list[tuple[Any, Any]] = []
@@ -102,7 +113,8 @@ class TritonPythonModel:
                 ("autoglm_time_to_first_token_seconds",
                  "From a generation's arrival to its first token", histogram),
                 ("autoglm_inter_token_latency_seconds",
-                 "Between consecutive tokens of a generation", histogram))}
+                 "Between consecutive tokens of a generation, as the engine makes them "
+                 "(a stream interval sends them in bursts)", histogram))}
         labels = {"version": str(self.version)}
         buckets = {"autoglm_time_to_first_token_seconds": TTFT_BUCKETS,
                    "autoglm_inter_token_latency_seconds": ITL_BUCKETS}
@@ -215,9 +227,26 @@ class TritonPythonModel:
                     self._fail(rid, str(e.__cause__ or e))
                 continue
             for c in chunks:
-                self._send(c)
+                self._made(c)
 
-    def _send(self, c: Chunk) -> None:
+    def _made(self, c: Chunk) -> None:
+        """A token made for request ``c.id``: timed now, then sent at once if it is the first
+        or the last, else held until ``interval`` tokens are pending."""
+        if c.id not in self.senders:
+            return
+        final = c.finish_reason is not None
+        self._latency(c, final)
+        held = self.pending.pop(c.id, [])
+        held.append(c)
+        if final or c.completion_tokens == 1 \
+                or sum(len(x.token_ids) for x in held) >= self.interval:
+            self._send(merge(held))
+        else:
+            self.pending[c.id] = held
+
+    def _send(self, c: Chunk, final: bool = False) -> None:
+        """One response: ``c`` may carry several tokens (:func:`merge`); the last of the
+        request if ``c`` is (its finish reason) or ``final``."""
         sender = self.senders.get(c.id)
         if sender is None:
             return
@@ -229,9 +258,9 @@ class TritonPythonModel:
                pb_utils.Tensor("completion_tokens",
                                np.array([c.completion_tokens], dtype=np.int32)),
                pb_utils.Tensor("model_version", np.array([self.version], dtype=np.int64))]
-        final = c.finish_reason is not None
-        self._latency(c, final)
-        if final and c.id in self.canaries:
+        finished = c.finish_reason is not None
+        final = final or finished
+        if finished and c.id in self.canaries:
             out.append(pb_utils.Tensor("canary_expected", self.canary[1].astype(np.int64)))
         sender.send(pb_utils.InferenceResponse(output_tensors=out),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
@@ -239,7 +268,9 @@ class TritonPythonModel:
             self._forget(c.id)
 
     def _latency(self, c: Chunk, final: bool) -> None:
-        """Each chunk carries the one token a step made for its request."""
+        """Per token made (each chunk carries the one token a step made for its request), as
+        the engine makes it, whether or not its response goes now: with a stream interval
+        the client sees the later tokens in bursts, these time the engine."""
         last = self._last.pop(c.id, None) if final else self._last.get(c.id)
         if last is None:  # a canary
             return
@@ -255,11 +286,13 @@ class TritonPythonModel:
         failed or was cancelled too: a leaked canary id would hide user load from
         ``_routed``); its sender, if it still had one."""
         self._last.pop(rid, None)
+        self.pending.pop(rid, None)
         self.canaries.discard(rid)
         self.requests.pop(rid, None)
         return self.senders.pop(rid, None)
 
     def _fail(self, rid: int, message: str) -> None:
+        """The generation failed: its error ends the stream (tokens held back are dropped)."""
         sender = self._forget(rid)
         if sender is None:
             return
@@ -267,6 +300,11 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _close(self, rid: int) -> None:
+        """The request was cancelled: its last response carries any tokens held back."""
+        held = self.pending.pop(rid, None)
+        if held and rid in self.senders:
+            self._send(merge(held), final=True)
+            return
         sender = self._forget(rid)
         if sender is not None:
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -42,6 +42,22 @@ class Chunk:
     completion_tokens: int
 
 
+def merge(chunks: Sequence[Chunk]) -> Chunk:
+    """Consecutive chunks of one request as one (a response carrying several tokens, as a
+    stream interval sends them): their text and token ids joined in order, the last one's
+    finish reason and counts (``completion_tokens`` counts every token so far)."""
+    if not chunks:
+        raise ValueError("nothing to merge")
+    last = chunks[-1]
+    if len(chunks) == 1:
+        return last
+    if any(c.id != last.id for c in chunks):
+        raise ValueError("chunks of different requests")
+    return Chunk(last.id, "".join(c.text for c in chunks),
+                 tuple(t for c in chunks for t in c.token_ids), last.finish_reason,
+                 last.prompt_tokens, last.completion_tokens)
+
+
 @dataclass
 class _Live:
     detok: Detokenizer

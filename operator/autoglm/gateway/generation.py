@@ -1,6 +1,8 @@
 """Generation upstream: one gRPC ``ModelStreamInfer`` call per generation to the active slot's
-``generate`` model (decoupled: one response per step's new text), shared by the OpenAI API
-and Triton's generate extension.
+``generate`` model (decoupled: one response per step's new text, or per
+``spec.router.streamInterval`` tokens: a response may carry several tokens, and every use
+here joins texts and counts from ``completion_tokens``, never from responses), shared by the
+OpenAI API and Triton's generate extension.
 
 gRPC, not Triton's HTTP generate endpoint, because only gRPC carries a client's cancellation
 to the model: a generation whose client went away is cancelled upstream at once and the
@@ -76,7 +78,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Output:
-    """One response of ``generate``: the text that became final and its new tokens."""
+    """One response of ``generate``: the text that became final and its new tokens (one,
+    or up to the router's stream interval); ``completion_tokens`` counts all so far."""
 
     text: str
     token_ids: tuple[int, ...]
