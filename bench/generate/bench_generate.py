@@ -265,6 +265,22 @@ def served(work: Path, per_server: int, stream_interval: int = 1, micro_batches:
         plane.stop()
 
 
+def pin(plane: DataPlane) -> None:
+    """The router's processes on core 0 and the expert servers' on core 1, as on a cluster
+    where they run on different nodes: a step's parts then wait on each other rather than
+    share a core, which is what overlapping micro-batches can hide (``--pin``)."""
+    assert plane.router is not None and plane.router.popen is not None
+    groups = [(plane.router.popen.pid, {0})] + [
+        (x.server.popen.pid, {1}) for x in plane.expert_servers if x.server.popen is not None]
+    for group, cpus in groups:
+        pids = subprocess.run(["ps", "-o", "pid=", "-g", str(group)], capture_output=True,
+                              text=True, check=True).stdout.split()
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(task.name), cpus)
+
+
 def router_env(stream_interval: int, micro_batches: int) -> dict[str, str]:
     return {STREAM_INTERVAL_ENV: str(stream_interval), MICRO_BATCHES_ENV: str(micro_batches)}
 
@@ -280,6 +296,8 @@ def main() -> int:
                     help="tokens per streamed response after the first (1..64)")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="micro-batches per router engine step")
+    ap.add_argument("--pin", action="store_true",
+                    help="router on core 0, expert servers on core 1 (as on separate nodes)")
     args = ap.parse_args()
     if not 1 <= args.stream_interval <= 64:
         ap.error("--stream-interval must be in 1..64")
@@ -291,9 +309,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp, \
             served(Path(tmp), args.per_server, args.stream_interval,
                    args.micro_batches) as (src, plane, port):
+        if args.pin:
+            pin(plane)
         print(f"{len(plane.expert_servers)} expert servers of up to {plane.capacity} experts; "
               f"router: stream interval {args.stream_interval}, "
-              f"micro-batches {args.micro_batches}")
+              f"micro-batches {args.micro_batches}"
+              + ("; router pinned to core 0, expert servers to core 1" if args.pin else ""))
         forms: dict[str, Form] = {}
         hf, hf_greedy = transformers_form(src)
         forms["transformers"] = hf
