@@ -14,7 +14,7 @@ from autoglm.plan import SERVER_EXPERTS_ENV, parse_server_experts
 from autoglm.spec import GROUP, PLURAL
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
-from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.controlplane import CRASH_LOOP_MESSAGE, CRASH_LOOP_VERSION, ControlPlane
 from autoglm.testing.monitoring import PODMONITOR_CRD
 from autoglm.testing.operator import REPO_ROOT, OperatorProcess, running_operator
 
@@ -291,6 +291,27 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
 # here on purpose: a change of the default, or one Deployment per expert, fails below.
 DEFAULT_EXPERT_SERVERS = 4
 MAX_ANNOTATIONS_BYTES = 256 * 1024  # the API server's limit on an object's annotations, all
+
+
+def test_a_serving_server_that_crash_loops_says_why_in_status(cluster: Cluster) -> None:
+    """A serving workload whose pods crash-loop (e.g. an expert server whose experts do not
+    fit its memory limit) is named in the Degraded condition with its container's
+    termination message, not only as 'waiting'."""
+    cluster.apply(tiny("crashy", model__version=CRASH_LOOP_VERSION))
+
+    def degraded() -> dict[str, Any] | None:
+        conds = {c["type"]: c for c in
+                 cluster.resource("crashy").get("status", {}).get("conditions", [])}
+        d = conds.get("Degraded")
+        return d if d and d["status"] == "True" and "crashy-a-experts-1" in d["message"] \
+            else None
+
+    eventually(degraded, "the crash loop in status", 90)
+    d = degraded()
+    assert d is not None and d["reason"] == "WorkloadFailing"
+    assert "container triton CrashLoopBackOff" in d["message"]
+    assert CRASH_LOOP_MESSAGE in d["message"], d["message"]
+    assert "crashy-a-router: pod crashy-a-router-" in d["message"]
 
 
 def _annotations_bytes(obj: dict[str, Any]) -> int:

@@ -214,10 +214,30 @@ class Reconciler:
         generation = meta.get("generation") if converged else prev.observed_generation
         new = status.observed_status(prev, generation, topology, dict(deployments),
                                      meta["name"], spec.model.version, error, self.clock(),
-                                     state, rollout.to_status(state))
+                                     state, rollout.to_status(state),
+                                     self._pod_failures(meta, topology, deployments))
         if new != prev:
             self.write(body, new)
         return new
+
+    def _pod_failures(self, meta: Mapping[str, Any], topology: p.Topology,
+                      deployments: Mapping[str, Manifest]) -> list[str]:
+        """Why the serving slot's workloads that are not available fail, from their pods
+        (e.g. an expert server whose experts do not fit its memory limit, in its one-line
+        termination message); pods are listed only when one is not available."""
+        down = [w for w in topology.active_plan.workloads
+                if not status.deployment_available(deployments.get(w.name))]
+        if not down:
+            return []
+        pods = self.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
+        out = []
+        for w in down:
+            sel = builders.selector(meta["name"], w.component, w.slot, w.server).items()
+            why = rollout.pod_failure([x for x in pods
+                                       if sel <= x["metadata"].get("labels", {}).items()])
+            if why is not None:
+                out.append(f"{w.name}: {why}")
+        return out
 
     def write(self, body: Mapping[str, Any], st: AutoGLMStatus) -> None:
         meta = body["metadata"]

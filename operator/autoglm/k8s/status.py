@@ -7,7 +7,7 @@ each with a reason, a message and the ``observedGeneration`` it describes; a con
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from autoglm.plan import SlotPlan, Topology
@@ -98,17 +98,20 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
                     deployments: Mapping[str, Manifest | None], gateway: str,
                     wanted_version: int, error: tuple[str, str] | None,
                     now: str, state: SwapState | None = None,
-                    swap_status: SwapStatus | None = None) -> AutoGLMStatus:
+                    swap_status: SwapStatus | None = None,
+                    pod_failures: Sequence[str] = ()) -> AutoGLMStatus:
     """Status of a valid spec, from the live Deployments (by name) of every workload.
 
     ``error`` is a (reason, message) pair when applying objects failed; ``state`` is the
-    swap's state (written as ``swap_status``).
+    swap's state (written as ``swap_status``); ``pod_failures`` why serving workloads' pods
+    fail (a crash loop's termination message), one line each.
     """
     active = topology.active_plan
     state = state or SwapState(active.slot, active.version)
     names = [gateway, *(w.name for w in active.workloads)]
     waiting = [n for n in names if not deployment_available(deployments.get(n))]
     failures = [f for n in names if (f := deployment_failure(deployments.get(n)))]
+    failures += pod_failures
     all_ready = not waiting and error is None
     conds = prev.conditions
     g = generation
