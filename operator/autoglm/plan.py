@@ -9,6 +9,7 @@ a slot exists the autoscaler owns it, so adapters never reset it; a new slot get
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -133,6 +134,7 @@ class SlotPlan:
     version: int
     router: Workload
     servers: tuple[Workload, ...]
+    fits: int | None = None  # SlotState.fits, kept in status
 
     @property
     def workloads(self) -> tuple[Workload, ...]:
@@ -150,6 +152,9 @@ class SlotState:
     # how many of them (from the first) serve on; the rest retire (kept until the
     # autoscaler removes them, once their experts serve elsewhere)
     serving: int | None = None
+    # experts a server holds at most, as the servers found it against their memory limit
+    # (None: not known; see experts_per_server)
+    fits: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,12 +180,14 @@ class Topology:
 DEFAULT_SERVERS = 4
 
 
-def experts_per_server(spec: AutoGLMSpec) -> int:
-    """``spec.experts.perServer``, else the experts spread over ``DEFAULT_SERVERS``."""
+def experts_per_server(spec: AutoGLMSpec, fits: int | None = None) -> int:
+    """``spec.experts.perServer``, else the experts spread over ``DEFAULT_SERVERS``, or
+    fewer when a server found that only ``fits`` experts fit its memory limit."""
     n = spec.model.num_experts
     if spec.experts.per_server is not None:
         return min(spec.experts.per_server, n)
-    return -(-n // min(n, DEFAULT_SERVERS))
+    spread = -(-n // min(n, DEFAULT_SERVERS))
+    return spread if fits is None else max(1, min(spread, fits))
 
 
 # "1": an expert server runs a call as batched matmuls over its experts (default on a GPU
@@ -188,6 +195,17 @@ def experts_per_server(spec: AutoGLMSpec) -> int:
 GROUPED_ENV = "AUTOGLM_GROUPED_EXPERTS"
 # An expert server's memory limit in bytes (the pod's limits.memory, by the downward API).
 MEMORY_LIMIT_ENV = "AUTOGLM_MEMORY_LIMIT"
+
+
+# How an expert server that refused its experts for memory says how many fit (its one-line
+# termination message); the operator reads it back (fits_reported).
+ROOM_FOR = "leaves room for "
+
+
+def fits_reported(message: str) -> int | None:
+    """The experts that fit, from an expert server's refusal (None: not such a message)."""
+    m = re.search(re.escape(ROOM_FOR) + r"(\d+):", message)
+    return int(m.group(1)) if m else None
 
 
 def experts_that_fit(limit_bytes: int, used_bytes: int, slice_bytes: int) -> int:
@@ -202,13 +220,14 @@ def initial_expert_replicas(spec: AutoGLMSpec) -> tuple[int, ...]:
     return (spec.experts.min_replicas,) * spec.model.num_experts
 
 
-def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...]) -> Placement:
+def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...],
+                   fits: int | None = None) -> Placement:
     """The placement ``servers`` records, kept as it is while it still suits the spec (every
     expert held, within min/max replicas and ``perServer``); else the replicas it holds,
     bounded, placed again, what each server holds kept where it fits and never on fewer
     servers (removing servers is the autoscaler's, once their experts serve elsewhere)."""
     n, e = spec.model.num_experts, spec.experts
-    capacity = experts_per_server(spec)
+    capacity = experts_per_server(spec, fits)
     current = Placement(servers)
     replicas = current.replicas(n) if servers else list(initial_expert_replicas(spec))
     bounded = [min(max(r, e.min_replicas), e.max_replicas) for r in replicas]
@@ -221,12 +240,14 @@ def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...]) -> Pl
 
 
 def slot_plan(name: str, spec: AutoGLMSpec, slot: Slot, version: int,
-              servers: tuple[frozenset[int], ...], serving: int | None = None) -> SlotPlan:
+              servers: tuple[frozenset[int], ...], serving: int | None = None,
+              fits: int | None = None) -> SlotPlan:
     n = len(servers) if serving is None else serving
-    layout = Placement(slot_placement(spec, servers[:n]).servers + servers[n:])
+    layout = Placement(slot_placement(spec, servers[:n], fits).servers + servers[n:])
     return SlotPlan(
         slot=slot,
         version=version,
+        fits=fits,
         router=Workload(workload_name(name, slot, "router"), "router", slot, version,
                         router_model(), spec.router.replicas),
         servers=tuple(
@@ -251,5 +272,6 @@ def plan(name: str, spec: AutoGLMSpec, state: RoutingState) -> Topology:
         active, slots = state.active_slot, state.slots
     order = [active, *(s for s in SLOTS if s != active and s in slots)]
     return Topology(active, tuple(slot_plan(name, spec, s, slots[s].version,
-                                            slots[s].servers, slots[s].serving)
+                                            slots[s].servers, slots[s].serving,
+                                            slots[s].fits)
                                   for s in order))

@@ -489,6 +489,13 @@ class SlotStatus(_StatusObject):
                                        description="Replicas per expert, by expert index.")
     servers: list[ServerStatus] = Field(default_factory=list,
                                         description="The expert servers and what each holds.")
+    fits_per_server: int | None = Field(
+        None, description="Experts one expert server holds at most, as a server found "
+                          "against its memory limit (fitsMemoryLimit); with "
+                          "experts.perServer unset the placement keeps to it.")
+    fits_memory_limit: str | None = Field(
+        None, description="The experts.resources.limits.memory fitsPerServer was found "
+                          "under; another limit starts afresh.")
 
 
 class WarmSlotStatus(_StatusObject):

@@ -14,7 +14,12 @@ from autoglm.plan import SERVER_EXPERTS_ENV, parse_server_experts
 from autoglm.spec import GROUP, PLURAL
 from autoglm.testing import eventually
 from autoglm.testing.cluster import Cluster, tiny
-from autoglm.testing.controlplane import CRASH_LOOP_MESSAGE, CRASH_LOOP_VERSION, ControlPlane
+from autoglm.testing.controlplane import (
+    CRASH_LOOP_MESSAGE,
+    CRASH_LOOP_VERSION,
+    DOES_NOT_FIT_VERSION,
+    ControlPlane,
+)
 from autoglm.testing.monitoring import PODMONITOR_CRD
 from autoglm.testing.operator import REPO_ROOT, OperatorProcess, running_operator
 
@@ -312,6 +317,31 @@ def test_a_serving_server_that_crash_loops_says_why_in_status(cluster: Cluster) 
     assert "container triton CrashLoopBackOff" in d["message"]
     assert CRASH_LOOP_MESSAGE in d["message"], d["message"]
     assert "crashy-a-router: pod crashy-a-router-" in d["message"]
+
+
+def test_expert_servers_with_no_room_for_their_experts_get_fewer_each(
+        cluster: Cluster) -> None:
+    """perServer unset: 8 experts spread 2 a server; each server refuses them, its memory
+    limit having room for one (as an expert server says it, here simulated by kwok). The
+    operator reads that back, keeps it in status and places one expert a server: all Ready,
+    with the reason in an Event."""
+    moe = tiny("tight", model__version=DOES_NOT_FIT_VERSION, model__numExperts=8)
+    del moe["spec"]["experts"]["perServer"]
+    cluster.apply(moe)
+    r = cluster.wait_ready("tight", timeout=120)
+    slot = r["status"]["slots"]["a"]
+    assert (slot["fitsPerServer"], slot["fitsMemoryLimit"]) == (1, "1Gi"), slot
+    assert [x["experts"] for x in slot["servers"]] == [[e] for e in range(8)]
+    assert r["status"]["expertServers"] == 8
+    assert any(e["reason"] == "ExpertsDoNotFit" and e["type"] == "Warning"
+               and "room for 1 experts within limits.memory 1Gi: placing at most 1 on each "
+               "server" in e["message"] for e in cluster.events("tight"))
+    held = sorted(tuple(parse_server_experts(e["value"])) for d in
+                  cluster.get("deployments")["items"]
+                  if d["metadata"]["name"].startswith("tight-a-experts-")
+                  for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+                  if e["name"] == SERVER_EXPERTS_ENV)
+    assert held == [(e,) for e in range(8)], "the 2-expert servers replaced"
 
 
 def _annotations_bytes(obj: dict[str, Any]) -> int:

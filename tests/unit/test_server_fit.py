@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from autoglm import plan as p
 from autoglm.backends.expect import check_fits, memory_limit
-from autoglm.k8s import builders
+from autoglm.k8s import builders, rollout
 from autoglm.models.errors import CheckpointError
-from autoglm.spec import parse
+from autoglm.spec import AutoGLMStatus, SlotStatus, parse
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +61,53 @@ def test_expert_pods_get_their_memory_limit_by_the_downward_api() -> None:
             if want:
                 assert env[p.MEMORY_LIMIT_ENV]["valueFrom"] == {"resourceFieldRef": {
                     "containerName": "triton", "resource": "limits.memory"}}
+
+
+REFUSAL = ("experts v1: the 8 experts assigned to this server need 96 MiB (12.0 MiB each) "
+           "but its memory limit of 700 MiB, 601 MiB in use, leaves room for 2: set "
+           "spec.experts.perServer to at most 2 or raise spec.experts.resources.limits.memory")
+
+
+def expert_pod(slot: str, message: str) -> dict[str, Any]:
+    return {"metadata": {"labels": {"app.kubernetes.io/component": "expert",
+                                    "autoglm.io/slot": slot}},
+            "status": {"containerStatuses": [{"name": "triton", "lastState": {
+                "terminated": {"exitCode": 1, "message": message}}}]}}
+
+
+def test_what_fits_a_server_is_read_back_from_its_refusal() -> None:
+    with pytest.raises(CheckpointError) as err:
+        check_fits(8, 12 * MiB, (700 * MiB, 601 * MiB))
+    assert p.fits_reported(str(err.value)) == 2
+    assert p.fits_reported("expert_0 v2: version 2 has 8 routed experts") is None
+
+
+def test_servers_that_report_less_room_get_fewer_experts_each() -> None:
+    doc = yaml.safe_load((ROOT / "examples/tiny.yaml").read_text())["spec"]
+    doc["model"]["numExperts"] = 16
+    del doc["experts"]["perServer"]
+    doc["experts"]["replicaBudget"] = 48
+    s = parse(doc, "tiny")  # limits.memory 1Gi
+    assert p.experts_per_server(s) == 4 and p.experts_per_server(s, 2) == 2
+    assert p.experts_per_server(s, 0) == 1, "a server holds one expert at least"
+    assert p.experts_per_server(s, 9) == 4, "never more than the spread"
+    spread = p.slot_placement(s, ())
+    assert [len(h) for h in spread.servers] == [4, 4, 4, 4]
+    refitted = p.slot_placement(s, spread.servers, fits=2)
+    assert [len(h) for h in refitted.servers] == [2] * 8
+    assert sorted(e for h in refitted.servers for e in h) == list(range(16))
+
+    st = AutoGLMStatus()
+    assert rollout.fits_per_server(s, st, "a", [expert_pod("a", REFUSAL)]) == 2
+    assert rollout.fits_per_server(s, st, "a", [expert_pod("b", REFUSAL)]) is None
+    assert rollout.fits_per_server(s, st, "a", [expert_pod("a", "other")]) is None
+    kept = AutoGLMStatus(slots={"a": SlotStatus(version=1, fits_per_server=3,
+                                                fits_memory_limit="1Gi")})
+    assert rollout.fits_per_server(s, kept, "a", []) == 3, "kept in status"
+    assert rollout.fits_per_server(s, kept, "a", [expert_pod("a", REFUSAL)]) == 2
+    doc["experts"]["resources"]["limits"]["memory"] = "4Gi"
+    assert rollout.fits_per_server(parse(doc, "tiny"), kept, "a", []) is None, \
+        "found under another limit: afresh"
+    doc["experts"]["perServer"] = 4
+    assert rollout.fits_per_server(parse(doc, "tiny"), kept, "a",
+                                   [expert_pod("a", REFUSAL)]) is None, "perServer wins"

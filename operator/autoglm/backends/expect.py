@@ -15,7 +15,7 @@ from pathlib import Path
 
 from autoglm.models.config import ModelConfig
 from autoglm.models.errors import CheckpointError
-from autoglm.plan import EXPECTATIONS, MEMORY_LIMIT_ENV, experts_that_fit
+from autoglm.plan import EXPECTATIONS, MEMORY_LIMIT_ENV, ROOM_FOR, experts_that_fit
 
 # environment variable → what the version has
 FOUND: dict[str, Callable[[ModelConfig], int]] = {
@@ -72,6 +72,6 @@ def check_fits(held: int, slice_bytes: int, memory: tuple[int, int] | None) -> N
         raise CheckpointError(
             f"the {held} experts assigned to this server need {held * slice_bytes / mib:.0f} "
             f"MiB ({slice_bytes / mib:.1f} MiB each) but its memory limit of "
-            f"{limit / mib:.0f} MiB, {used / mib:.0f} MiB in use, leaves room for {fit}: "
+            f"{limit / mib:.0f} MiB, {used / mib:.0f} MiB in use, {ROOM_FOR}{fit}: "
             + (f"set spec.experts.perServer to at most {fit} or " if fit else "")
             + "raise spec.experts.resources.limits.memory")

@@ -101,9 +101,12 @@ class Reconciler:
             state = rollout.from_status(prev, spec)
             observed = observe(self.api, meta["name"], meta["namespace"])
             deployments = named(observed, "Deployment")
-            # Pods matter only to a standby being staged (its crash check): no list otherwise.
+            # Pods matter only to a standby being staged (its crash check) and to workloads
+            # not available (an expert server's refusal says how many experts fit it).
             pods = (self.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
-                    if state.phase in rollout.STAGED else [])
+                    if state.phase in rollout.STAGED or not all(
+                        status.deployment_available(d) for d in deployments.values())
+                    else [])
             state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
                                              deployments, pods, self.wall(), self.canary,
                                              self._inflight(meta, spec, state))
@@ -116,7 +119,8 @@ class Reconciler:
                                    state.active_version)
                 self.metrics.reconciled((meta["namespace"], meta["name"]), trigger)
             topology = p.plan(meta["name"], spec, rollout.routing(meta["name"], spec, state,
-                                                                  prev, deployments))
+                                                                  prev, deployments, pods))
+            self._fitted(topology, prev, spec, emit)
             swap_status = rollout.to_status(state)
             if swap_status != prev.swap:
                 # The new state first (the flip itself, for the gateways); objects follow.
@@ -215,10 +219,25 @@ class Reconciler:
         new = status.observed_status(prev, generation, topology, dict(deployments),
                                      meta["name"], spec.model.version, error, self.clock(),
                                      state, rollout.to_status(state),
-                                     self._pod_failures(meta, topology, deployments))
+                                     self._pod_failures(meta, topology, deployments),
+                                     rollout.memory_limit(spec))
         if new != prev:
             self.write(body, new)
         return new
+
+    @staticmethod
+    def _fitted(topology: p.Topology, prev: AutoGLMStatus, spec: AutoGLMSpec,
+                emit: EventSink) -> None:
+        """An Event when a slot's servers are found to hold fewer experts than placed."""
+        for plan in topology.slots:
+            before = prev.slots.get(plan.slot)
+            was = before.fits_per_server if before is not None \
+                and before.fits_memory_limit == rollout.memory_limit(spec) else None
+            if plan.fits is not None and plan.fits != was:
+                emit("Warning", "ExpertsDoNotFit",
+                     f"slot {plan.slot}: an expert server has room for {plan.fits} experts "
+                     f"within limits.memory {rollout.memory_limit(spec)}: placing at most "
+                     f"{max(plan.fits, 1)} on each server")
 
     def _pod_failures(self, meta: Mapping[str, Any], topology: p.Topology,
                       deployments: Mapping[str, Manifest]) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,12 @@ def live_servers(name: str, slot: Slot, deployments: Mapping[str, Manifest],
 
 
 def routing(name: str, spec: AutoGLMSpec, state: swap.SwapState, st: AutoGLMStatus,
-            deployments: Mapping[str, Manifest]) -> p.RoutingState:
+            deployments: Mapping[str, Manifest],
+            pods: Sequence[Manifest] = ()) -> p.RoutingState:
     """The slots the swap state keeps: the active one, the standby while it is staged (with
     the active slot's current placement, retiring servers left out), and the previous one
     while it is warm. A slot's placement is its live servers', else the one its status
-    recorded."""
+    recorded; what fits a server, what its status kept or its servers' refusals report."""
     def servers(slot: Slot) -> tuple[tuple[frozenset[int], ...], int | None]:
         live = live_servers(name, slot, deployments)
         if live is not None:
@@ -114,14 +115,48 @@ def routing(name: str, spec: AutoGLMSpec, state: swap.SwapState, st: AutoGLMStat
         return recorded, None
 
     active, serving = servers(state.active_slot)
+    fits = fits_per_server(spec, st, state.active_slot, pods)
     slots: dict[Slot, p.SlotState] = {
-        state.active_slot: p.SlotState(state.active_version, active, serving)}
+        state.active_slot: p.SlotState(state.active_version, active, serving, fits)}
     if state.phase in STAGED and state.target_version is not None:
-        slots[state.standby_slot] = p.SlotState(state.target_version, active[:serving])
+        slots[state.standby_slot] = p.SlotState(
+            state.target_version, active[:serving],
+            fits=_least(fits, fits_per_server(spec, st, state.standby_slot, pods)))
     if state.previous is not None:
         prev = state.previous
-        slots[prev.slot] = p.SlotState(prev.version, *servers(prev.slot))
+        slots[prev.slot] = p.SlotState(prev.version, *servers(prev.slot),
+                                       fits_per_server(spec, st, prev.slot, pods))
     return p.RoutingState(state.active_slot, slots)
+
+
+def _least(*values: int | None) -> int | None:
+    found = [v for v in values if v is not None]
+    return min(found) if found else None
+
+
+def memory_limit(spec: AutoGLMSpec) -> str | None:
+    """The expert servers' ``limits.memory``, as written in the spec."""
+    limit = spec.experts.resources.limits.get("memory")
+    return None if limit is None else str(limit)
+
+
+def fits_per_server(spec: AutoGLMSpec, st: AutoGLMStatus, slot: Slot,
+                    pods: Sequence[Manifest]) -> int | None:
+    """With ``experts.perServer`` unset and a memory limit: the most experts one of the
+    slot's servers holds, the least of what its status kept (found under this same limit)
+    and what its expert servers' refusals report (``p.fits_reported``); None when none
+    said."""
+    limit = memory_limit(spec)
+    if spec.experts.per_server is not None or limit is None:
+        return None
+    s = st.slots.get(slot)
+    kept = s.fits_per_server if s is not None and s.fits_memory_limit == limit else None
+    reported = [n for pod in pods
+                if pod["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+                == "expert" and pod["metadata"]["labels"].get("autoglm.io/slot") == slot
+                for c in pod.get("status", {}).get("containerStatuses", [])
+                if (n := p.fits_reported(termination_message(c))) is not None]
+    return _least(kept, *reported)
 
 
 def router_url(name: str, namespace: str, slot: Slot) -> str:

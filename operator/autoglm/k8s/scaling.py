@@ -89,7 +89,8 @@ class Autoscaler:
             load = sample.tokens_per_s if sample is not None else (None,) * len(current)
             if list(d.desired) != current:
                 try:
-                    target = place(list(d.desired), p.experts_per_server(spec),
+                    fits = rollout.fits_per_server(spec, st, state.active_slot, ())
+                    target = place(list(d.desired), p.experts_per_server(spec, fits),
                                    load if d.metrics_ok else (), current=placement)
                 except PlacementError as e:  # the servers as they are keep serving
                     emit("Warning", "PlacementFailed", f"{e}; replicas held")

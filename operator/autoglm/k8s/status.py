@@ -99,7 +99,8 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
                     wanted_version: int, error: tuple[str, str] | None,
                     now: str, state: SwapState | None = None,
                     swap_status: SwapStatus | None = None,
-                    pod_failures: Sequence[str] = ()) -> AutoGLMStatus:
+                    pod_failures: Sequence[str] = (),
+                    memory_limit: str | None = None) -> AutoGLMStatus:
     """Status of a valid spec, from the live Deployments (by name) of every workload.
 
     ``error`` is a (reason, message) pair when applying objects failed; ``state`` is the
@@ -148,7 +149,9 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
         servers=[ServerStatus(name=w.name, experts=sorted(w.experts),
                               ready=deployment_available(deployments.get(w.name)),
                               retiring=retiring(deployments.get(w.name)))
-                 for w in plan.servers])
+                 for w in plan.servers],
+        fits_per_server=plan.fits,
+        fits_memory_limit=memory_limit if plan.fits is not None else None)
         for plan in topology.slots}
     return AutoGLMStatus(
         observed_generation=g,

@@ -63,6 +63,15 @@ CRASH_LOOP_RESTART_MS = 2000
 # The crash-looping containers' last termination message, as `autoglm triton-serve` writes
 # one when its model does not load (what the operator puts in a failed swap's reason).
 CRASH_LOOP_MESSAGE = "kwok crash-loop: the server exited with status 1"
+# An expert server of version DOES_NOT_FIT_VERSION that holds more than one expert refuses
+# them as one whose memory limit has room for one (backends/expect.check_fits); holding one,
+# it serves.
+DOES_NOT_FIT = "does-not-fit"
+DOES_NOT_FIT_VERSION = 15
+DOES_NOT_FIT_MESSAGE = (
+    f"experts v{DOES_NOT_FIT_VERSION}: the 2 experts assigned to this server need 24 MiB "
+    "(12.0 MiB each) but its memory limit of 1024 MiB, 1000 MiB in use, leaves room for 1: "
+    "set spec.experts.perServer to at most 1 or raise spec.experts.resources.limits.memory")
 
 
 class ControlPlaneError(RuntimeError):
@@ -503,7 +512,10 @@ _BEHAVIOUR_QUERY = (
     f'.metadata.labels["{BEHAVIOUR_LABEL}"] // '
     f'(.metadata.labels["{VERSION_LABEL}"] as $v | '
     f'if $v == "{NEVER_READY_VERSION}" then "{NEVER_READY}" '
-    f'elif $v == "{CRASH_LOOP_VERSION}" then "{CRASH_LOOP}" else "normal" end)'
+    f'elif $v == "{CRASH_LOOP_VERSION}" then "{CRASH_LOOP}" '
+    f'elif $v == "{DOES_NOT_FIT_VERSION}" and ([.spec.containers[0].env[]? '
+    f'| select(.name == "AUTOGLM_SERVER_EXPERTS") | .value] | first // "" | contains(",")) '
+    f'then "{DOES_NOT_FIT}" else "normal" end)'
 )
 
 _ALIVE = {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"}
@@ -582,7 +594,7 @@ containerStatuses:
 """
 
 # restartCount: the first failure, or one more than the pod's status says.
-_CRASHED_CONTAINERS = """
+_CRASHED_TEMPLATE = """
 containerStatuses:
 {{ range $index, $c := .spec.containers }}
 - image: {{ $c.image | Quote }}
@@ -602,9 +614,13 @@ containerStatuses:
       startedAt: {{ $now | Quote }}
       finishedAt: {{ $now | Quote }}
 {{ end }}
-""".replace("MESSAGE", json.dumps(CRASH_LOOP_MESSAGE))  # noqa: E501
+"""  # noqa: E501
+
+_CRASHED_CONTAINERS = _CRASHED_TEMPLATE.replace("MESSAGE", json.dumps(CRASH_LOOP_MESSAGE))
+_REFUSED_CONTAINERS = _CRASHED_TEMPLATE.replace("MESSAGE", json.dumps(DOES_NOT_FIT_MESSAGE))
 
 _PREAMBLE = "{{ $now := Now }}\n{{ $root := . }}\n"
+_RESTARTS = "{{ add1 ( index $root.status.containerStatuses $index ).restartCount }}"
 
 
 def _pod_stage(name: str, match: list[dict[str, Any]], nxt: dict[str, Any],
@@ -621,37 +637,43 @@ def _pod_stage(name: str, match: list[dict[str, Any]], nxt: dict[str, Any],
 
 
 def pod_stages() -> list[dict[str, Any]]:
-    """kwok's default ("fast") pod stages, plus never-ready and crash-loop pods."""
+    """kwok's default ("fast") pod stages, plus never-ready, crash-loop and does-not-fit
+    pods."""
     def behaviour(op: str, *values: str) -> dict[str, Any]:
         return {"key": _BEHAVIOUR_QUERY, "operator": op, "values": list(values)}
 
     back_off = {"type": "Warning", "reason": "BackOff",
                 "message": "Back-off restarting failed container"}
+    failing = (NEVER_READY, CRASH_LOOP, DOES_NOT_FIT)
+    crashing = []
+    for kind, containers in ((CRASH_LOOP, _CRASHED_CONTAINERS),
+                             (DOES_NOT_FIT, _REFUSED_CONTAINERS)):
+        crashing += [
+            _pod_stage(f"pod-{kind}", [_ALIVE, _UNSTARTED, behaviour("In", kind)],
+                       {"event": back_off,
+                        "statusTemplate": _PREAMBLE + _conditions(False)
+                        + containers % "1" + _INIT_DONE + _ADDRESSES}),
+            # matches its own result again, so the pod keeps "restarting" until deleted
+            _pod_stage(f"pod-{kind}-restart",
+                       [_ALIVE, behaviour("In", kind),
+                        {"key": ".status.podIP", "operator": "Exists"},
+                        {"key": ".status.containerStatuses.[].state.waiting.reason",
+                         "operator": "In", "values": ["CrashLoopBackOff"]}],
+                       {"event": back_off,
+                        "statusTemplate": _PREAMBLE + containers % _RESTARTS},
+                       delay_ms=CRASH_LOOP_RESTART_MS)]
     return [
-        _pod_stage("pod-ready", [_ALIVE, _UNSTARTED, behaviour("NotIn", NEVER_READY, CRASH_LOOP)],
+        _pod_stage("pod-ready", [_ALIVE, _UNSTARTED, behaviour("NotIn", *failing)],
                    {"statusTemplate": _PREAMBLE + _conditions(True)
                     + _RUNNING_CONTAINERS % "true" + _INIT_DONE + _ADDRESSES}),
         _pod_stage("pod-never-ready", [_ALIVE, _UNSTARTED, behaviour("In", NEVER_READY)],
                    {"statusTemplate": _PREAMBLE + _conditions(False)
                     + _RUNNING_CONTAINERS % "false" + _INIT_DONE + _ADDRESSES}),
-        _pod_stage("pod-crash-loop", [_ALIVE, _UNSTARTED, behaviour("In", CRASH_LOOP)],
-                   {"event": back_off,
-                    "statusTemplate": _PREAMBLE + _conditions(False)
-                    + _CRASHED_CONTAINERS % "1" + _INIT_DONE + _ADDRESSES}),
-        # matches its own result again, so the pod keeps "restarting" until deleted
-        _pod_stage("pod-crash-loop-restart",
-                   [_ALIVE, behaviour("In", CRASH_LOOP),
-                    {"key": ".status.podIP", "operator": "Exists"},
-                    {"key": ".status.containerStatuses.[].state.waiting.reason",
-                     "operator": "In", "values": ["CrashLoopBackOff"]}],
-                   {"event": back_off,
-                    "statusTemplate": _PREAMBLE + _CRASHED_CONTAINERS
-                    % "{{ add1 ( index $root.status.containerStatuses $index ).restartCount }}"},
-                   delay_ms=CRASH_LOOP_RESTART_MS),
+        *crashing,
         _pod_stage("pod-complete",
                    [_ALIVE, {"key": ".status.phase", "operator": "In", "values": ["Running"]},
                     {"key": ".metadata.ownerReferences.[].kind", "operator": "In",
-                     "values": ["Job"]}, behaviour("NotIn", NEVER_READY, CRASH_LOOP)],
+                     "values": ["Job"]}, behaviour("NotIn", *failing)],
                    {"statusTemplate": _PREAMBLE + """
 containerStatuses:
 {{ range .spec.containers }}
