@@ -124,3 +124,106 @@ def moves(before: Placement, after: Placement) -> int:
     """Replicas that ``after`` places on a server that did not hold them in ``before``."""
     return sum(len(a - (before.servers[s] if s < len(before.servers) else frozenset()))
                for s, a in enumerate(after.servers))
+
+
+@dataclass(frozen=True)
+class Move:
+    """One replica of ``expert`` leaving server ``source`` for ``target`` (``source`` None: a
+    new replica; ``target`` None: a replica removed)."""
+
+    expert: int
+    source: int | None
+    target: int | None
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    placement: Placement
+    moves: tuple[Move, ...]   # from the current placement to ``placement``
+    imbalance_before: float   # the current placement with only the forced changes
+    imbalance_after: float    # ``placement``
+    acted: bool               # False: the gain was under the threshold, forced changes only
+
+
+def rebalance(replicas: Sequence[int], capacity: int, load: Sequence[float | None],
+              current: Placement, servers: int | None = None, threshold: float = 0.05,
+              good_enough: float = 0.01, max_moves: int | None = None) -> Rebalance:
+    """Placement that follows the load, moving as little as it can.
+
+    First the forced changes only (:func:`place` from ``current``: new replicas placed,
+    surplus ones dropped, the rest kept). Then, while the heaviest server can be made lighter,
+    the one step that lowers it most: a replica moved to a server with room, or swapped with a
+    lighter one on one of the lightest servers (a swap is two moves), until the imbalance is
+    at most ``good_enough``. The result is taken only if it lowers the imbalance by more than
+    ``threshold`` (hysteresis: a small gain is not worth moving slices for); at most
+    ``max_moves`` moves beyond the forced ones."""
+    n = max(len(current.servers), servers_needed(replicas, capacity)) \
+        if servers is None else servers
+    forced = place(replicas, capacity, load, current=current, servers=n)
+    weight = _weights(replicas, load)
+    held = [set(h) for h in forced.servers]
+    loads = [sum(weight[e] for e in h) for h in held]
+    budget = math.inf if max_moves is None else max_moves
+    used = 0
+    while used < budget and imbalance(loads) > good_enough:
+        step = _best_step(held, loads, weight, capacity, budget - used)
+        if step is None:
+            break
+        for e, s, t in step:
+            held[s].remove(e)
+            held[t].add(e)
+            loads[s] -= weight[e]
+            loads[t] += weight[e]
+        used += len(step)
+    result = Placement(tuple(frozenset(h) for h in held))
+    before = imbalance(server_loads(forced, replicas, load))
+    after = imbalance(server_loads(result, replicas, load))
+    if before - after <= threshold:
+        result, after = forced, before
+    return Rebalance(result, _moves(current, result), before, after, result != forced)
+
+
+def _best_step(held: list[set[int]], loads: list[float], weight: Sequence[float],
+               capacity: int, room: float) -> list[tuple[int, int, int]] | None:
+    """The move or swap (as (expert, from, to) steps) that lowers the heaviest server most,
+    keeping both servers under its load; None when none does."""
+    s = max(range(len(held)), key=lambda x: (loads[x], -x))
+    top = loads[s]
+    best: tuple[float, int, list[tuple[int, int, int]]] | None = None
+    lightest = sorted(range(len(held)), key=lambda x: (loads[x], x))[:3]
+    for e in sorted(held[s]):
+        for t in range(len(held)):
+            if t != s and e not in held[t] and len(held[t]) < capacity:
+                worst = max(top - weight[e], loads[t] + weight[e])
+                if worst < top - 1e-9 and (best is None or (worst, 1) < best[:2]):
+                    best = (worst, 1, [(e, s, t)])
+        if room < 2:
+            continue
+        for t in lightest:
+            if t == s or e in held[t]:
+                continue
+            for f in sorted(held[t] - held[s]):
+                if weight[f] >= weight[e]:
+                    continue
+                worst = max(top - weight[e] + weight[f], loads[t] + weight[e] - weight[f])
+                if worst < top - 1e-9 and (best is None or (worst, 2) < best[:2]):
+                    best = (worst, 2, [(e, s, t), (f, t, s)])
+    return None if best is None else best[2]
+
+
+def _moves(before: Placement, after: Placement) -> tuple[Move, ...]:
+    """The replica moves from ``before`` to ``after``: each expert's lost copies paired with
+    its gained ones (the rest new or removed replicas), in expert then server order."""
+    width = max(len(before.servers), len(after.servers))
+    def at(p: Placement, s: int) -> frozenset[int]:
+        return p.servers[s] if s < len(p.servers) else frozenset()
+
+    out: list[Move] = []
+    experts = sorted(set().union(*before.servers, *after.servers)) if width else []
+    for e in experts:
+        lost = [s for s in range(width) if e in at(before, s) and e not in at(after, s)]
+        gained = [s for s in range(width) if e in at(after, s) and e not in at(before, s)]
+        for i in range(max(len(lost), len(gained))):
+            out.append(Move(e, lost[i] if i < len(lost) else None,
+                            gained[i] if i < len(gained) else None))
+    return tuple(out)

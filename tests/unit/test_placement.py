@@ -7,12 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoglm.placement import (
+    Move,
     Placement,
     PlacementError,
     balancedness,
     imbalance,
     moves,
     place,
+    rebalance,
     server_loads,
     servers_needed,
 )
@@ -110,3 +112,59 @@ def test_a_cornered_replica_swaps_one_other_to_make_room() -> None:
     p = place([1, 1, 3, 1], 2, current=current, servers=3)
     check(p, [1, 1, 3, 1], 2)
     assert moves(current, p) == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(), st.lists(st.floats(0, 1e4), min_size=40, max_size=40),
+       st.integers(0, 3), st.one_of(st.none(), st.integers(0, 6)))
+def test_a_rebalance_keeps_the_constraints_and_reaches_its_placement_by_its_moves(
+        problem: tuple[list[int], int, list[float | None]], shifted: list[float],
+        extra_servers: int, max_moves: int | None) -> None:
+    """From a placement made for one load, a rebalance for another: every constraint holds,
+    the moves it names turn the current placement into its own, it never leaves the servers
+    less even than the forced changes alone, and it is deterministic."""
+    replicas, capacity, load = problem
+    current = place(replicas, capacity, load)
+    new_load: list[float | None] = list(shifted[:len(replicas)])
+    servers = len(current.servers) + extra_servers
+    r = rebalance(replicas, capacity, new_load, current, servers=servers, max_moves=max_moves)
+    check(r.placement, replicas, capacity)
+    assert len(r.placement.servers) == servers
+    assert r == rebalance(replicas, capacity, new_load, current, servers=servers,
+                          max_moves=max_moves)
+    assert r.imbalance_after <= r.imbalance_before + 1e-9
+    held = [set(h) for h in current.servers] + [set() for _ in range(extra_servers)]
+    for m in r.moves:
+        if m.source is not None:
+            held[m.source].remove(m.expert)
+        if m.target is not None:
+            assert m.expert not in held[m.target]
+            held[m.target].add(m.expert)
+    assert tuple(frozenset(h) for h in held) == r.placement.servers
+    forced = place(replicas, capacity, new_load, current=current, servers=servers)
+    if not r.acted:
+        assert r.placement == forced
+    else:
+        assert r.imbalance_before - r.imbalance_after > 0.05
+        if max_moves is not None:
+            assert moves(forced, r.placement) <= max_moves
+
+
+def test_a_rebalance_moves_load_off_the_hot_server_and_small_gains_wait() -> None:
+    """Experts 0 and 1 on server 0 turn hot: one moves (a swap with a cold expert), nothing
+    else; a load whose best placement gains under the threshold moves nothing."""
+    current = Placement((frozenset({0, 1}), frozenset({2, 3}), frozenset({4, 5})))
+    hot = [100.0, 100.0, 10.0, 10.0, 10.0, 10.0]
+    r = rebalance([1] * 6, 2, hot, current)
+    assert r.acted and r.imbalance_before == pytest.approx(200 / (240 / 3) - 1)
+    assert sorted(len(h & {0, 1}) for h in r.placement.servers) == [0, 1, 1]
+    assert moves(current, r.placement) == 2, "one swap"
+    assert {(m.source, m.target) for m in r.moves} in (
+        {(0, 1), (1, 0)}, {(0, 2), (2, 0)})
+    mild = [12.0, 12.0, 10.0, 10.0, 10.0, 10.0]  # imbalance 0.125 -> 0.031: a gain of 0.094
+    assert rebalance([1] * 6, 2, mild, current).acted
+    assert not rebalance([1] * 6, 2, mild, current, threshold=0.1).acted, "hysteresis"
+    assert rebalance([1] * 6, 2, mild, current, threshold=0.1).moves == ()
+    # a new replica of expert 0 is a forced change: placed whether or not the rest moves
+    grown = rebalance([2, 1, 1, 1, 1, 1], 3, mild, current, threshold=1.0)
+    assert not grown.acted and grown.moves == (Move(0, None, grown.placement.holders(0)[1]),)
