@@ -66,7 +66,7 @@ from autoglm.plan import expert_folder, experts_model, generate_model, router_mo
 
 MODEL_SOURCE = Path(os.environ.get("AUTOGLM_MODEL_SOURCE",
                                    Path(__file__).resolve().parents[2] / "model_repo"))
-LAYOUT = 4  # bump when the files of a version change: older builds are then rebuilt
+LAYOUT = 5  # bump when the files of a version change: older builds are then rebuilt
 WEIGHTS = "weights.safetensors"
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -118,14 +118,15 @@ def triton_config(model: str, version: int, cfg: ModelConfig, instances: int = 1
                            io("model_version", "TYPE_INT64", [1]),
                            io("canary_expected", "TYPE_INT64", [-1])]}
     # One call is one layer's rows for several experts (backends/experts.py); without
-    # HIDDEN it answers what the server holds.
+    # HIDDEN it answers what the server holds; CONTROL moves experts in or out.
     def opt(name: str, dtype: str, dims: list[int]) -> dict[str, Any]:
         return {"name": name, "data_type": dtype, "dims": dims, "optional": True}
 
     return {**common, "max_batch_size": 0,
             "input": [opt("LAYER", "TYPE_INT32", [1]), opt("EXPERTS", "TYPE_INT32", [-1]),
                       opt("COUNTS", "TYPE_INT32", [-1]),
-                      opt("HIDDEN", "TYPE_FP32", [-1, cfg.hidden_size])],
+                      opt("HIDDEN", "TYPE_FP32", [-1, cfg.hidden_size]),
+                      opt("CONTROL", "TYPE_STRING", [1])],
             "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32",
                         "dims": [-1, cfg.hidden_size]},
                        {"name": "HELD", "data_type": "TYPE_INT32", "dims": [-1]},

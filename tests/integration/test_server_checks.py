@@ -5,6 +5,7 @@ what the server asks Triton for."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from autoglm.models.decoder import ExpertSlice
 from autoglm.models.tiny import PRESETS
 from autoglm.repository import build, load_part_config, load_weights
 from autoglm.spec import AutoGLMSpec, parse
+from autoglm.testing import eventually
 from autoglm.triton import TritonError, TritonServer
 
 pytestmark = pytest.mark.triton
@@ -150,3 +152,72 @@ def test_gpu_experts_ask_triton_for_gpu_instances(repo: Path, tmp_path: Path) ->
             server.start()
         assert err.value.summary == ("experts v1: instance group experts_0 of model "
                                      "experts has kind KIND_GPU but no GPUs are available")
+
+
+def control(c: httpclient.InferenceServerClient, **order: list[int]) -> list[int]:
+    i = httpclient.InferInput("CONTROL", [1], "BYTES")
+    i.set_data_from_numpy(np.array([json.dumps(order).encode()], dtype=np.object_))
+    out = c.infer("experts", [i], outputs=[httpclient.InferRequestedOutput("HELD")])
+    return [int(e) for e in out.as_numpy("HELD")]
+
+
+def held(c: httpclient.InferenceServerClient) -> list[int]:
+    out = c.infer("experts", [], outputs=[httpclient.InferRequestedOutput("HELD")])
+    return [int(e) for e in out.as_numpy("HELD")]
+
+
+@pytest.mark.parametrize("grouped", ["0", "1"], ids=["per-expert", "grouped"])
+def test_experts_move_in_and_out_of_a_serving_server(repo: Path, tmp_path: Path,
+                                                     grouped: str) -> None:
+    """A live move, no restart: a server holding expert 0 loads 1 and 2 in the background
+    while it answers calls for 0, reports them once loaded and answers for them as the
+    in-process slices do; a dropped expert is no longer reported at once but answered until
+    its drain ends, then refused. Bad orders are refused and change nothing."""
+    server = TritonServer(repo, {"experts": 1},
+                          env={p.SERVER_EXPERTS_ENV: "0", p.GROUPED_ENV: grouped,
+                               "AUTOGLM_DRAIN_SECONDS": "2"},
+                          log_path=tmp_path / "expert.log").start()
+    try:
+        _, cfg = load_part_config(repo / "expert_0" / "1")
+        refs = {e: ExpertSlice(cfg, e, load_weights(repo / f"expert_{e}" / "1"))
+                for e in range(3)}
+        layer = sorted(refs[0].layers)[0]
+        x = np.random.default_rng(5).standard_normal((3, cfg.hidden_size)).astype(np.float32)
+
+        def answer(c: httpclient.InferenceServerClient, e: int) -> None:
+            got = c.infer("experts", tensors(layer, [e], [3], x)).as_numpy("OUTPUT")
+            with torch.no_grad():
+                want = refs[e](layer, torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+        with httpclient.InferenceServerClient(server.http_url) as c:
+            assert held(c) == [0]
+            assert control(c, load=[1, 2]) == [0], "reported only once loaded"
+            served = 0
+            while held(c) != [0, 1, 2]:  # expert 0 keeps serving while they load
+                answer(c, 0)
+                served += 1
+                assert served < 2000, "experts 1 and 2 never reported"
+            answer(c, 1)
+            answer(c, 2)
+            assert control(c, drop=[0]) == [1, 2], "no longer reported at once"
+            answer(c, 0)  # still answered: routers ask it until their next probe
+            for bad, why in (({"load": [7]}, "version 1 has 3 routed experts"),
+                             ({"load": "x"}, "CONTROL must be JSON")):
+                with pytest.raises(InferenceServerException, match=why):
+                    control(c, **bad)
+            assert held(c) == [1, 2]
+            eventually(lambda: _refused(c, lambda: answer(c, 0)), "expert 0 freed", 30)
+            assert control(c, load=[0]) == [1, 2]
+            eventually(lambda: held(c) == [0, 1, 2], "expert 0 back", 30)
+            answer(c, 0)
+    finally:
+        server.stop()
+
+
+def _refused(c: httpclient.InferenceServerClient, call: Any) -> bool:
+    try:
+        call()
+    except InferenceServerException as e:
+        return "is not held here" in str(e)
+    return False
