@@ -16,7 +16,7 @@ replica of an expert), so what is compared is placement:
   heaviest first into the lightest server with room (C each); one change so its packing is a
   valid placement: a server that holds the expert already is skipped while another has room.
   Its packs are then matched to its previous servers greedily by overlap (largest first), so
-  the moves counted are the fewest its re-solve needs without re-solving differently.
+  that renumbering servers is not counted as moves.
 
 Figures per scenario over the rebalances (the first placement is not counted): imbalance
 (max - mean)/mean of the servers' loads under the step's load, mean and max, both sides;
@@ -29,7 +29,10 @@ Goals (one PASS/FAIL line each): every scenario's mean imbalance within 0.02 of 
 every scenario's total moves at most 25% of EPLB's; our max solve time at 256 experts x 32
 servers at most 50 ms. Exit status 0 whatever the verdicts (a bench).
 
-    .venv/bin/python bench/placement/bench_placement.py [--quick]
+    .venv/bin/python bench/placement/bench_placement.py [--quick] [--threshold X]
+
+``--quick``: three sizes, 7 rebalances each (under a second); ``--threshold``: passed to
+`rebalance` (default: its own), to tune it against these goals.
 """
 
 from __future__ import annotations
@@ -45,8 +48,15 @@ from pathlib import Path
 
 import numpy as np
 
-from autoglm.placement import Placement, balancedness, imbalance, moves, place, rebalance, \
-    server_loads
+from autoglm.placement import (
+    Placement,
+    balancedness,
+    imbalance,
+    moves,
+    place,
+    rebalance,
+    server_loads,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "autoscaler"))
 import bench_autoscaler as ba
@@ -218,9 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=None,
                     help="rebalance's threshold (default: its own), for tuning")
     args = ap.parse_args(argv)
-    print(f"R = E + E//4 replicas (EPLB replicate_experts, capped at S) on S servers of "
-          f"C = ceil(R/S); imbalance (max-mean)/mean after each rebalance; "
-          f"moves per rebalance\n")
+    print("R = E + E//4 replicas (EPLB replicate_experts, capped at S) on S servers of "
+          "C = ceil(R/S); imbalance (max-mean)/mean after each rebalance; "
+          "moves per rebalance\n")
     print(f"{'scenario':12} {'E':>4} {'S':>3} {'C':>3} {'steps':>5} | {'imbalance ours':>14} "
           f"{'EPLB':>11} {'diff':>6} | {'bal ours':>8} {'EPLB':>5} | {'moves ours':>10} "
           f"{'EPLB':>6} {'ratio':>5} {'forced':>6} | {'acted':>5} | {'ms med':>6} {'max':>6}")
@@ -252,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     wf = max(results, key=ratio)
     wr = ratio(wf)
+    moved_over = [f for f in results if ratio(f) > MOVES_RATIO]
+    floor = sum(f.forced > MOVES_RATIO * f.moved[1] for f in moved_over)
     total = sum(f.moved[0] for f in results) / max(sum(f.moved[1] for f in results), 1)
     big = [f for f in results if (f.experts, f.servers) == (256, 32)]
     slow = max((max(f.ms) for f in big), default=math.nan)
@@ -259,9 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'PASS' if over == 0 else 'FAIL'} imbalance: mean over rebalances, ours minus "
           f"EPLB, <= {IMBALANCE_SLACK} in every scenario: worst {diff:+.3f} ({label(worst)}), "
           f"{over}/{len(results)} scenarios over")
-    print(f"{'PASS' if wr <= MOVES_RATIO else 'FAIL'} moves: total over rebalances, ours / "
-          f"EPLB, <= {MOVES_RATIO} in every scenario: worst {wr:.2f} ({label(wf)}), all "
-          f"scenarios together {total:.2f}")
+    print(f"{'PASS' if not moved_over else 'FAIL'} moves: total over rebalances, ours / EPLB, "
+          f"<= {MOVES_RATIO} in every scenario: worst {wr:.2f} ({label(wf)}), "
+          f"{len(moved_over)}/{len(results)} scenarios over ({floor} of them where the forced "
+          f"new replicas alone are over); all scenarios together {total:.2f}")
     print(f"{'PASS' if slow <= SOLVE_MS else 'FAIL'} solve time: max over rebalances at 256 "
           f"experts x 32 servers <= {SOLVE_MS:g} ms: {slow:.1f} ms "
           f"({len(big)} scenarios, {sum(len(f.ms) for f in big)} rebalances)")

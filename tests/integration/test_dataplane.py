@@ -4,6 +4,7 @@ hold several experts."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -222,5 +223,70 @@ def test_a_server_holding_several_experts_killed(repo: Path,
             np.testing.assert_allclose(infer(router, x)[0], ref(torch.from_numpy(x)).numpy(),
                                        rtol=1e-5, atol=1e-5)
     finally:
+        dp.stop()
+        assert not [f for s in dp.servers() for f in s.shm_regions()], "shared memory left"
+
+
+def test_experts_move_between_serving_servers_under_load(
+        repo: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Live moves (no restart): under steady load, experts 0 and 1 move between two
+    servers and back, six moves; every answer arrives and equals the reference. A move to a
+    server that died is abandoned, and the expert serves on from where it was."""
+    dp = DataPlane(repo, VERSION, tmp_path_factory.mktemp("moves"), capacity=3)
+    dp.start(Placement((frozenset({0, 2}), frozenset({1, 3}))))
+    stop = threading.Event()
+    answered: list[int] = []
+    failures: list[str] = []
+    try:
+        router = dp.router
+        assert router is not None
+        ref = load_reference(repo, VERSION)
+        rng = np.random.default_rng(11)
+        inputs = [rng.integers(0, ref.cfg.vocab_size, (2, 6)).astype(np.int64)
+                  for _ in range(8)]
+        wanted = [ref(torch.from_numpy(x)).numpy() for x in inputs]
+
+        def load() -> None:
+            i = 0
+            while not stop.is_set():
+                x, want = inputs[i % len(inputs)], wanted[i % len(inputs)]
+                try:
+                    logits, _ = infer(router, x)
+                    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+                    answered.append(i)
+                except (InferenceServerException, AssertionError) as e:
+                    failures.append(str(e)[:200])
+                i += 1
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        a, b = (x.server for x in dp.expert_servers)
+        for expert, source, target in [(0, a, b), (1, b, a), (0, b, a), (1, a, b),
+                                       (0, a, b), (0, b, a)]:
+            before = len(answered)
+            assert dp.move(expert, source, target), (expert, source.grpc_url)
+
+            def more(n: int = before) -> bool:
+                return len(answered) > n + 5
+            eventually(more, "answers after the move", 30)
+        assert dp.placement == Placement((frozenset({0, 2}), frozenset({1, 3})))
+        stop.set()
+        worker.join(timeout=30)
+        assert not failures, failures[:3]
+        print(f"\n{len(answered)} answers across 6 live moves, 0 failed")
+        # a move to a server that is gone is abandoned: expert 2 serves on from a
+        b.kill()
+        assert not dp.move(2, a, b, timeout=5)
+        assert 2 in dp.expert_servers[0].held
+        only_a = [x for x in (rng.integers(0, ref.cfg.vocab_size, (1, 1)).astype(np.int64)
+                              for _ in range(200))
+                  if set(forward(ref.router, torch.from_numpy(x), ref.local_fanout)[1])
+                  <= {0, 2}]
+        assert only_a, "inputs that route to experts 0 and 2 only"
+        for x in only_a[:2]:
+            np.testing.assert_allclose(infer(router, x)[0], ref(torch.from_numpy(x)).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        stop.set()
         dp.stop()
         assert not [f for s in dp.servers() for f in s.shm_regions()], "shared memory left"

@@ -9,6 +9,7 @@ one serving before the old one stops), and a server that died is restarted in pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -17,10 +18,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
 from autoglm.placement import Placement, place
 from autoglm.plan import SERVER_EXPERTS_ENV, experts_model, format_server_experts
 from autoglm.repository import read_meta, router_server_models
 from autoglm.triton import TritonError, TritonServer
+
+
+def control(server: TritonServer, **order: list[int]) -> list[int]:
+    """A live-move order to an expert server (backends/experts.py ``CONTROL``; none: only
+    ask); what it reports holding."""
+    with httpclient.InferenceServerClient(server.http_url, network_timeout=10.0) as c:
+        i = httpclient.InferInput("CONTROL", [1], "BYTES")
+        i.set_data_from_numpy(np.array([json.dumps(order).encode()], dtype=np.object_))
+        out = c.infer(experts_model(), [i],
+                      outputs=[httpclient.InferRequestedOutput("HELD")])
+        return [int(e) for e in out.as_numpy("HELD")]
 
 
 @dataclass(eq=False)
@@ -123,6 +139,33 @@ class DataPlane:
             self.router.stop()
             raise RuntimeError("slot stopped")
         return self.router
+
+    def move(self, expert: int, source: TritonServer, target: TritonServer,
+             timeout: float = 60.0) -> bool:
+        """Expert ``expert`` from ``source`` to ``target`` while both serve (no restart):
+        ``target`` loads it and reports it, then ``source`` drops it (unreported at once,
+        answered while the router still asks, then freed). False, nothing changed on
+        ``source``, when ``target`` does not report it in time (it died, say): the move is
+        abandoned and the old replica serves on."""
+        src, dst = (next(x for x in self.expert_servers if x.server is s)
+                    for s in (source, target))
+        if expert not in src.held or expert in dst.held:
+            raise ValueError(f"expert {expert}: not on server {source.grpc_url} or already "
+                             f"on {target.grpc_url}")
+        deadline = time.monotonic() + timeout
+        try:
+            control(target, load=[expert])
+            while expert not in control(target):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"expert {expert} not loaded in {timeout:.0f} s")
+                time.sleep(0.1)
+        except (InferenceServerException, OSError, TimeoutError):
+            return False
+        dst.held = dst.held | {expert}
+        with contextlib.suppress(InferenceServerException, OSError):  # gone: dropped anyway
+            control(source, drop=[expert])
+        src.held = src.held - {expert}
+        return True
 
     def reshape(self, target: Placement, go_on: Callable[[], bool] = lambda: True,
                 say: Callable[[str], None] = lambda _: None) -> None:
