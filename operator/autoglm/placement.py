@@ -146,8 +146,8 @@ class Rebalance:
 
 
 def rebalance(replicas: Sequence[int], capacity: int, load: Sequence[float | None],
-              current: Placement, servers: int | None = None, threshold: float = 0.05,
-              good_enough: float = 0.01, max_moves: int | None = None) -> Rebalance:
+              current: Placement, servers: int | None = None, threshold: float = 0.02,
+              good_enough: float = 0.015, max_moves: int | None = None) -> Rebalance:
     """Placement that follows the load, moving as little as it can.
 
     First the forced changes only (:func:`place` from ``current``: new replicas placed,
@@ -195,8 +195,8 @@ def _best_step(held: list[set[int]], loads: list[float], weight: Sequence[float]
         for t in range(len(held)):
             if t != s and e not in held[t] and len(held[t]) < capacity:
                 worst = max(top - weight[e], loads[t] + weight[e])
-                if worst < top - 1e-9 and (best is None or (worst, 1) < best[:2]):
-                    best = (worst, 1, [(e, s, t)])
+                if worst < top - 1e-9 and (best is None or (worst - top, 1) < best[:2]):
+                    best = (worst - top, 1, [(e, s, t)])
         if room < 2:
             continue
         for t in lightest:
@@ -206,8 +206,9 @@ def _best_step(held: list[set[int]], loads: list[float], weight: Sequence[float]
                 if weight[f] >= weight[e]:
                     continue
                 worst = max(top - weight[e] + weight[f], loads[t] + weight[e] - weight[f])
-                if worst < top - 1e-9 and (best is None or (worst, 2) < best[:2]):
-                    best = (worst, 2, [(e, s, t), (f, t, s)])
+                # a swap is two moves: it must gain twice what a move does
+                if worst < top - 1e-9 and (best is None or ((worst - top) / 2, 2) < best[:2]):
+                    best = ((worst - top) / 2, 2, [(e, s, t), (f, t, s)])
     return None if best is None else best[2]
 
 
