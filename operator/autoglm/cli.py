@@ -278,6 +278,9 @@ def _status(args: argparse.Namespace) -> int:
                   f"{auto['imbalance']:.2f} ((max - mean) / mean per replica)")
         else:
             print(f"  autoscaling: metrics unavailable: {auto['reason']}; holding replicas")
+        if auto.get("moves"):
+            print(f"  placement: {auto['moves']} live move(s); last rebalance: "
+                  f"{auto['last_rebalance']}")
         for slot, s in st["slots"].items():
             print(f"  slot {slot} ({s['role']}): version {s['version']}, router {s['router']}")
             for i, server in enumerate(s.get("servers", [])):

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
-from autoglm.placement import Placement, place
+from autoglm.placement import Placement, place, rebalance
 from autoglm.procs import kill_all, process_start, processes_with, running
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import WEIGHTS, build, read_meta
@@ -51,6 +51,7 @@ from autoglm.triton import TritonError, TritonServer, shm_group_marker, shm_grou
 
 Say = Callable[[str], None]
 SCRAPE_SECONDS = 1.0  # our Prometheus' scrape interval
+REBALANCE_MOVES = 4  # live moves a rebalance makes at most: a few at a time, never a pause
 
 
 class LocalError(RuntimeError):
@@ -121,6 +122,8 @@ class Scaling:
     load: tuple[float | None, ...] = ()
     imbalance: float = 0.0
     paused: bool = False  # said that a swap pauses scaling
+    moves: int = 0  # live moves made by rebalances so far
+    last_rebalance: str = ""
 
 
 @dataclasses.dataclass
@@ -620,7 +623,29 @@ class LocalRuntime:
             self.say(f"autoscaler: {change}")
         if d.changes:
             self._apply(plane, current, d.desired)
+        elif d.metrics_ok and self.state is not None and self.state.phase == swap.Phase.IDLE:
+            self._rebalance(plane, current, load)
         self.write_status()
+
+    def _rebalance(self, plane: DataPlane, current: list[int],
+                   load: Sequence[float | None]) -> None:
+        """Same replicas, servers uneven: a few experts move live between the servers (each
+        loaded where it goes before it leaves where it was), when that gains enough."""
+        rb = rebalance(current, plane.capacity, load, plane.placement,
+                       servers=len(plane.expert_servers), max_moves=REBALANCE_MOVES)
+        if not rb.acted:
+            return
+        servers = [x.server for x in plane.expert_servers]
+        done = [m for m in rb.moves if m.source is not None and m.target is not None
+                and plane.move(m.expert, servers[m.source], servers[m.target])]
+        self.scaling.moves += len(done)
+        self.scaling.last_rebalance = (
+            f"imbalance {rb.imbalance_before:.2f} -> {rb.imbalance_after:.2f}, "
+            + ", ".join(f"expert {m.expert} server {m.source}->{m.target}" for m in done))
+        self.say(f"rebalance: {self.scaling.last_rebalance}"
+                 + (f" ({len(rb.moves) - len(done)} abandoned)"
+                    if len(done) < len(rb.moves) else ""))
+        self._replicas_changed(plane)
 
     def _apply(self, plane: DataPlane, current: list[int], desired: tuple[int, ...]) -> None:
         """The replicas placed (what each server holds stays where it can; the load
@@ -688,6 +713,7 @@ class LocalRuntime:
             "target_tokens_per_second": a.target,
             "metrics_available": sc.metrics_ok, "reason": sc.reason,
             "imbalance": sc.imbalance, "paused": sc.paused,
+            "moves": sc.moves, "last_rebalance": sc.last_rebalance,
             "experts": {str(e): {
                 "replicas": c,
                 "desired": sc.desired[e] if e < len(sc.desired) else c,
