@@ -398,8 +398,11 @@ def test_many_experts_without_per_server_share_a_handful_of_servers(
 
     # the autoscaler's per-expert status: a status patch listing all of them, accepted
     def per_expert() -> list[dict[str, Any]] | None:
+        # a decision made once every server is ready (one made before counts them starting)
         scaling = cluster.resource(name).get("status", {}).get("autoscaling") or {}
-        return scaling.get("experts") if len(scaling.get("experts", [])) == experts else None
+        rows: list[dict[str, Any]] = scaling.get("experts", [])
+        return rows if len(rows) == experts and all(x["readyReplicas"] == 1 for x in rows) \
+            else None
 
     rows = eventually(per_expert, f"the autoscaler's status of {experts} experts")
     assert [(x["expert"], x["replicas"], x["readyReplicas"], x["desired"]) for x in rows] == [
