@@ -5,7 +5,6 @@ what the server asks Triton for."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from autoglm import plan as p
+from autoglm.local.dataplane import control
 from autoglm.models.decoder import ExpertSlice
 from autoglm.models.tiny import PRESETS
 from autoglm.repository import build, load_part_config, load_weights
@@ -154,13 +154,6 @@ def test_gpu_experts_ask_triton_for_gpu_instances(repo: Path, tmp_path: Path) ->
                                      "experts has kind KIND_GPU but no GPUs are available")
 
 
-def control(c: httpclient.InferenceServerClient, **order: list[int]) -> list[int]:
-    i = httpclient.InferInput("CONTROL", [1], "BYTES")
-    i.set_data_from_numpy(np.array([json.dumps(order).encode()], dtype=np.object_))
-    out = c.infer("experts", [i], outputs=[httpclient.InferRequestedOutput("HELD")])
-    return [int(e) for e in out.as_numpy("HELD")]
-
-
 def held(c: httpclient.InferenceServerClient) -> list[int]:
     out = c.infer("experts", [], outputs=[httpclient.InferRequestedOutput("HELD")])
     return [int(e) for e in out.as_numpy("HELD")]
@@ -192,7 +185,7 @@ def test_experts_move_in_and_out_of_a_serving_server(repo: Path, tmp_path: Path,
 
         with httpclient.InferenceServerClient(server.http_url) as c:
             assert held(c) == [0]
-            assert control(c, load=[1, 2]) == [0], "reported only once loaded"
+            assert control(server, load=[1, 2]) == [0], "reported only once loaded"
             served = 0
             while held(c) != [0, 1, 2]:  # expert 0 keeps serving while they load
                 answer(c, 0)
@@ -200,15 +193,15 @@ def test_experts_move_in_and_out_of_a_serving_server(repo: Path, tmp_path: Path,
                 assert served < 2000, "experts 1 and 2 never reported"
             answer(c, 1)
             answer(c, 2)
-            assert control(c, drop=[0]) == [1, 2], "no longer reported at once"
+            assert control(server, drop=[0]) == [1, 2], "no longer reported at once"
             answer(c, 0)  # still answered: routers ask it until their next probe
             for bad, why in (({"load": [7]}, "version 1 has 3 routed experts"),
                              ({"load": "x"}, "CONTROL must be JSON")):
                 with pytest.raises(InferenceServerException, match=why):
-                    control(c, **bad)
+                    control(server, **bad)
             assert held(c) == [1, 2]
             eventually(lambda: _refused(c, lambda: answer(c, 0)), "expert 0 freed", 30)
-            assert control(c, load=[0]) == [1, 2]
+            assert control(server, load=[0]) == [1, 2]
             eventually(lambda: held(c) == [0, 1, 2], "expert 0 back", 30)
             answer(c, 0)
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -103,10 +103,10 @@ class Reconciler:
             deployments = named(observed, "Deployment")
             # Pods matter only to a standby being staged (its crash check) and to workloads
             # not available (an expert server's refusal says how many experts fit it).
+            listed = state.phase in rollout.STAGED or not all(
+                status.deployment_available(d) for d in deployments.values())
             pods = (self.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
-                    if state.phase in rollout.STAGED or not all(
-                        status.deployment_available(d) for d in deployments.values())
-                    else [])
+                    if listed else [])
             state, reports = rollout.advance(meta["name"], meta["namespace"], spec, state,
                                              deployments, pods, self.wall(), self.canary,
                                              self._inflight(meta, spec, state))
@@ -125,7 +125,7 @@ class Reconciler:
             if swap_status != prev.swap:
                 # The new state first (the flip itself, for the gateways); objects follow.
                 prev = self._status(body, spec, topology, prev, deployments, None, state,
-                                    converged=False)
+                                    converged=False, pods=pods if listed else None)
             desired = builders.desired_objects(meta["name"], meta["namespace"], meta["uid"],
                                                spec, topology, self.monitors_available())
             error: tuple[str, str] | None = None
@@ -144,7 +144,8 @@ class Reconciler:
                 emit("Warning", error[0], error[1])
             if changes:
                 deployments = self.deployments(meta["name"], meta["namespace"])
-            new = self._status(body, spec, topology, prev, deployments, error, state)
+            new = self._status(body, spec, topology, prev, deployments, error, state,
+                               pods=pods if listed else None)
             if failure is not None:
                 raise failure
             return new
@@ -210,16 +211,18 @@ class Reconciler:
     def _status(self, body: Mapping[str, Any], spec: AutoGLMSpec, topology: p.Topology,
                 prev: AutoGLMStatus, deployments: Mapping[str, Manifest],
                 error: tuple[str, str] | None, state: swap.SwapState,
-                converged: bool = True) -> AutoGLMStatus:
+                converged: bool = True,
+                pods: Sequence[Manifest] | None = None) -> AutoGLMStatus:
         """``converged``: the objects were applied for this generation; otherwise the status
         keeps the generation it last described (a Ready computed from objects not yet
-        updated must not claim the new generation)."""
+        updated must not claim the new generation). ``pods``: the resource's, when already
+        listed."""
         meta = body["metadata"]
         generation = meta.get("generation") if converged else prev.observed_generation
         new = status.observed_status(prev, generation, topology, dict(deployments),
                                      meta["name"], spec.model.version, error, self.clock(),
                                      state, rollout.to_status(state),
-                                     self._pod_failures(meta, topology, deployments),
+                                     self._pod_failures(meta, topology, deployments, pods),
                                      rollout.memory_limit(spec))
         if new != prev:
             self.write(body, new)
@@ -230,9 +233,7 @@ class Reconciler:
                 emit: EventSink) -> None:
         """An Event when a slot's servers are found to hold fewer experts than placed."""
         for plan in topology.slots:
-            before = prev.slots.get(plan.slot)
-            was = before.fits_per_server if before is not None \
-                and before.fits_memory_limit == rollout.memory_limit(spec) else None
+            was = rollout.fits_per_server(spec, prev, plan.slot, ())  # what status kept
             if plan.fits is not None and plan.fits != was:
                 emit("Warning", "ExpertsDoNotFit",
                      f"slot {plan.slot}: an expert server has room for {plan.fits} experts "
@@ -240,15 +241,18 @@ class Reconciler:
                      f"{max(plan.fits, 1)} on each server")
 
     def _pod_failures(self, meta: Mapping[str, Any], topology: p.Topology,
-                      deployments: Mapping[str, Manifest]) -> list[str]:
+                      deployments: Mapping[str, Manifest],
+                      pods: Sequence[Manifest] | None = None) -> list[str]:
         """Why the serving slot's workloads that are not available fail, from their pods
         (e.g. an expert server whose experts do not fit its memory limit, in its one-line
-        termination message); pods are listed only when one is not available."""
+        termination message); pods are listed, unless given, only when one is not
+        available."""
         down = [w for w in topology.active_plan.workloads
                 if not status.deployment_available(deployments.get(w.name))]
         if not down:
             return []
-        pods = self.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
+        if pods is None:
+            pods = self.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
         out = []
         for w in down:
             sel = builders.selector(meta["name"], w.component, w.slot, w.server).items()
