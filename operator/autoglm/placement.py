@@ -228,3 +228,66 @@ def _moves(before: Placement, after: Placement) -> tuple[Move, ...]:
             out.append(Move(e, lost[i] if i < len(lost) else None,
                             gained[i] if i < len(gained) else None))
     return tuple(out)
+
+
+Order = dict[str, list[int]]  # an expert server's CONTROL: {"load": [...], "drop": [...]}
+Reports = Sequence[Sequence[frozenset[int] | None]]  # per server, per pod: what it reports
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of serving ``live`` with ``moves`` under way (see :func:`progress`)."""
+
+    orders: dict[tuple[int, int], Order]  # (server, pod) -> what to send it
+    done: tuple[Move, ...]
+    pending: tuple[Move, ...]
+    placement: Placement  # ``live`` with the done moves made
+
+
+def progress(live: Placement, moves: Sequence[Move], reports: Reports) -> Progress:
+    """Make-before-break, from what the pods report (pure: the caller sends the orders and
+    asks again). A move's expert is loaded on every pod of its target first; once all of
+    them report it, its source's pods drop it; the move is done when none reports it any
+    more. Pods also converge on ``live`` (a pod restarted from its template loads what
+    moved in, and drops what moved out). A pod never drops an expert that no other server
+    serves on every pod, so no order leaves an expert unserved. A move given up on (its
+    target died, say) is left out of ``moves``: its target drops the copy, the source
+    keeps serving."""
+    width = max(len(live.servers), len(reports))
+
+    def pods(s: int) -> Sequence[frozenset[int] | None]:
+        return reports[s] if s < len(reports) else ()
+
+    def full(s: int, e: int) -> bool:
+        return bool(pods(s)) and all(r is not None and e in r for r in pods(s))
+
+    want = [set(live.servers[s]) if s < len(live.servers) else set() for s in range(width)]
+    done: list[Move] = []
+    pending: list[Move] = []
+    for m in moves:
+        arrived = m.target is None or full(m.target, m.expert)
+        if m.target is not None:
+            want[m.target].add(m.expert)
+        if arrived and m.source is not None:
+            want[m.source].discard(m.expert)
+        left = m.source is None or not any(
+            r is not None and m.expert in r for r in pods(m.source))
+        (done if arrived and left else pending).append(m)
+    orders: dict[tuple[int, int], Order] = {}
+    for s, answers in enumerate(reports):
+        for i, r in enumerate(answers):
+            if r is None:
+                continue
+            load = sorted(want[s] - r)
+            drop = sorted(e for e in r - want[s]
+                          if any(full(x, e) for x in range(width) if x != s))
+            if load or drop:
+                orders[(s, i)] = {"load": load, "drop": drop}
+    held = [set(h) for h in live.servers] + [set() for _ in range(width - len(live.servers))]
+    for m in done:
+        if m.source is not None:
+            held[m.source].discard(m.expert)
+        if m.target is not None:
+            held[m.target].add(m.expert)
+    return Progress(orders, tuple(done), tuple(pending),
+                    Placement(tuple(frozenset(h) for h in held)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from autoglm.placement import (
     imbalance,
     moves,
     place,
+    progress,
     rebalance,
     server_loads,
     servers_needed,
@@ -168,3 +171,67 @@ def test_a_rebalance_moves_load_off_the_hot_server_and_small_gains_wait() -> Non
     # a new replica of expert 0 is a forced change: placed whether or not the rest moves
     grown = rebalance([2, 1, 1, 1, 1, 1], 3, mild, current, threshold=1.0)
     assert not grown.acted and grown.moves == (Move(0, None, grown.placement.holders(0)[1]),)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.lists(st.floats(0, 1e4), min_size=40, max_size=40),
+       st.integers(1, 3), st.integers(0, 2**32))
+def test_moves_made_from_pod_reports_never_leave_an_expert_unserved(
+        problem: tuple[list[int], int, list[float | None]], shifted: list[float],
+        pods_per_server: int, seed: int) -> None:
+    """Pods that load slowly (an order takes effect a random number of steps later), miss
+    answers, restart from their template (losing what moved in), or die for good while
+    loading: until a restart each expert is held by every pod of some server (a restart is
+    a failure no order prevents); every move ends done or, its target dead, is given up;
+    the placement reached is the rebalance's, less what was given up, and every pod holds
+    its server's part of it."""
+    rng = random.Random(seed)
+    replicas, capacity, load = problem
+    live = place(replicas, capacity, load)
+    r = rebalance(replicas, capacity, list(shifted[:len(replicas)]), live)
+    n = len(live.servers)
+    boot = [set(h) for h in live.servers]
+    pods = [[set(h) for _ in range(pods_per_server)] for h in live.servers]
+    loading: list[list[dict[int, int]]] = [[{} for _ in range(pods_per_server)]
+                                           for _ in range(n)]
+    dead = rng.randrange(n) if r.moves and rng.random() < 0.3 else None
+    moves_left = list(r.moves)
+    given_up = []
+    restarted = False
+    for step in range(80):
+        for s in range(n):
+            for i in range(pods_per_server):
+                for e, due in list(loading[s][i].items()):
+                    if due <= step and s != dead:
+                        pods[s][i].add(e)
+                        del loading[s][i][e]
+                if step < 40 and rng.random() < 0.02 and s != dead:  # restarted from template
+                    pods[s][i], loading[s][i] = set(boot[s]), {}
+                    restarted = True
+        reports = [[None if rng.random() < 0.1 else frozenset(h) for h in server]
+                   for server in pods]
+        for e in range(len(replicas) if not restarted else 0):  # on what pods really hold
+            assert any(all(e in h for h in server) for server in pods), (e, pods)
+        if step == 40 and dead is not None:  # a deadline passed: give up what is stuck
+            given_up = [m for m in moves_left if m.target == dead]
+            moves_left = [m for m in moves_left if m.target != dead]
+        p = progress(live, moves_left, reports)
+        live, moves_left = p.placement, list(p.pending)
+        for (s, i), order in p.orders.items():
+            for e in order["drop"]:
+                pods[s][i].discard(e)
+            for e in order["load"]:
+                loading[s][i].setdefault(e, step + rng.randrange(3))
+        in_flight = any(loading[s][i] for s in range(n) if s != dead
+                        for i in range(pods_per_server))
+        answered = all(r is not None for server in reports for r in server)
+        if not moves_left and not p.orders and answered and not in_flight and step > 41:
+            break
+    assert not moves_left and not p.orders
+    expected = [set(h) for h in r.placement.servers]
+    for m in given_up:
+        assert m.target is not None and m.source is not None
+        expected[m.target].discard(m.expert)
+        expected[m.source].add(m.expert)
+    assert [set(h) for h in live.servers] == expected
+    assert all(h == expected[s] for s in range(n) if s != dead for h in pods[s])
