@@ -235,3 +235,17 @@ def test_moves_made_from_pod_reports_never_leave_an_expert_unserved(
         expected[m.source].add(m.expert)
     assert [set(h) for h in live.servers] == expected
     assert all(h == expected[s] for s in range(n) if s != dead for h in pods[s])
+
+
+def test_a_pod_keeps_an_expert_that_moved_away_until_its_new_server_serves_it_again() -> None:
+    """Expert 2 moved from server 0 to 1; both restarted from their templates (server 0's
+    holds 2 again, server 1's lost it): server 1 reloads it, server 0 keeps it meanwhile,
+    then drops it."""
+    live = Placement((frozenset({0, 1}), frozenset({2, 3})))
+    restarted = [[frozenset({0, 1, 2})], [frozenset({3})]]
+    p = progress(live, (), restarted)
+    assert p.orders == {(1, 0): {"load": [2], "drop": []}}
+    again = progress(live, (), [[frozenset({0, 1, 2})], [frozenset({2, 3})]])
+    assert again.orders == {(0, 0): {"load": [], "drop": [2]}}
+    unanswered = progress(live, (), [[frozenset({0, 1, 2})], [frozenset({2, 3}), None]])
+    assert unanswered.orders == {}, "a pod of server 1 unheard: it may lack expert 2"
