@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+MOVES_PER_REBALANCE = 4  # live moves a rebalance makes at most: a few at a time, no pause
+
 
 class PlacementError(ValueError):
     """Replicas that cannot be placed: the message says which and why."""

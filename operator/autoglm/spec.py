@@ -528,13 +528,40 @@ class ExpertStatus(_StatusObject):
     load: float | None = Field(None, description="Tokens/s the gate routes to it.")
 
 
+class MoveStatus(_StatusObject):
+    expert: int
+    source: int = Field(description="The server it leaves (index in the slot).")
+    target: int = Field(description="The server it loads on, live, before it leaves.")
+
+
+class RebalanceStatus(_StatusObject):
+    """A rebalance under way: kept here so that an operator restart resumes it."""
+
+    slot: Slot
+    since: str = Field(description="When it began (RFC 3339); moves not done in time are "
+                                   "given up, the old replica serving on.")
+    moves: list[MoveStatus] = Field(default_factory=list, description="Moves not yet done.")
+    imbalance_before: float
+    imbalance_after: float
+
+
 class AutoscalingStatus(_StatusObject):
     metrics_available: bool
     reason: str = ""
     imbalance: float | None = Field(
         None, description="(max - mean) / mean of the load per replica across experts.")
+    server_imbalance: float | None = Field(
+        None, description="(max - mean) / mean of the load per expert server: what live "
+                          "moves even out.")
+    balancedness: float | None = Field(None, description="DeepSeek's mean / max of the load "
+                                                         "per expert server.")
     last_decision: str | None = Field(None, description="RFC 3339.")
     experts: list[ExpertStatus] = Field(default_factory=list)
+    rebalance: RebalanceStatus | None = None
+    last_rebalance: str | None = Field(None, description="What the last rebalance did.")
+    moves: int = Field(0, description="Live moves done so far.")
+    moves_abandoned: int = Field(0, description="Live moves given up (the old replica kept "
+                                                "serving).")
 
 
 class AutoGLMStatus(_StatusObject):

@@ -20,7 +20,12 @@ from typing import Any
 from autoglm import canary, swap
 from autoglm import plan as p
 from autoglm.k8s.converge import VERSION_LABEL
-from autoglm.k8s.status import deployment_available, deployment_failure, retiring
+from autoglm.k8s.status import (
+    deployment_available,
+    deployment_failure,
+    live_experts,
+    retiring,
+)
 from autoglm.spec import AutoGLMSpec, AutoGLMStatus, Slot, SwapStatus, WarmSlotStatus
 
 Manifest = dict[str, Any]
@@ -80,11 +85,12 @@ def server_experts(d: Manifest) -> frozenset[int] | None:
 
 
 def live_servers(name: str, slot: Slot, deployments: Mapping[str, Manifest],
-                 ) -> tuple[tuple[frozenset[int], ...], int] | None:
-    """The slot's expert servers as they run, in server order, and how many of them (from
-    the first) serve on (the rest retire: the autoscaler removes them once the others have
-    rolled out); None when they are not all there (a slot being created, or a server
-    someone deleted: the recorded placement recreates it)."""
+                 moved: bool = False) -> tuple[tuple[frozenset[int], ...], int] | None:
+    """The slot's expert servers as their templates boot them, in server order, or with
+    ``moved`` as they hold now (after live moves: ``status.LIVE_EXPERTS``), and how many
+    of them (from the first) serve on (the rest retire: the autoscaler removes them once
+    the others have rolled out); None when they are not all there (a slot being created,
+    or a server someone deleted: the recorded placement recreates it)."""
     prefix = p.workload_name(name, slot, "expert") + "-"
     found: dict[int, Manifest] = {}
     for n, d in deployments.items():
@@ -92,7 +98,8 @@ def live_servers(name: str, slot: Slot, deployments: Mapping[str, Manifest],
             found[int(n[len(prefix):])] = d
     if not found or sorted(found) != list(range(len(found))):
         return None
-    held = [server_experts(found[s]) for s in range(len(found))]
+    held = [(live_experts(found[s]) if moved else None) or server_experts(found[s])
+            for s in range(len(found))]
     if any(h is None for h in held):
         return None
     serving = min((s for s in range(len(found)) if retiring(found[s])), default=len(found))
@@ -119,8 +126,9 @@ def routing(name: str, spec: AutoGLMSpec, state: swap.SwapState, st: AutoGLMStat
     slots: dict[Slot, p.SlotState] = {
         state.active_slot: p.SlotState(state.active_version, active, serving, fits)}
     if state.phase in STAGED and state.target_version is not None:
-        slots[state.standby_slot] = p.SlotState(
-            state.target_version, active[:serving],
+        moved = live_servers(name, state.active_slot, deployments, moved=True)
+        slots[state.standby_slot] = p.SlotState(  # the placement serving now, moves and all
+            state.target_version, moved[0][:moved[1]] if moved else active[:serving],
             fits=_least(fits, fits_per_server(spec, st, state.standby_slot, pods)))
     if state.previous is not None:
         prev = state.previous

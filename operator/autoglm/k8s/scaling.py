@@ -19,11 +19,21 @@ from typing import Any
 
 from autoglm import autoscale, swap
 from autoglm import plan as p
-from autoglm.k8s import builders, rollout, status
-from autoglm.k8s.converge import converge
+from autoglm.k8s import builders, rebalancing, rollout, status
+from autoglm.k8s.converge import converge, selector
 from autoglm.k8s.reconcile import EventSink, Manifest, Reconciler
 from autoglm.metrics import ControlMetrics
-from autoglm.placement import Placement, PlacementError, place
+from autoglm.placement import (
+    MOVES_PER_REBALANCE,
+    Placement,
+    PlacementError,
+    balancedness,
+    place,
+    progress,
+    rebalance,
+    server_loads,
+)
+from autoglm.placement import imbalance as placement_imbalance
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.spec import (
     API_VERSION,
@@ -33,11 +43,14 @@ from autoglm.spec import (
     AutoscalingStatus,
     ExpertStatus,
     InvalidSpec,
+    RebalanceStatus,
+    Slot,
     parse,
     parse_status,
 )
 
 SCRAPE_SECONDS = 5.0  # the PodMonitor's interval (k8s/builders.py)
+MOVE_TIMEOUT_SECONDS = 120  # a rebalance's moves not done by then are given up
 
 
 class Autoscaler:
@@ -74,23 +87,33 @@ class Autoscaler:
             if layout is None:
                 return None  # not provisioned yet
             servers, serving = layout
-            placement = Placement(servers[:serving])
+            held_now, _ = rollout.live_servers(name, state.active_slot, deployments,
+                                               moved=True) or layout
+            placement = Placement(held_now[:serving])
             names = [p.workload_name(name, state.active_slot, "expert", s)
                      for s in range(len(servers))]
             up = [status.deployment_available(deployments[n]) for n in names]
             n_experts = spec.model.num_experts
             current = placement.replicas(n_experts)
-            ready = [sum(up[s] for s in range(serving) if e in servers[s])
+            ready = [sum(up[s] for s in range(serving) if e in held_now[s])
                      for e in range(n_experts)]
             now = self.wall()
             history = self._state.get(uid) or autoscale.State(history=((now, tuple(current)),))
             self._state[uid], d = autoscale.decide(history, current, sample, now,
                                                    autoscale.policy_for(spec), ready=ready)
             load = sample.tokens_per_s if sample is not None else (None,) * len(current)
-            if list(d.desired) != current:
+            was = st.autoscaling or AutoscalingStatus(metrics_available=False)
+            moving = was.rebalance if was.rebalance is not None \
+                and was.rebalance.slot == state.active_slot else None
+            fits = rollout.fits_per_server(spec, st, state.active_slot, ())
+            capacity = p.experts_per_server(spec, fits)
+            if moving is not None or held_now != servers:
+                # moves under way, or pods to keep on the moved placement (one restarted)
+                moving, was = self._moves(live, spec, state.active_slot, servers[:serving],
+                                          placement, moving, was, now, emit)
+            elif list(d.desired) != current:
                 try:
-                    fits = rollout.fits_per_server(spec, st, state.active_slot, ())
-                    target = place(list(d.desired), p.experts_per_server(spec, fits),
+                    target = place(list(d.desired), capacity,
                                    load if d.metrics_ok else (), current=placement)
                 except PlacementError as e:  # the servers as they are keep serving
                     emit("Warning", "PlacementFailed", f"{e}; replicas held")
@@ -101,22 +124,81 @@ class Autoscaler:
                     if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
                         emit("Normal", "Deleted", f"deleted Deployment {names[s]}: expert "
                              f"server {s} retired, its experts serve on the others")
+            elif d.metrics_ok and serving == len(servers) and all(up):
+                r = rebalance(current, capacity, load, placement, servers=serving,
+                              max_moves=MOVES_PER_REBALANCE)
+                if r.acted and r.moves:
+                    emit("Normal", "Rebalancing",
+                         f"imbalance {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}: "
+                         f"{rebalancing.describe(r.moves)}")
+                    moving = RebalanceStatus(
+                        slot=state.active_slot, since=rollout.rfc3339(now),
+                        moves=rebalancing.from_moves(r.moves),
+                        imbalance_before=round(r.imbalance_before, 3),
+                        imbalance_after=round(r.imbalance_after, 3))
+                    moving, was = self._moves(live, spec, state.active_slot,
+                                              servers[:serving], placement, moving, was, now,
+                                              emit)
             for change in d.changes:
                 emit("Normal", "Scaled", change)
             imbalance = (autoscale.imbalance([x or 0.0 for x in load], current)
                          if d.metrics_ok else None)
+            per_server = server_loads(placement, current, load) if d.metrics_ok else None
             self.metrics.decision((ns, name), current, d.desired, load, imbalance or 0.0,
                                   d.metrics_ok)
-            new = AutoscalingStatus(
+            new = was.model_copy(update=dict(
                 metrics_available=d.metrics_ok, reason=error or d.reason,
                 imbalance=round(imbalance, 3) if imbalance is not None else None,
-                last_decision=rollout.rfc3339(now),
+                server_imbalance=round(placement_imbalance(per_server), 3)
+                if per_server else None,
+                balancedness=round(balancedness(per_server), 3) if per_server else None,
+                last_decision=rollout.rfc3339(now), rebalance=moving,
                 experts=[ExpertStatus(expert=i, replicas=c, ready_replicas=r, desired=w,
                                       load=round(x, 1) if x is not None else None)
                          for i, (c, r, w, x) in enumerate(zip(current, ready, d.desired, load,
-                                                              strict=True))])
+                                                              strict=True))]))
             self._write(live, st, new, emit)
             return new
+
+    def _moves(self, live: Mapping[str, Any], spec: AutoGLMSpec, slot: Slot,
+               templates: tuple[frozenset[int], ...], placement: Placement,
+               moving: RebalanceStatus | None, was: AutoscalingStatus, now: float,
+               emit: EventSink) -> tuple[RebalanceStatus | None, AutoscalingStatus]:
+        """One step of the moves under way (and of pods kept on the moved placement), from
+        what every pod reports: orders sent, the placement served now recorded on each
+        server's Deployment; moves not done in time given up (the old replica serves on)."""
+        meta = live["metadata"]
+        name, ns = meta["name"], meta["namespace"]
+        pods = self.r.api.list("v1", "Pod", ns, selector(name))
+        addresses = rebalancing.pod_addresses(name, ns, slot, len(templates), pods)
+        moves = rebalancing.to_moves(moving.moves) if moving is not None else ()
+        timeout = max(MOVE_TIMEOUT_SECONDS, 6 * spec.autoscaling.interval_seconds)
+        if moving is not None and now - rollout.epoch(moving.since) > timeout and moves:
+            emit("Warning", "MovesAbandoned",
+                 f"{rebalancing.describe(moves)}: not done in {timeout} s; the old replicas "
+                 "serve on")
+            was = was.model_copy(update={"moves_abandoned": was.moves_abandoned + len(moves)})
+            moves = ()
+        step = progress(placement, moves, rebalancing.reports(addresses))
+        for why in rebalancing.send(addresses, step.orders):
+            emit("Warning", "MoveFailed", why)
+        for s, held in enumerate(step.placement.servers):
+            if held != placement.servers[s]:
+                value = None if held == templates[s] else p.format_server_experts(held)
+                self.r.api.patch("apps/v1", "Deployment", ns,
+                                 p.workload_name(name, slot, "expert", s),
+                                 {"metadata": {"annotations": {status.LIVE_EXPERTS: value}}})
+        was = was.model_copy(update={"moves": was.moves + len(step.done)})
+        if moving is None:
+            return None, was
+        if step.pending:
+            return moving.model_copy(update={
+                "moves": rebalancing.from_moves(step.pending)}), was
+        summary = (f"imbalance {moving.imbalance_before:.2f} -> {moving.imbalance_after:.2f}"
+                   f" at {rollout.rfc3339(now)}")
+        if moves:
+            emit("Normal", "Rebalanced", f"expert servers rebalanced live: {summary}")
+        return None, was.model_copy(update={"last_rebalance": summary})
 
     def _place(self, live: Mapping[str, Any], spec: AutoGLMSpec, state: swap.SwapState,
                target: Placement, servers: tuple[frozenset[int], ...],
@@ -134,11 +216,11 @@ class Autoscaler:
         observed = {("Deployment", n): d for n, d in deployments.items()}
         for c in converge(self.r.api, meta["uid"], desired, observed):
             emit("Normal", c.action.capitalize(), str(c))
-        for w in plan.servers:
+        for w in plan.servers:  # the templates hold the whole placement again
             d = deployments.get(w.name)
-            if d is not None and status.retiring(d):
-                self.r.api.patch("apps/v1", "Deployment", ns, w.name,
-                                 {"metadata": {"annotations": {status.RETIRING: None}}})
+            if d is not None and (status.retiring(d) or status.live_experts(d) is not None):
+                self.r.api.patch("apps/v1", "Deployment", ns, w.name, {"metadata": {
+                    "annotations": {status.RETIRING: None, status.LIVE_EXPERTS: None}}})
         for s in range(len(plan.servers), len(servers)):
             w_name = p.workload_name(name, state.active_slot, "expert", s)
             if not status.retiring(deployments.get(w_name)):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from autoglm.plan import SlotPlan, Topology
+from autoglm.placement import Placement
+from autoglm.plan import SlotPlan, Topology, parse_server_experts
 from autoglm.spec import AutoGLMStatus, Condition, ServerStatus, SlotStatus, SwapStatus
 from autoglm.swap import Phase, SwapState
 
@@ -23,6 +24,20 @@ RETIRING = "autoglm.io/retiring"  # annotation: an expert server the autoscaler 
 
 def retiring(d: Manifest | None) -> bool:
     return d is not None and d["metadata"].get("annotations", {}).get(RETIRING) == "true"
+
+
+# annotation: what an expert server's pods hold now, when live moves (k8s/rebalancing.py)
+# made it differ from what its pod template boots with (a template change would restart it)
+LIVE_EXPERTS = "autoglm.io/experts"
+
+
+def live_experts(d: Manifest | None) -> frozenset[int] | None:
+    """What a server holds after live moves (None: what its template says, or unreadable)."""
+    value = (d or {}).get("metadata", {}).get("annotations", {}).get(LIVE_EXPERTS)
+    try:
+        return frozenset(parse_server_experts(value)) if value else None
+    except ValueError:
+        return None
 
 
 def num_experts(plan: SlotPlan) -> int:
@@ -145,8 +160,11 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
     slots = {plan.slot: SlotStatus(
         version=plan.version,
         ready=all(deployment_available(deployments.get(w.name)) for w in plan.workloads),
-        expert_replicas=plan.placement.replicas(num_experts(plan)),
-        servers=[ServerStatus(name=w.name, experts=sorted(w.experts),
+        expert_replicas=Placement(tuple(
+            live_experts(deployments.get(w.name)) or w.experts for w in plan.servers
+        )).replicas(num_experts(plan)),
+        servers=[ServerStatus(name=w.name,
+                              experts=sorted(live_experts(deployments.get(w.name)) or w.experts),
                               ready=deployment_available(deployments.get(w.name)),
                               retiring=retiring(deployments.get(w.name)))
                  for w in plan.servers],

@@ -42,7 +42,7 @@ from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
-from autoglm.placement import Placement, place, rebalance
+from autoglm.placement import MOVES_PER_REBALANCE, Placement, place, rebalance
 from autoglm.procs import kill_all, process_start, processes_with, running
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import WEIGHTS, build, read_meta
@@ -51,7 +51,6 @@ from autoglm.triton import TritonError, TritonServer, shm_group_marker, shm_grou
 
 Say = Callable[[str], None]
 SCRAPE_SECONDS = 1.0  # our Prometheus' scrape interval
-REBALANCE_MOVES = 4  # live moves a rebalance makes at most: a few at a time, never a pause
 
 
 class LocalError(RuntimeError):
@@ -632,7 +631,7 @@ class LocalRuntime:
         """Same replicas, servers uneven: a few experts move live between the servers (each
         loaded where it goes before it leaves where it was), when that gains enough."""
         rb = rebalance(current, plane.capacity, load, plane.placement,
-                       servers=len(plane.expert_servers), max_moves=REBALANCE_MOVES)
+                       servers=len(plane.expert_servers), max_moves=MOVES_PER_REBALANCE)
         if not rb.acted:
             return
         servers = [x.server for x in plane.expert_servers]
