@@ -111,6 +111,8 @@ class Autoscaler:
                 # moves under way, or pods to keep on the moved placement (one restarted)
                 moving, was = self._moves(live, spec, state.active_slot, servers[:serving],
                                           placement, moving, was, now, emit)
+            if moving is not None:
+                pass  # the next placement change waits for the moves under way
             elif list(d.desired) != current:
                 try:
                     target = place(list(d.desired), capacity,

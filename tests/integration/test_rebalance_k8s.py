@@ -1,0 +1,223 @@
+"""Live rebalancing by the operator on the real control plane: the load comes from a real
+Triton router and its expert servers on this machine (kwok runs no containers), Prometheus
+scrapes them, and the operator, running outside the cluster, reaches the expert servers
+through the addresses file (``AUTOGLM_SERVICE_ADDRESSES``: Deployment -> its pods) and moves
+experts between them over Triton's HTTP API while they serve.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from autoglm.k8s.status import live_experts
+from autoglm.local.dataplane import DataPlane, control
+from autoglm.local.prometheus_server import PrometheusServer
+from autoglm.models.tiny import PRESETS
+from autoglm.placement import Placement
+from autoglm.procs import free_port
+from autoglm.repository import build
+from autoglm.testing import eventually, metric_value
+from autoglm.testing.cluster import Cluster, tiny
+from autoglm.testing.controlplane import ControlPlane
+from autoglm.testing.operator import running_operator
+
+pytestmark = [pytest.mark.k8s, pytest.mark.triton, pytest.mark.prometheus]
+MODEL = replace(PRESETS["tiny"], num_experts=4, top_k=1)
+INTERVAL = 2
+# what the operator places 4 experts of one replica at 2 a server (placement.place by count)
+START = Placement((frozenset({0, 2}), frozenset({1, 3})))
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPlane]:
+    repo = tmp_path_factory.mktemp("repo")
+    build(repo, "tiny-moe", 1, MODEL)
+    dp = DataPlane(repo, 1, tmp_path_factory.mktemp("plane"), capacity=2)
+    dp.start(START)
+    try:
+        yield dp
+    finally:
+        dp.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    prom = PrometheusServer(tmp_path_factory.mktemp("prometheus"), free_port()).start()
+    try:
+        yield prom
+    finally:
+        prom.stop()
+
+
+def routed(plane: DataPlane, tokens: list[int]) -> list[float]:
+    """Tokens the router counts per expert after one request of ``tokens``."""
+    assert plane.router is not None
+
+    def counts() -> list[float]:
+        text = urllib_get(plane.router.metrics_url)
+        return [metric_value(text, "autoglm_expert_tokens_total", {"expert": str(e)}) or 0.0
+                for e in range(MODEL.num_experts)]
+
+    before = counts()
+    infer(plane, tokens)
+    time.sleep(1.2)  # the router adds to its counters every 0.5 s, in the background
+    return [a - b for a, b in zip(counts(), before, strict=True)]
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return str(r.read().decode())
+
+
+def infer(plane: DataPlane, tokens: list[int]) -> None:
+    assert plane.router is not None
+    with httpclient.InferenceServerClient(plane.router.http_url) as c:
+        ids = np.array([tokens], dtype=np.int64)
+        inp = httpclient.InferInput("INPUT_IDS", list(ids.shape), "INT64")
+        inp.set_data_from_numpy(ids)
+        c.infer("router", [inp])
+
+
+class Load:
+    """Requests of the prompts ``tokens`` (the test changes them) from keep-alive clients."""
+
+    def __init__(self, url: str, tokens: list[list[int]], clients: int = 3) -> None:
+        self.tokens = tokens
+        self.stop = threading.Event()
+        self.failed = self.answered = 0
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(url,)) for _ in range(clients)]
+
+    def _run(self, url: str) -> None:
+        with httpclient.InferenceServerClient(url) as c:
+            for n in itertools.count():
+                if self.stop.is_set():
+                    break
+                ids = np.array([self.tokens[n % len(self.tokens)]], dtype=np.int64)
+                inp = httpclient.InferInput("INPUT_IDS", list(ids.shape), "INT64")
+                inp.set_data_from_numpy(ids)
+                try:
+                    c.infer("router", [inp])
+                    self.answered += 1
+                except Exception as e:
+                    self.failed += 1
+                    self.errors.append(str(e)[:200])
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart(
+        control_plane: ControlPlane, namespace: str, plane: DataPlane,
+        prometheus: PrometheusServer, tmp_path: Path) -> None:
+    """Load mostly on the two experts of server 0: the operator moves experts between the
+    servers live (the servers report the new sets; no pod restarted, no template changed);
+    then load on a pair now together: another rebalance, with the operator killed while its
+    moves are under way and resumed by the next one. No request fails."""
+    assert plane.router is not None
+    cluster = Cluster(control_plane, namespace)
+    base = {"deployment": "m", "namespace": namespace, "slot": "a", "version": "1"}
+    prometheus.set_targets([
+        ({**base, "component": "router"}, [f"127.0.0.1:{plane.router.metrics_port}"]),
+        ({**base, "component": "expert"},
+         [f"127.0.0.1:{x.server.metrics_port}" for x in plane.expert_servers])])
+    addresses = tmp_path / "addresses.json"
+    addresses.write_text(json.dumps({
+        f"{namespace}/m-a-experts-{s}": f"http://{x.server.http_url}"
+        for s, x in enumerate(plane.expert_servers)}))
+    # where requests go, measured on the router itself: random prompts, tokens per expert
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, MODEL.vocab_size, 16).tolist() for _ in range(16)]
+    spread = {i: routed(plane, prompt) for i, prompt in enumerate(prompts)}
+
+    def tokens_for(experts: set[int]) -> list[list[int]]:
+        """The 3 prompts whose tokens go most to ``experts``."""
+        share = {i: sum(c[e] for e in experts) / max(sum(c), 1) for i, c in spread.items()}
+        return [prompts[i] for i in sorted(share, key=lambda i: -share[i])[:3]]
+
+    obj = tiny("m", model__numExperts=4, model__topK=1, experts__perServer=2,
+               experts__minReplicas=1, experts__maxReplicas=1, experts__replicaBudget=4)
+    obj["spec"]["autoscaling"] = {"prometheusUrl": prometheus.url, "target": 1e6,
+                                  "intervalSeconds": INTERVAL, "stabilizationSeconds": 0}
+
+    def autoscaling() -> dict[str, Any]:
+        return dict(cluster.resource("m")["status"].get("autoscaling") or {})
+
+    def deployments() -> list[dict[str, Any]]:
+        return sorted((d for d in cluster.get("deployments", None)["items"]
+                       if d["metadata"]["name"].startswith("m-a-experts-")),
+                      key=lambda d: d["metadata"]["name"])
+
+    def annotated() -> list[frozenset[int] | None]:
+        return [live_experts(d) for d in deployments()]
+
+    def held() -> list[frozenset[int]]:
+        return [frozenset(control(x.server)) for x in plane.expert_servers]
+
+    env = {"AUTOGLM_SERVICE_ADDRESSES": str(addresses)}
+    (tmp_path / "operator").mkdir()
+    with running_operator(control_plane, tmp_path / "operator", env=env) as op, \
+            Load(plane.router.http_url, tokens_for({0, 2})) as load:
+        cluster.apply(obj)
+        cluster.wait_ready("m")
+        templates = [d["spec"]["template"] for d in deployments()]
+        assert [set(s) for s in START.servers] == [
+            {int(e) for e in next(v["value"] for v in t["spec"]["containers"][0]["env"]
+                                  if v["name"] == "AUTOGLM_SERVER_EXPERTS").split(",")}
+            for t in templates], "the data plane here starts as the operator placed it"
+        t0 = time.monotonic()
+        eventually(lambda: autoscaling().get("moves", 0) >= 2 and not autoscaling().get(
+            "rebalance"), "a first rebalance (a swap) done live", 120)
+        print(f"\nload on server 0 -> swapped live: {time.monotonic() - t0:.1f} s")
+        first = held()
+        assert first != list(START.servers), first
+        assert annotated() == first, "the placement served, kept on the Deployments"
+        assert [d["spec"]["template"] for d in deployments()] == templates, "no pod restarted"
+        reasons = [e["reason"] for e in cluster.events("m")]
+        assert "Rebalancing" in reasons and "Rebalanced" in reasons, reasons
+        st = autoscaling()
+        assert st["serverImbalance"] is not None and st["lastRebalance"], st
+
+        # the experts now together on one server turn hot; the operator dies mid-move
+        together = next(h for h in first if len(h) == 2 and not h <= {0, 2})
+        pair = set(together)
+        load.tokens = tokens_for(pair)
+        print(f"first swap: {first}; now loading {pair}")
+        try:
+            eventually(lambda: autoscaling().get("rebalance"), "a second rebalance to start",
+                       120)
+        finally:
+            print(json.dumps(autoscaling()))
+        op.kill()
+        was = autoscaling()
+        print(f"operator killed with moves under way: {was.get('rebalance')}")
+        op.start()
+        eventually(lambda: not autoscaling().get("rebalance")
+                   and autoscaling().get("moves", 0) > was.get("moves", 0),
+                   "the rebalance resumed and done", 120)
+        second = held()
+        assert second != first and annotated() == second, (first, second)
+        assert [d["spec"]["template"] for d in deployments()] == templates
+    assert load.failed == 0, load.errors[:5]
+    assert load.answered > 0
+    print(f"{load.answered} answers during {autoscaling().get('moves')} live moves, "
+          f"0 failed")
