@@ -11,6 +11,7 @@ import itertools
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -63,9 +64,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
 def routed(plane: DataPlane, tokens: list[int]) -> list[float]:
     """Tokens the router counts per expert after one request of ``tokens``."""
     assert plane.router is not None
+    url = plane.router.metrics_url
 
     def counts() -> list[float]:
-        text = urllib_get(plane.router.metrics_url)
+        text = urllib_get(url)
         return [metric_value(text, "autoglm_expert_tokens_total", {"expert": str(e)}) or 0.0
                 for e in range(MODEL.num_experts)]
 
@@ -76,7 +78,6 @@ def routed(plane: DataPlane, tokens: list[int]) -> list[float]:
 
 
 def urllib_get(url: str) -> str:
-    import urllib.request
     with urllib.request.urlopen(url, timeout=10) as r:
         return str(r.read().decode())
 
