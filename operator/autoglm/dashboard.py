@@ -225,6 +225,20 @@ def rows() -> list[tuple[str, list[PanelBuilder]]]:
                 unit="percentunit",
                 description="(max - mean) / mean of the load per replica over the experts."),
             timeseries_panel(
+                "Expert server imbalance",
+                (f"autoglm_placement_imbalance{{{D}}}", "imbalance"),
+                unit="percentunit",
+                description="(max - mean) / mean of the load per expert server of the active "
+                            "slot: what rebalances even out by moving experts live."),
+            timeseries_panel(
+                "Live moves",
+                ("sum by (outcome) (increase("
+                 f"autoglm_placement_moves_total{{{D}}}[{RI}]))", "{{outcome}}"),
+                bars=True,
+                description="Expert replicas moved between running servers by rebalances "
+                            "(abandoned: the target did not load it in time; the old replica "
+                            "kept serving)."),
+            timeseries_panel(
                 "Scaling decisions",
                 ("sum by (expert, direction) (increase("
                  f"autoglm_autoscaler_decisions_total{{{D}}}[{RI}]))",

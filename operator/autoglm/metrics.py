@@ -42,6 +42,13 @@ class ControlMetrics:
         self.imbalance = gauge("autoglm_autoscaler_imbalance",
                                "(max - mean) / mean of the load per replica across experts",
                                ["namespace", "deployment"])
+        self.server_imbalance = gauge("autoglm_placement_imbalance",
+                                      "(max - mean) / mean of the load per expert server: "
+                                      "what live moves even out", ["namespace", "deployment"])
+        self.moves = counter("autoglm_placement_moves",
+                             "Live moves of expert replicas between running servers, by "
+                             "outcome (done; abandoned: the old replica kept serving)",
+                             ["namespace", "deployment", "outcome"])
         self.metrics_available = gauge("autoglm_autoscaler_metrics_available",
                                        "1 when the autoscaler had the metrics it needs",
                                        ["namespace", "deployment"])
@@ -82,6 +89,14 @@ class ControlMetrics:
         if metrics_ok:
             self.imbalance.labels(*key).set(imbalance)
 
+    def placement(self, key: Key, imbalance: float | None, done: int = 0,
+                  abandoned: int = 0) -> None:
+        """The servers' imbalance (None: unknown, left as it was) and live moves made."""
+        if imbalance is not None:
+            self.server_imbalance.labels(*key).set(imbalance)
+        self.moves.labels(*key, "done").inc(done)  # 0 too: the series exists from the start
+        self.moves.labels(*key, "abandoned").inc(abandoned)
+
     def replicas_now(self, key: Key, current: Sequence[int]) -> None:
         """Replicas as they are (e.g. once a scaling job has finished)."""
         experts = self._experts.setdefault(key, set())
@@ -110,8 +125,11 @@ class ControlMetrics:
                 _remove(g, *key, e)
             for direction in ("up", "down"):
                 _remove(self.decisions, *key, e, direction)
-        for g1 in (self.imbalance, self.metrics_available, self.active_version):
+        for g1 in (self.imbalance, self.server_imbalance, self.metrics_available,
+                   self.active_version):
             _remove(g1, *key)
+        for outcome in ("done", "abandoned"):
+            _remove(self.moves, *key, outcome)
         for t in self._triggers.pop(key, set()):
             _remove(self.reconciles, *key, t)
         for p in PHASES:

@@ -18,6 +18,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,13 @@ def control(url: str, order: Order | None = None,
 
 
 def reports(addresses: Sequence[Sequence[str]]) -> list[list[frozenset[int] | None]]:
-    """What every pod reports holding (None: it did not answer)."""
-    return [[control(a)[0] for a in server] for server in addresses]
+    """What every pod reports holding (None: it did not answer), asked all at once."""
+    flat = [a for server in addresses for a in server]
+    if not flat:
+        return [[] for _ in addresses]
+    with ThreadPoolExecutor(min(len(flat), 16)) as pool:
+        answers = iter(pool.map(lambda a: control(a)[0], flat))
+    return [[next(answers) for _ in server] for server in addresses]
 
 
 def send(addresses: Sequence[Sequence[str]], orders: Mapping[tuple[int, int], Order],

@@ -129,7 +129,7 @@ class Autoscaler:
             elif d.metrics_ok and serving == len(servers) and all(up):
                 r = rebalance(current, capacity, load, placement, servers=serving,
                               max_moves=MOVES_PER_REBALANCE)
-                if r.acted and r.moves:
+                if r.acted and r.moves and self._reachable(live, state.active_slot, serving):
                     emit("Normal", "Rebalancing",
                          f"imbalance {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}: "
                          f"{rebalancing.describe(r.moves)}")
@@ -148,6 +148,10 @@ class Autoscaler:
             per_server = server_loads(placement, current, load) if d.metrics_ok else None
             self.metrics.decision((ns, name), current, d.desired, load, imbalance or 0.0,
                                   d.metrics_ok)
+            before = st.autoscaling or AutoscalingStatus(metrics_available=False)
+            self.metrics.placement(
+                (ns, name), placement_imbalance(per_server) if per_server else None,
+                was.moves - before.moves, was.moves_abandoned - before.moves_abandoned)
             new = was.model_copy(update=dict(
                 metrics_available=d.metrics_ok, reason=error or d.reason,
                 imbalance=round(imbalance, 3) if imbalance is not None else None,
@@ -161,6 +165,16 @@ class Autoscaler:
                                                               strict=True))]))
             self._write(live, st, new, emit)
             return new
+
+    def _reachable(self, live: Mapping[str, Any], slot: Slot, servers: int) -> bool:
+        """Whether every pod of the slot's serving expert servers answers (moves are made
+        only then: each move must hear its target's pods report what they load)."""
+        meta = live["metadata"]
+        pods = self.r.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
+        addresses = rebalancing.pod_addresses(meta["name"], meta["namespace"], slot, servers,
+                                              pods)
+        return all(addresses) and all(r is not None for server in
+                                      rebalancing.reports(addresses) for r in server)
 
     def _moves(self, live: Mapping[str, Any], spec: AutoGLMSpec, slot: Slot,
                templates: tuple[frozenset[int], ...], placement: Placement,

@@ -42,7 +42,16 @@ from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
 from autoglm.models.tiny import PRESETS
-from autoglm.placement import MOVES_PER_REBALANCE, Placement, place, rebalance
+from autoglm.placement import (
+    MOVES_PER_REBALANCE,
+    Placement,
+    place,
+    rebalance,
+    server_loads,
+)
+from autoglm.placement import (
+    imbalance as placement_imbalance,
+)
 from autoglm.procs import kill_all, process_start, processes_with, running
 from autoglm.prometheus import MetricsError, Prometheus
 from autoglm.repository import WEIGHTS, build, read_meta
@@ -122,6 +131,7 @@ class Scaling:
     imbalance: float = 0.0
     paused: bool = False  # said that a swap pauses scaling
     moves: int = 0  # live moves made by rebalances so far
+    abandoned: int = 0  # and given up (the old replica kept serving)
     last_rebalance: str = ""
 
 
@@ -620,10 +630,17 @@ class LocalRuntime:
                                   d.metrics_ok)
         for change in d.changes:
             self.say(f"autoscaler: {change}")
+        moves, abandoned = sc.moves, sc.abandoned
         if d.changes:
             self._apply(plane, current, d.desired)
         elif d.metrics_ok and self.state is not None and self.state.phase == swap.Phase.IDLE:
             self._rebalance(plane, current, load)
+        if self.metrics is not None:
+            per_server = server_loads(plane.placement, plane.replica_counts(), load) \
+                if d.metrics_ok and plane.expert_servers else None
+            self.metrics.placement(
+                self.key, placement_imbalance(per_server) if per_server else None,
+                sc.moves - moves, sc.abandoned - abandoned)
         self.write_status()
 
     def _rebalance(self, plane: DataPlane, current: list[int],
@@ -638,6 +655,7 @@ class LocalRuntime:
         done = [m for m in rb.moves if m.source is not None and m.target is not None
                 and plane.move(m.expert, servers[m.source], servers[m.target])]
         self.scaling.moves += len(done)
+        self.scaling.abandoned += len(rb.moves) - len(done)
         self.scaling.last_rebalance = (
             f"imbalance {rb.imbalance_before:.2f} -> {rb.imbalance_after:.2f}, "
             + ", ".join(f"expert {m.expert} server {m.source}->{m.target}" for m in done))
