@@ -182,7 +182,7 @@ def rebalance(replicas: Sequence[int], capacity: int, load: Sequence[float | Non
     after = imbalance(server_loads(result, replicas, load))
     if before - after <= threshold:
         result, after = forced, before
-    return Rebalance(result, _moves(current, result), before, after, result != forced)
+    return Rebalance(result, moves_between(current, result), before, after, result != forced)
 
 
 def _best_step(held: list[set[int]], loads: list[float], weight: Sequence[float],
@@ -214,7 +214,7 @@ def _best_step(held: list[set[int]], loads: list[float], weight: Sequence[float]
     return None if best is None else best[2]
 
 
-def _moves(before: Placement, after: Placement) -> tuple[Move, ...]:
+def moves_between(before: Placement, after: Placement) -> tuple[Move, ...]:
     """The replica moves from ``before`` to ``after``: each expert's lost copies paired with
     its gained ones (the rest new or removed replicas), in expert then server order."""
     width = max(len(before.servers), len(after.servers))

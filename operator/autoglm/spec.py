@@ -530,12 +530,15 @@ class ExpertStatus(_StatusObject):
 
 class MoveStatus(_StatusObject):
     expert: int
-    source: int = Field(description="The server it leaves (index in the slot).")
-    target: int = Field(description="The server it loads on, live, before it leaves.")
+    source: int | None = Field(None, description="The server it leaves (index in the slot; "
+                                                 "unset: a new replica).")
+    target: int | None = Field(None, description="The server it loads on, live, before it "
+                                                 "leaves (unset: a replica removed).")
 
 
 class RebalanceStatus(_StatusObject):
-    """A rebalance under way: kept here so that an operator restart resumes it."""
+    """Live moves under way (a rebalance, or the autoscaler's new and removed replicas on
+    the servers there are): kept here so that an operator restart resumes them."""
 
     slot: Slot
     since: str = Field(description="When it began (RFC 3339); moves not done in time are "

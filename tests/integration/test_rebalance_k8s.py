@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from autoglm.k8s.rollout import server_experts
 from autoglm.k8s.status import live_experts
 from autoglm.local.dataplane import DataPlane, control
 from autoglm.local.prometheus_server import PrometheusServer
@@ -36,7 +37,8 @@ from autoglm.testing.operator import running_operator
 pytestmark = [pytest.mark.k8s, pytest.mark.triton, pytest.mark.prometheus]
 MODEL = replace(PRESETS["tiny"], num_experts=4, top_k=1)
 INTERVAL = 2
-# what the operator places 4 experts of one replica at 2 a server (placement.place by count)
+# what the operator places 4 experts of one replica at up to 3 a server (placement.place by
+# count: the fewest servers, 2, so each has room for one more replica)
 START = Placement((frozenset({0, 2}), frozenset({1, 3})))
 
 
@@ -44,7 +46,7 @@ START = Placement((frozenset({0, 2}), frozenset({1, 3})))
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPlane]:
     repo = tmp_path_factory.mktemp("repo")
     build(repo, "tiny-moe", 1, MODEL)
-    dp = DataPlane(repo, 1, tmp_path_factory.mktemp("plane"), capacity=2)
+    dp = DataPlane(repo, 1, tmp_path_factory.mktemp("plane"), capacity=3)
     dp.start(START)
     try:
         yield dp
@@ -155,7 +157,7 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         share = {i: sum(c[e] for e in experts) / max(sum(c), 1) for i, c in spread.items()}
         return [prompts[i] for i in sorted(share, key=lambda i: -share[i])[:3]]
 
-    obj = tiny("m", model__numExperts=4, model__topK=1, experts__perServer=2,
+    obj = tiny("m", model__numExperts=4, model__topK=1, experts__perServer=3,
                experts__minReplicas=1, experts__maxReplicas=1, experts__replicaBudget=4)
     obj["spec"]["autoscaling"] = {"prometheusUrl": prometheus.url, "target": 1e6,
                                   "intervalSeconds": INTERVAL, "stabilizationSeconds": 0}
@@ -169,7 +171,9 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
                       key=lambda d: d["metadata"]["name"])
 
     def annotated() -> list[frozenset[int] | None]:
-        return [live_experts(d) for d in deployments()]
+        """What the Deployments say each server holds: the moved placement's annotation,
+        else (a placement back where the templates boot) the template."""
+        return [live_experts(d) or server_experts(d) for d in deployments()]
 
     def held() -> list[frozenset[int]]:
         return [frozenset(control(x.server)) for x in plane.expert_servers]
@@ -198,9 +202,8 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         st = autoscaling()
         assert st["serverImbalance"] is not None and st["lastRebalance"], st
 
-        # the experts now together on one server turn hot; the operator dies mid-move
-        together = next(h for h in first if len(h) == 2 and not h <= {0, 2})
-        pair = set(together)
+        # the experts of the fuller server turn hot; the operator dies mid-move
+        pair = set(max(first, key=len))
         load.tokens = tokens_for(pair)
         print(f"first swap: {first}; now loading {pair}")
         try:
@@ -218,6 +221,30 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         second = held()
         assert second != first and annotated() == second, (first, second)
         assert [d["spec"]["template"] for d in deployments()] == templates
+
+        # a second replica for the hottest expert, on the server with room: loaded live
+        hottest = max(autoscaling()["experts"], key=lambda e: e["load"] or 0)
+        obj["spec"]["experts"].update(maxReplicas=2, replicaBudget=5)
+        obj["spec"]["autoscaling"]["target"] = hottest["load"] * 0.8
+        cluster.apply(obj)
+        twice = eventually(lambda: [e for e in range(MODEL.num_experts)
+                                    if sum(e in h for h in held()) == 2],
+                           "an expert with a new replica, live", 120)
+        eventually(lambda: not autoscaling().get("rebalance"), "the moves to end", 60)
+        assert annotated() == held()
+        assert [d["spec"]["template"] for d in deployments()] == templates, "no pod restarted"
+        assert "Placing" in [e["reason"] for e in cluster.events("m")]
+        e = twice[0]
+
+        def served() -> list[float]:
+            return [metric_value(urllib_get(x.server.metrics_url),
+                                 "autoglm_expert_served_tokens_total", {"expert": str(e)})
+                    or 0.0 for x in plane.expert_servers]
+
+        was_served = served()
+        eventually(lambda: all(a > b for a, b in zip(served(), was_served, strict=True)),
+                   f"expert {e} served by both servers", 60)
+        print(f"expert {e} replicated live on both servers: {held()}")
     assert load.failed == 0, load.errors[:5]
     assert load.answered > 0
     print(f"{load.answered} answers during {autoscaling().get('moves')} live moves, "

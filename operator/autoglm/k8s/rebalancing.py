@@ -112,9 +112,11 @@ def to_moves(moves: Sequence[MoveStatus]) -> tuple[Move, ...]:
 
 
 def from_moves(moves: Sequence[Move]) -> list[MoveStatus]:
-    return [MoveStatus(expert=m.expert, source=m.source, target=m.target) for m in moves
-            if m.source is not None and m.target is not None]
+    return [MoveStatus(expert=m.expert, source=m.source, target=m.target) for m in moves]
 
 
 def describe(moves: Sequence[Move]) -> str:
-    return ", ".join(f"expert {m.expert} server {m.source}->{m.target}" for m in moves)
+    return ", ".join(
+        f"expert {m.expert} " + (f"server {m.source}->{m.target}" if None not in (
+            m.source, m.target) else f"new replica on server {m.target}" if m.source is None
+            else f"replica off server {m.source}") for m in moves)

@@ -28,6 +28,7 @@ from autoglm.placement import (
     Placement,
     PlacementError,
     balancedness,
+    moves_between,
     place,
     progress,
     rebalance,
@@ -120,7 +121,24 @@ class Autoscaler:
                 except PlacementError as e:  # the servers as they are keep serving
                     emit("Warning", "PlacementFailed", f"{e}; replicas held")
                 else:
-                    self._place(live, spec, state, target, servers, deployments, emit)
+                    if len(target.servers) == serving == len(servers) \
+                            and self._reachable(live, state.active_slot, serving):
+                        # the servers there are take the new replicas and drop the old
+                        # ones live, as a rebalance moves them: no pod restarts
+                        changes = moves_between(placement, target)
+                        emit("Normal", "Placing", f"live: {rebalancing.describe(changes)}")
+                        loads = server_loads(placement, current, load)
+                        moving = RebalanceStatus(
+                            slot=state.active_slot, since=rollout.rfc3339(now),
+                            moves=rebalancing.from_moves(changes),
+                            imbalance_before=round(placement_imbalance(loads), 3),
+                            imbalance_after=round(placement_imbalance(server_loads(
+                                target, list(d.desired), load)), 3))
+                        moving, was = self._moves(live, spec, state.active_slot,
+                                                  servers[:serving], placement, moving, was,
+                                                  now, emit)
+                    else:
+                        self._place(live, spec, state, target, servers, deployments, emit)
             elif serving < len(servers) and all(up[:serving]):
                 for s in range(serving, len(servers)):  # their experts serve elsewhere now
                     if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
