@@ -203,7 +203,7 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         assert st["serverImbalance"] is not None and st["lastRebalance"], st
 
         # the experts of the fuller server turn hot; the operator dies mid-move
-        pair = set(max(first, key=lambda h: len(h)))
+        pair = set(sorted(first, key=len)[-1])
         load.tokens = tokens_for(pair)
         print(f"first swap: {first}; now loading {pair}")
         try:
