@@ -31,7 +31,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from autoglm.k8s.rollout import server_experts
-from autoglm.k8s.status import deployment_available, retiring
+from autoglm.k8s.status import deployment_available, live_experts, retiring
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.models.decoder import Model
 from autoglm.models.tiny import PRESETS
@@ -398,11 +398,22 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
         return len(up) if len(up) == len(active) >= 5 else None
 
     print(f"\nPrometheus scrapes {eventually(scraped, 'every pod scraped', 60)} targets")
-    # a low target: the load below is enough to ask for a second replica of some expert
+    # a low target: the load below is enough to ask for a second replica of some expert;
+    # room for 3 experts a server: it is added live, on a server already serving
     obj = deployment(1)
+    obj["spec"]["experts"]["perServer"] = 3
     obj["spec"]["autoscaling"] = {"prometheusUrl": prom.url, "signal": "tokens", "target": 5,
                                   "intervalSeconds": 5, "stabilizationSeconds": 0}
     system.kube.apply(obj)
+
+    def settled() -> bool:
+        r = system.kube.resource(NAME)
+        return bool(r["status"].get("observedGeneration") == r["metadata"]["generation"]
+                    and r["status"].get("phase") == "Ready")
+
+    eventually(settled, "the new spec applied", 120)
+    templates = {d["metadata"]["name"]: d["spec"]["template"]
+                 for d in system.kube.get("deployments")["items"]}
 
     def scaled() -> tuple[int, list[str]] | None:
         """An expert held by two ready expert servers of the serving slot, and their
@@ -410,7 +421,7 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
         slot = system.kube.resource(NAME)["status"]["activeSlot"]
         holders: dict[int, list[str]] = {}
         for d in system.kube.get("deployments")["items"]:
-            held = server_experts(d)
+            held = live_experts(d) or server_experts(d)  # moved live, else its template
             labels = d["metadata"]["labels"]
             if held is None or labels.get("app.kubernetes.io/component") != "expert" \
                     or labels.get("autoglm.io/slot") != slot \
@@ -437,6 +448,13 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
 
         eventually(served_by_each, f"expert {expert} served by each of {servers}",
                    timeout=120)
+        live = [d for d in system.kube.get("deployments")["items"]
+                if d["metadata"]["name"] in servers]
+        assert any(live_experts(d) is not None for d in live), "the replica was added live"
+        assert all(d["spec"]["template"] == templates[d["metadata"]["name"]] for d in live), \
+            "no expert server's pod restarted"
+        reasons = [e["reason"] for e in system.kube.events(NAME)]
+        assert "Placing" in reasons, reasons
     grown = {"expert": expert, "servers": servers}
     print(f"scaled up: {grown}")
 

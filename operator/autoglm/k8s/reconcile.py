@@ -138,6 +138,7 @@ class Reconciler:
                 error = ("ObjectConflict", str(e))
             except ApiException as e:
                 error, failure = ("ApplyFailed", error_reason(e)), e
+            self._forget_moves(meta["namespace"], desired, deployments)
             for c in changes:
                 emit("Normal", c.action.capitalize(), str(c))
             if error is not None:
@@ -227,6 +228,17 @@ class Reconciler:
         if new != prev:
             self.write(body, new)
         return new
+
+    def _forget_moves(self, namespace: str, desired: Sequence[Manifest],
+                      deployments: Mapping[str, Manifest]) -> None:
+        """An expert server whose template now boots another set (the spec placed it again)
+        holds that set: what live moves had made of it no longer applies."""
+        for m in desired:
+            d = deployments.get(m["metadata"]["name"])
+            if m["kind"] == "Deployment" and status.live_experts(d) is not None \
+                    and rollout.server_experts(m) != rollout.server_experts(d or {}):
+                self.api.patch("apps/v1", "Deployment", namespace, m["metadata"]["name"],
+                               {"metadata": {"annotations": {status.LIVE_EXPERTS: None}}})
 
     @staticmethod
     def _fitted(topology: p.Topology, prev: AutoGLMStatus, spec: AutoGLMSpec,

@@ -115,9 +115,14 @@ class Autoscaler:
             if moving is not None:
                 pass  # the next placement change waits for the moves under way
             elif list(d.desired) != current:
+                # more replicas that fit the servers there are stay on them (added live);
+                # otherwise the fewest servers that hold them
+                room = sum(d.desired) <= serving * capacity and max(d.desired) <= serving
+                grows = sum(d.desired) > sum(current)
                 try:
                     target = place(list(d.desired), capacity,
-                                   load if d.metrics_ok else (), current=placement)
+                                   load if d.metrics_ok else (), current=placement,
+                                   servers=serving if room and grows else None)
                 except PlacementError as e:  # the servers as they are keep serving
                     emit("Warning", "PlacementFailed", f"{e}; replicas held")
                 else:
