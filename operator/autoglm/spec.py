@@ -562,6 +562,9 @@ class AutoscalingStatus(_StatusObject):
     experts: list[ExpertStatus] = Field(default_factory=list)
     rebalance: RebalanceStatus | None = None
     last_rebalance: str | None = Field(None, description="What the last rebalance did.")
+    last_rebalance_time: str | None = Field(
+        None, description="When it ended (RFC 3339): the next waits a rate window, until the "
+                          "load it reads is all measured after it.")
     moves: int = Field(0, description="Live moves done so far.")
     moves_abandoned: int = Field(0, description="Live moves given up (the old replica kept "
                                                 "serving).")

@@ -7,8 +7,10 @@ experts between them over Triton's HTTP API while they serve.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -18,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
+import torch
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from autoglm.gateway.app import GatewayServer, Routing, Target
 from autoglm.k8s.rollout import server_experts
 from autoglm.k8s.status import live_experts
 from autoglm.local.dataplane import DataPlane, control
@@ -28,7 +34,7 @@ from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.models.tiny import PRESETS
 from autoglm.placement import Placement
 from autoglm.procs import free_port
-from autoglm.repository import build
+from autoglm.repository import build, load_reference
 from autoglm.testing import eventually, metric_value
 from autoglm.testing.cluster import Cluster, tiny
 from autoglm.testing.controlplane import ControlPlane
@@ -94,29 +100,87 @@ def infer(plane: DataPlane, tokens: list[int]) -> None:
 
 
 class Load:
-    """Requests of the prompts ``tokens`` (the test changes them) from keep-alive clients."""
+    """The prompts ``tokens`` (the test changes them) from three kinds of client, each on
+    its own keep-alive connection: KServe v2 over HTTP and over gRPC to the router, every
+    answer compared with the in-process reference, and streamed OpenAI completions through
+    the gateway. Each request's start and latency is kept."""
 
-    def __init__(self, url: str, tokens: list[list[int]], clients: int = 3) -> None:
+    def __init__(self, plane: DataPlane, gateway: GatewayServer, repo: Path,
+                 tokens: list[list[int]]) -> None:
+        assert plane.router is not None
         self.tokens = tokens
         self.stop = threading.Event()
-        self.failed = self.answered = 0
+        self.failed = self.answered = self.wrong = 0
         self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(url,)) for _ in range(clients)]
+        self.latency: list[tuple[str, float, float]] = []  # (kind, start, seconds)
+        self.reference = load_reference(repo, 1)
+        self._wanted: dict[tuple[int, ...], Any] = {}
+        self._lock = threading.Lock()
+        router = plane.router
+        self.threads = [
+            threading.Thread(target=self._run, args=("http", httpclient.InferenceServerClient(
+                router.http_url).infer, httpclient.InferInput)),
+            threading.Thread(target=self._run, args=("http", httpclient.InferenceServerClient(
+                router.http_url).infer, httpclient.InferInput)),
+            threading.Thread(target=self._run, args=("grpc", grpcclient.InferenceServerClient(
+                router.grpc_url).infer, grpcclient.InferInput)),
+            threading.Thread(target=self._openai, args=(f"http://127.0.0.1:{gateway.port}",))]
 
-    def _run(self, url: str) -> None:
-        with httpclient.InferenceServerClient(url) as c:
-            for n in itertools.count():
-                if self.stop.is_set():
-                    break
-                ids = np.array([self.tokens[n % len(self.tokens)]], dtype=np.int64)
-                inp = httpclient.InferInput("INPUT_IDS", list(ids.shape), "INT64")
-                inp.set_data_from_numpy(ids)
-                try:
-                    c.infer("router", [inp])
-                    self.answered += 1
-                except Exception as e:
-                    self.failed += 1
-                    self.errors.append(str(e)[:200])
+    def wanted(self, prompt: list[int]) -> Any:
+        with self._lock:
+            key = tuple(prompt)
+            if key not in self._wanted:
+                with torch.no_grad():
+                    self._wanted[key] = self.reference(torch.tensor([prompt])).numpy()
+            return self._wanted[key]
+
+    def _record(self, kind: str, t0: float, error: str | None) -> None:
+        with self._lock:
+            self.latency.append((kind, t0, time.monotonic() - t0))
+            if error is None:
+                self.answered += 1
+            else:
+                self.failed += 1
+                self.errors.append(f"{kind}: {error[:200]}")
+
+    def _run(self, kind: str, infer: Any, make_input: Any) -> None:
+        for n in itertools.count():
+            if self.stop.is_set():
+                break
+            prompt = self.tokens[n % len(self.tokens)]
+            ids = np.array([prompt], dtype=np.int64)
+            inp = make_input("INPUT_IDS", list(ids.shape), "INT64")
+            inp.set_data_from_numpy(ids)
+            t0 = time.monotonic()
+            try:
+                logits = infer("router", [inp]).as_numpy("LOGITS")
+            except Exception as e:
+                self._record(kind, t0, str(e))
+                continue
+            self._record(kind, t0, None)
+            if not np.allclose(logits, self.wanted(prompt), rtol=1e-4, atol=1e-4):
+                with self._lock:
+                    self.wrong += 1
+
+    def _openai(self, base: str) -> None:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            try:
+                chunks = list(client.completions.create(
+                    model="tiny-moe", prompt="Once upon a time", max_tokens=8, stream=True,
+                    extra_body={"ignore_eos": True}))
+                ok = chunks and chunks[-1].choices[0].finish_reason is not None
+                self._record("openai", t0, None if ok else "a stream ended unfinished")
+            except Exception as e:
+                self._record("openai", t0, str(e))
+
+    def p99(self, kind: str, when: Any) -> tuple[float, int]:
+        """The p99 latency (ms) of ``kind``'s requests that started when ``when(t)``, and
+        how many there were."""
+        with self._lock:
+            xs = sorted(dt for k, t0, dt in self.latency if k == kind and when(t0))
+        return (1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else math.nan), len(xs)
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -178,24 +242,50 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
     def held() -> list[frozenset[int]]:
         return [frozenset(control(x.server)) for x in plane.expert_servers]
 
+    def settled() -> list[frozenset[int]] | None:
+        """What the servers hold, when it is what the Deployments say and no move is under
+        way."""
+        now = held()
+        return now if not autoscaling().get("rebalance") and annotated() == now \
+            and held() == now else None
+
     env = {"AUTOGLM_SERVICE_ADDRESSES": str(addresses)}
     (tmp_path / "operator").mkdir()
-    with running_operator(control_plane, tmp_path / "operator", env=env) as op, \
-            Load(plane.router.http_url, tokens_for({0, 2})) as load:
+    gateway = GatewayServer(Routing(Target("a", 1, f"http://{plane.router.http_url}",
+                                           plane.router.grpc_url, model="tiny-moe")),
+                            free_port()).start()
+    moving: list[tuple[float, float]] = []  # when the status showed moves under way
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.wait(0.3):
+            with contextlib.suppress(Exception):
+                t = time.monotonic()
+                if autoscaling().get("rebalance"):
+                    moving.append((t - 0.3, time.monotonic()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(gateway.stop)
+        op = stack.enter_context(running_operator(control_plane, tmp_path / "operator", env))
+        load = stack.enter_context(Load(plane, gateway, plane.repository, tokens_for({0, 2})))
+        watcher.start()
+        stack.callback(watching.set)
         cluster.apply(obj)
         cluster.wait_ready("m")
+        ready = time.monotonic()
         templates = [d["spec"]["template"] for d in deployments()]
         assert [set(s) for s in START.servers] == [
             {int(e) for e in next(v["value"] for v in t["spec"]["containers"][0]["env"]
                                   if v["name"] == "AUTOGLM_SERVER_EXPERTS").split(",")}
             for t in templates], "the data plane here starts as the operator placed it"
         t0 = time.monotonic()
-        eventually(lambda: autoscaling().get("moves", 0) >= 2 and not autoscaling().get(
-            "rebalance"), "a first rebalance (a swap) done live", 120)
+        eventually(lambda: autoscaling().get("moves", 0) >= 1 and not autoscaling().get(
+            "rebalance"), "a first rebalance done live", 120)
         print(f"\nload on server 0 -> swapped live: {time.monotonic() - t0:.1f} s")
-        first = held()
+        # (the load keeps moving, so may the experts: compared when no move is under way)
+        first = eventually(settled, "the placement served, kept on the Deployments", 60)
         assert first != list(START.servers), first
-        assert annotated() == first, "the placement served, kept on the Deployments"
         assert [d["spec"]["template"] for d in deployments()] == templates, "no pod restarted"
         reasons = [e["reason"] for e in cluster.events("m")]
         assert "Rebalancing" in reasons and "Rebalanced" in reasons, reasons
@@ -218,8 +308,8 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         eventually(lambda: not autoscaling().get("rebalance")
                    and autoscaling().get("moves", 0) > was.get("moves", 0),
                    "the rebalance resumed and done", 120)
-        second = held()
-        assert second != first and annotated() == second, (first, second)
+        second = eventually(settled, "the placement served, kept on the Deployments", 60)
+        assert second != first, (first, second)
         assert [d["spec"]["template"] for d in deployments()] == templates
 
         # a second replica for the hottest expert, on the server with room: loaded live
@@ -227,13 +317,13 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         obj["spec"]["experts"].update(maxReplicas=2, replicaBudget=5)
         obj["spec"]["autoscaling"]["target"] = hottest["load"] * 0.8
         cluster.apply(obj)
-        twice = eventually(lambda: [e for e in range(MODEL.num_experts)
-                                    if sum(e in h for h in held()) == 2],
-                           "an expert with a new replica, live", 120)
-        eventually(lambda: not autoscaling().get("rebalance"), "the moves to end", 60)
-        assert annotated() == held()
+        eventually(lambda: "Placing" in [e["reason"] for e in cluster.events("m")],
+                   "a new replica placed live", 120)
+        # (while a move is under way its expert is on both servers too: only now, after)
+        third = eventually(settled, "the placement served, kept on the Deployments", 60)
+        twice = [e for e in range(MODEL.num_experts) if sum(e in h for h in third) == 2]
+        assert twice, third
         assert [d["spec"]["template"] for d in deployments()] == templates, "no pod restarted"
-        assert "Placing" in [e["reason"] for e in cluster.events("m")]
         e = twice[0]
 
         def served() -> list[float]:
@@ -246,6 +336,16 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
                    f"expert {e} served by both servers", 60)
         print(f"expert {e} replicated live on both servers: {held()}")
     assert load.failed == 0, load.errors[:5]
-    assert load.answered > 0
-    print(f"{load.answered} answers during {autoscaling().get('moves')} live moves, "
-          f"0 failed")
+    assert load.wrong == 0, f"{load.wrong} answers differ from the reference"
+    assert moving, "moves under way were seen"
+    print(f"{load.answered} answers (HTTP, gRPC, OpenAI streams) during "
+          f"{autoscaling().get('moves')} live moves, 0 failed, 0 wrong")
+
+    def during(t: float) -> bool:
+        return any(a <= t <= b for a, b in moving)
+
+    for kind in ("http", "grpc", "openai"):
+        calm, n_calm = load.p99(kind, lambda t: t >= ready + 3 and not during(t))
+        busy, n_busy = load.p99(kind, during)
+        print(f"p99 {kind:6}: between moves {calm:7.1f} ms ({n_calm} requests), during moves "
+              f"{busy:7.1f} ms ({n_busy}): {busy / calm:.2f}x")

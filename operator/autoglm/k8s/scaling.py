@@ -149,7 +149,9 @@ class Autoscaler:
                     if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
                         emit("Normal", "Deleted", f"deleted Deployment {names[s]}: expert "
                              f"server {s} retired, its experts serve on the others")
-            elif d.metrics_ok and serving == len(servers) and all(up):
+            elif d.metrics_ok and serving == len(servers) and all(up) and (
+                    was.last_rebalance_time is None or now - rollout.epoch(
+                        was.last_rebalance_time) >= autoscale.rate_window(spec, SCRAPE_SECONDS)):
                 r = rebalance(current, capacity, load, placement, servers=serving,
                               max_moves=MOVES_PER_REBALANCE)
                 if r.acted and r.moves and self._reachable(live, state.active_slot, serving):
@@ -237,7 +239,8 @@ class Autoscaler:
                    f" at {rollout.rfc3339(now)}")
         if moves:
             emit("Normal", "Rebalanced", f"expert servers rebalanced live: {summary}")
-        return None, was.model_copy(update={"last_rebalance": summary})
+        return None, was.model_copy(update={"last_rebalance": summary,
+                                            "last_rebalance_time": rollout.rfc3339(now)})
 
     def _place(self, live: Mapping[str, Any], spec: AutoGLMSpec, state: swap.SwapState,
                target: Placement, servers: tuple[frozenset[int], ...],
