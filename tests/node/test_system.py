@@ -399,9 +399,10 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
 
     print(f"\nPrometheus scrapes {eventually(scraped, 'every pod scraped', 60)} targets")
     # a low target: the load below is enough to ask for a second replica of some expert;
-    # room for 3 experts a server: it is added live, on a server already serving
+    # room for 3 experts a server and one replica more in all: it is added live, on a
+    # server already serving
     obj = deployment(1)
-    obj["spec"]["experts"]["perServer"] = 3
+    obj["spec"]["experts"].update(perServer=3, maxReplicas=2, replicaBudget=5)
     obj["spec"]["autoscaling"] = {"prometheusUrl": prom.url, "signal": "tokens", "target": 5,
                                   "intervalSeconds": 5, "stabilizationSeconds": 0}
     system.kube.apply(obj)
@@ -444,17 +445,25 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
             with urllib.request.urlopen(f"{prom.url}/api/v1/query?query={q}", timeout=5) as r:
                 res = json.loads(r.read())["data"]["result"]
             counts = {x["metric"].get("pod"): float(x["value"][1]) for x in res}
+            seen.update(counts)
             return all(counts.get(p["metadata"]["name"], 0) > 0 for p in pods)
 
-        eventually(served_by_each, f"expert {expert} served by each of {servers}",
-                   timeout=120)
+        seen: dict[str, float] = {}
+        try:
+            eventually(served_by_each, f"expert {expert} served by each of {servers}",
+                       timeout=120)
+        except AssertionError as e:
+            said = [f"{x['reason']}: {x['message']}" for x in system.kube.events(NAME)]
+            raise AssertionError(f"{e}; served tokens by pod {seen}; events {said[-15:]}; "
+                                 f"status {system.kube.resource(NAME)['status']}") from None
         live = [d for d in system.kube.get("deployments")["items"]
                 if d["metadata"]["name"] in servers]
-        assert any(live_experts(d) is not None for d in live), "the replica was added live"
+        said = [f"{e['reason']}: {e['message']}" for e in system.kube.events(NAME)
+                if e["reason"].startswith("Placing")]
+        assert any(live_experts(d) is not None for d in live), f"not added live: {said}"
         assert all(d["spec"]["template"] == templates[d["metadata"]["name"]] for d in live), \
             "no expert server's pod restarted"
-        reasons = [e["reason"] for e in system.kube.events(NAME)]
-        assert "Placing" in reasons, reasons
+        assert any(x.startswith("Placing: live") for x in said), said
     grown = {"expert": expert, "servers": servers}
     print(f"scaled up: {grown}")
 

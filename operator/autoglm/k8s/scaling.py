@@ -126,8 +126,14 @@ class Autoscaler:
                 except PlacementError as e:  # the servers as they are keep serving
                     emit("Warning", "PlacementFailed", f"{e}; replicas held")
                 else:
-                    if len(target.servers) == serving == len(servers) \
-                            and self._reachable(live, state.active_slot, serving):
+                    why = "" if len(target.servers) == serving == len(servers) else \
+                        f"{len(target.servers)} expert servers needed, {serving} serving"
+                    why = why or self._unreachable(live, state.active_slot, serving)
+                    if why:
+                        emit("Normal", "PlacingByRollout",
+                             f"replicas placed by rolling the expert servers: {why}")
+                        self._place(live, spec, state, target, servers, deployments, emit)
+                    else:
                         # the servers there are take the new replicas and drop the old
                         # ones live, as a rebalance moves them: no pod restarts
                         changes = moves_between(placement, target)
@@ -142,8 +148,6 @@ class Autoscaler:
                         moving, was = self._moves(live, spec, state.active_slot,
                                                   servers[:serving], placement, moving, was,
                                                   now, emit)
-                    else:
-                        self._place(live, spec, state, target, servers, deployments, emit)
             elif serving < len(servers) and all(up[:serving]):
                 for s in range(serving, len(servers)):  # their experts serve elsewhere now
                     if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
@@ -154,7 +158,8 @@ class Autoscaler:
                         was.last_rebalance_time) >= autoscale.rate_window(spec, SCRAPE_SECONDS)):
                 r = rebalance(current, capacity, load, placement, servers=serving,
                               max_moves=MOVES_PER_REBALANCE)
-                if r.acted and r.moves and self._reachable(live, state.active_slot, serving):
+                if r.acted and r.moves and not self._unreachable(live, state.active_slot,
+                                                                 serving):
                     emit("Normal", "Rebalancing",
                          f"imbalance {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}: "
                          f"{rebalancing.describe(r.moves)}")
@@ -191,15 +196,22 @@ class Autoscaler:
             self._write(live, st, new, emit)
             return new
 
-    def _reachable(self, live: Mapping[str, Any], slot: Slot, servers: int) -> bool:
-        """Whether every pod of the slot's serving expert servers answers (moves are made
-        only then: each move must hear its target's pods report what they load)."""
+    def _unreachable(self, live: Mapping[str, Any], slot: Slot, servers: int) -> str:
+        """Why the slot's serving expert server pods cannot be moved live ("" when every
+        one answers: each move must hear its target's pods report what they load)."""
         meta = live["metadata"]
         pods = self.r.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
         addresses = rebalancing.pod_addresses(meta["name"], meta["namespace"], slot, servers,
                                               pods)
-        return all(addresses) and all(r is not None for server in
-                                      rebalancing.reports(addresses) for r in server)
+        if not all(addresses):
+            return f"expert server {[bool(a) for a in addresses].index(False)} has no " \
+                   "running pod"
+        for server in addresses:
+            for a in server:
+                held, why = rebalancing.control(a)
+                if held is None:
+                    return why
+        return ""
 
     def _moves(self, live: Mapping[str, Any], spec: AutoGLMSpec, slot: Slot,
                templates: tuple[frozenset[int], ...], placement: Placement,
