@@ -108,3 +108,4 @@ bench: venv k8s-assets
 	$(BIN)/python bench/gateway/bench_gateway.py
 	$(BIN)/python bench/autoscaler/bench_autoscaler.py --png bench/autoscaler/replicas.png
 	$(BIN)/python bench/placement/bench_placement.py
+	$(BIN)/python bench/placement/bench_live.py
