@@ -6,9 +6,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import torch
 from kubernetes import client, config
 
 from autoglm.testing.controlplane import ControlPlane, ControlPlaneError, provision_assets
+
+# One torch thread in the test process: the servers the tests start share the same 2 cores,
+# and torch's second thread spinning against them made small in-process models 20x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

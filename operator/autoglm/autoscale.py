@@ -139,14 +139,16 @@ def decide(state: State, current: Sequence[int], sample: Sample | None, now: flo
     that the budget takes from an expert stay until those added elsewhere serve
     (make-before-break: the budget is borrowed for a start-up, never the capacity)."""
     cur = tuple(current)
+    # held replicas still keep the spec's bounds (the autoscaler applies them, not rollout)
+    held = tuple(min(max(c, policy.min_replicas), policy.max_replicas) for c in cur)
     if sample is None or not sample.tokens_per_s:
-        return state, Decision(cur, False, "no metrics yet: holding replicas")
+        return state, Decision(held, False, "no metrics yet: holding replicas")
     if now - sample.at > policy.stale_after:
-        return state, Decision(cur, False, f"metrics stale for {now - sample.at:.0f} s: "
-                                           "holding replicas")
+        return state, Decision(held, False, f"metrics stale for {now - sample.at:.0f} s: "
+                                            "holding replicas")
     missing = [i for i, v in enumerate(sample.tokens_per_s) if v is None]
     if missing or len(sample.tokens_per_s) != len(cur):
-        return state, Decision(cur, False, f"no load for experts {missing}: holding replicas")
+        return state, Decision(held, False, f"no load for experts {missing}: holding replicas")
     load = [float(v or 0.0) for v in sample.tokens_per_s]
     lo, hi = policy.min_replicas, policy.max_replicas
     ahead = list(load)
@@ -221,3 +223,9 @@ def policy_for(spec: AutoGLMSpec) -> Policy:
 def rate_window(spec: AutoGLMSpec, scrape_seconds: float) -> float:
     """The rate() window: at least six scrapes, 10 s and two intervals."""
     return max(6.0 * scrape_seconds, 10.0, 2.0 * spec.autoscaling.interval_seconds)
+
+
+def rebalance_interval(spec: AutoGLMSpec, scrape_seconds: float) -> float:
+    """The least time between two rebalances: the spec's, else the rate window."""
+    given = spec.autoscaling.rebalance_interval_seconds
+    return float(given) if given is not None else rate_window(spec, scrape_seconds)

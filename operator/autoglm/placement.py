@@ -149,34 +149,76 @@ class Rebalance:
 
 def rebalance(replicas: Sequence[int], capacity: int, load: Sequence[float | None],
               current: Placement, servers: int | None = None, threshold: float = 0.02,
-              good_enough: float = 0.015, max_moves: int | None = None) -> Rebalance:
+              good_enough: float = 0.01, max_moves: int | None = None,
+              move_cost: float = 0.25) -> Rebalance:
     """Placement that follows the load, moving as little as it can.
 
     First the forced changes only (:func:`place` from ``current``: new replicas placed,
-    surplus ones dropped, the rest kept). Then, while the heaviest server can be made lighter,
-    the one step that lowers it most: a replica moved to a server with room, or swapped with a
-    lighter one on one of the lightest servers (a swap is two moves), until the imbalance is
-    at most ``good_enough``. The result is taken only if it lowers the imbalance by more than
-    ``threshold`` (hysteresis: a small gain is not worth moving slices for); at most
-    ``max_moves`` moves beyond the forced ones."""
+    surplus ones dropped, the rest kept). Then a descent: while the heaviest server can be
+    made lighter and the imbalance is over ``good_enough``, the step (:func:`_best_step`)
+    that lowers it most per move: a replica moved to a server with room, or swapped with a
+    lighter one of a lighter server. Moves are counted against ``current`` (a replica on a
+    server that did not hold it), so moving again a replica the forced changes just placed,
+    or back to a server that held it, costs nothing more; such free steps come first.
+
+    Stopping rule, a price per move: each move costs ``move_cost / R`` of imbalance, R the
+    replicas placed, at most ``threshold``. Moving the whole placement once must buy
+    ``move_cost``: the servers load their moves side by side, so what a rebalance costs
+    grows with the moves per server against the experts each holds, moves / R at any size.
+    (The cap: in a small deployment a move is a large share of the placement but still one
+    slice, and one move that clears the hysteresis is worth making.) Of the descent's
+    prefixes the one with the lowest imbalance + price x moves is taken, so the steps past
+    the last point where the moves paid for themselves are not made: an imbalance that
+    only a long run of small gains would even out (noise in the load) moves little or
+    nothing, while a server carrying clearly more load is still evened out. The descent
+    stops once its moves cost more than the best prefix's value over the lowest imbalance
+    possible (the heaviest replica's).
+
+    Then hysteresis: the result is taken only if it lowers the imbalance by more than
+    ``threshold`` (a small gain is not worth moving slices for), else the forced changes
+    only; at most ``max_moves`` moves beyond the forced ones. ``move_cost=0`` evens the
+    servers down to ``good_enough`` whatever it moves. Deterministic."""
     n = max(len(current.servers), servers_needed(replicas, capacity)) \
         if servers is None else servers
     forced = place(replicas, capacity, load, current=current, servers=n)
     weight = _weights(replicas, load)
+    home = [current.servers[s] if s < len(current.servers) else frozenset[int]()
+            for s in range(n)]
     held = [set(h) for h in forced.servers]
     loads = [sum(weight[e] for e in h) for h in held]
+    order = [_by_weight(h, weight) for h in held]
+    price = min(move_cost / max(sum(replicas), 1), threshold)
+    mean = sum(loads) / n if n else 0.0
+    floor = max(0.0, max(weight, default=0.0) / mean - 1) if mean > 0 else 0.0
     budget = math.inf if max_moves is None else max_moves
-    used = 0
+    steps: list[list[tuple[int, int, int]]] = []
+    used = cost = 0
+    best, keep = imbalance(loads), 0  # the best prefix's imbalance + price x cost, its length
     while used < budget and imbalance(loads) > good_enough:
-        step = _best_step(held, loads, weight, capacity, budget - used)
-        if step is None:
+        found = _best_step(held, loads, weight, capacity, budget - used, home, order)
+        if found is None:
             break
+        step, c = found
         for e, s, t in step:
             held[s].remove(e)
             held[t].add(e)
             loads[s] -= weight[e]
             loads[t] += weight[e]
+        for s in {x for _, a, b in step for x in (a, b)}:
+            order[s] = _by_weight(held[s], weight)
+        steps.append(step)
         used += len(step)
+        cost += c
+        value = imbalance(loads) + price * cost
+        if value < best - 1e-12:
+            best, keep = value, len(steps)
+        elif floor + price * cost >= best:  # no later prefix can repay what it moved
+            break
+    held = [set(h) for h in forced.servers]
+    for step in steps[:keep]:
+        for e, s, t in step:
+            held[s].remove(e)
+            held[t].add(e)
     result = Placement(tuple(frozenset(h) for h in held))
     before = imbalance(server_loads(forced, replicas, load))
     after = imbalance(server_loads(result, replicas, load))
@@ -185,33 +227,80 @@ def rebalance(replicas: Sequence[int], capacity: int, load: Sequence[float | Non
     return Rebalance(result, moves_between(current, result), before, after, result != forced)
 
 
+def _by_weight(held: set[int], weight: Sequence[float]) -> tuple[list[float], list[int]]:
+    """A server's experts by weight (then number), and their weights."""
+    experts = sorted(held, key=lambda e: (weight[e], e))
+    return [weight[e] for e in experts], experts
+
+
 def _best_step(held: list[set[int]], loads: list[float], weight: Sequence[float],
-               capacity: int, room: float) -> list[tuple[int, int, int]] | None:
-    """The move or swap (as (expert, from, to) steps) that lowers the heaviest server most,
-    keeping both servers under its load; None when none does."""
-    s = max(range(len(held)), key=lambda x: (loads[x], -x))
+               capacity: int, room: float, home: Sequence[frozenset[int]],
+               order: Sequence[tuple[list[float], list[int]]],
+               ) -> tuple[list[tuple[int, int, int]], int] | None:
+    """The move or swap (as (expert, from, to) steps, with its moves counted against
+    ``home``: +1 for a replica landing where home lacks it, -1 for one leaving such a server)
+    that lowers the heaviest server, keeping both servers under its load; None when none
+    does. Free steps (no more moves) first, by the load they take off; then by load taken
+    off per move. ``order``: each server's experts by weight (:func:`_by_weight`).
+
+    Every lighter server is a candidate, lightest first, and the heaviest server's replicas
+    heaviest first; a swap takes a replica whose weight is near the one that evens the two
+    servers (three either side). Bounds keep it fast: a server ``gap`` under the top gains at
+    most ``gap / 2`` and a replica at most its weight; once that is no better than the best
+    found (its load, or its load per move), the rest are not looked at (a free step among
+    them is given up)."""
+    from bisect import bisect_left
+
+    n = len(held)
+    s = max(range(n), key=lambda x: (loads[x], -x))
     top = loads[s]
-    best: tuple[float, int, list[tuple[int, int, int]]] | None = None
-    lightest = sorted(range(len(held)), key=lambda x: (loads[x], x))[:3]
-    for e in sorted(held[s]):
-        for t in range(len(held)):
-            if t != s and e not in held[t] and len(held[t]) < capacity:
-                worst = max(top - weight[e], loads[t] + weight[e])
-                if worst < top - 1e-9 and (best is None or (worst - top, 1) < best[:2]):
-                    best = (worst - top, 1, [(e, s, t)])
-        if room < 2:
-            continue
-        for t in lightest:
-            if t == s or e in held[t]:
+    eps = 1e-9 * top
+    mine, was = held[s], home[s]
+    best: list[tuple[int, int, int]] | None = None
+    best_cost, best_free, best_value, size = 0, False, 0.0, 0  # value: gain, per move if paid
+    lighter = sorted((t for t in range(n) if t != s and loads[t] < top),
+                     key=lambda t: (loads[t], t))
+    experts = sorted(mine, key=lambda e: (-weight[e], e))
+    for t in lighter:
+        gap = top - loads[t]
+        if best is not None and gap / 2 <= best_value + eps:
+            break
+        theirs, had = held[t], home[t]
+        roomy = len(theirs) < capacity
+        weights, candidates = order[t]
+        last = len(weights)
+        for e in experts:
+            we = weight[e]
+            if best is not None and we <= best_value + eps:
+                break  # a step of e gains at most its weight
+            if e in theirs:
                 continue
-            for f in sorted(held[t] - held[s]):
-                if weight[f] >= weight[e]:
+            cost = (e not in had) - (e not in was)
+            if roomy:
+                gain = we if we + we <= gap else gap - we
+                if gain > eps:
+                    free = cost <= 0
+                    value = gain if free else gain / cost
+                    if best is None or (free, value, -1) > (best_free, best_value, -size):
+                        best, best_cost, best_free, best_value = [(e, s, t)], cost, free, value
+                        size = 1
+            if room < 2:
+                continue
+            i = bisect_left(weights, we - gap / 2)  # f evens s and t best
+            for j in range(max(0, i - 3), min(last, i + 3)):
+                d = we - weights[j]
+                gain = d if d + d <= gap else gap - d
+                if gain <= eps:
                     continue
-                worst = max(top - weight[e] + weight[f], loads[t] + weight[e] - weight[f])
-                # a swap is two moves: it must gain twice what a move does
-                if worst < top - 1e-9 and (best is None or ((worst - top) / 2, 2) < best[:2]):
-                    best = ((worst - top) / 2, 2, [(e, s, t), (f, t, s)])
-    return None if best is None else best[2]
+                f = candidates[j]
+                both = cost + (f not in was) - (f not in had)
+                free = both <= 0
+                value = gain if free else gain / both
+                if (best is None or (free, value, -2) > (best_free, best_value, -size)) \
+                        and f not in mine:
+                    best, best_cost = [(e, s, t), (f, t, s)], both
+                    best_free, best_value, size = free, value, 2
+    return None if best is None else (best, best_cost)
 
 
 def moves_between(before: Placement, after: Placement) -> tuple[Move, ...]:

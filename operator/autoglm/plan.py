@@ -223,7 +223,8 @@ def initial_expert_replicas(spec: AutoGLMSpec) -> tuple[int, ...]:
 def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...],
                    fits: int | None = None) -> Placement:
     """The placement ``servers`` records, kept as it is while it still suits the spec (every
-    expert held, within min/max replicas and ``perServer``); else the replicas it holds,
+    expert held, within min/max replicas (the autoscaler's, when it runs) and
+    ``perServer``); else the replicas it holds,
     bounded, placed again, what each server holds kept where it fits and never on fewer
     servers (removing servers is the autoscaler's, once their experts serve elsewhere)."""
     n, e = spec.model.num_experts, spec.experts
@@ -232,7 +233,9 @@ def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...],
     replicas = current.replicas(n) if servers else list(initial_expert_replicas(spec))
     bounded = [min(max(r, e.min_replicas), e.max_replicas) for r in replicas]
     fits = all(h and max(h) < n for h in servers) and all(len(h) <= capacity for h in servers)
-    if servers and fits and bounded == replicas:
+    # with autoscaling on, the autoscaler brings replicas within new bounds, live
+    autoscaled = spec.autoscaling.enabled and spec.autoscaling.prometheus_url is not None
+    if servers and fits and (bounded == replicas or autoscaled):
         return current
     needed = servers_needed(bounded, capacity)
     return place(bounded, capacity, current=current if servers else None,

@@ -7,7 +7,9 @@ with the process that started it, so a killed parent leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,15 +17,28 @@ import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+# bound at import: a child between fork and exec must not import or dlopen anything
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_SETPRIV = shutil.which("setpriv")
 
 
 def die_with_parent() -> None:
     """In the child before exec: be killed if the process that started us dies, so a killed
     test run leaves no control plane behind (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
+    _PRCTL(1, signal.SIGKILL)
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+def dying_with_parent(cmd: Sequence[str]) -> dict[str, Any]:
+    """``subprocess.Popen`` arguments that run ``cmd`` in a session of its own, killed if
+    the process that started it dies. util-linux's ``setpriv`` sets the signal, so no Python
+    runs in the forked child: with other threads in the parent (gRPC's) that crashed it
+    now and then (SIGSEGV before exec). Without ``setpriv``, a ``preexec_fn`` does."""
+    if _SETPRIV:
+        return {"args": [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd],
+                "start_new_session": True}
+    return {"args": list(cmd), "start_new_session": True, "preexec_fn": die_with_parent}
 
 
 def free_port() -> int:
@@ -35,9 +50,9 @@ def free_port() -> int:
 def spawn(cmd: Sequence[str], log: IO[bytes] | None,
           env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in its own session, output to ``log`` (None: our stdout)."""
-    return subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    return subprocess.Popen(**dying_with_parent(cmd), env=dict(env) if env is not None
+                            else None, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
 
 
 def terminate(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM,

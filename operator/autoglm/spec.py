@@ -406,6 +406,11 @@ class AutoscalingSpec(_Object):
                                 description="Most replicas added to an expert per interval.")
     stabilization_seconds: int = Field(300, ge=0, le=86400,
                                        description="Scale-down stabilization window.")
+    rebalance_interval_seconds: int | None = Field(
+        None, ge=1, le=86400,
+        description="Least time between two live rebalances of the expert servers (a "
+                    "noisy load would move experts back and forth); unset: the metrics' "
+                    "rate window (six scrapes, at least 10 s and two intervals).")
 
 
 class RolloutSpec(_Object):

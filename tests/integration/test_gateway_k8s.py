@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from autoglm import plan as p
 from autoglm.k8s import builders
 from autoglm.k8s.api import Api
-from autoglm.procs import die_with_parent, free_port
+from autoglm.procs import dying_with_parent, free_port
 from autoglm.spec import API_VERSION, KIND, parse
 from autoglm.testing import eventually, metric_value
 from autoglm.testing.controlplane import ControlPlane
@@ -64,11 +64,11 @@ def test_gateway_follows_the_active_slot(control_plane: ControlPlane, api: clien
     port, metrics, grpc_port = free_port(), free_port(), free_port()
     log = (tmp_path / "gateway.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autoglm.cli", "gateway", "--deployment=tiny",
-         f"--namespace={namespace}", f"--port={port}", f"--metrics-port={metrics}",
-         f"--grpc-port={grpc_port}", "--host=127.0.0.1"],
-        env=dict(os.environ, KUBECONFIG=str(kc)), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=die_with_parent)
+        **dying_with_parent([sys.executable, "-m", "autoglm.cli", "gateway", "--deployment=tiny",
+                             f"--namespace={namespace}", f"--port={port}",
+                             f"--metrics-port={metrics}", f"--grpc-port={grpc_port}",
+                             "--host=127.0.0.1"]),
+        env=dict(os.environ, KUBECONFIG=str(kc)), stdout=log, stderr=subprocess.STDOUT)
     try:
         def routing() -> dict[str, Any] | None:
             status, body = get(f"http://127.0.0.1:{port}/routing")

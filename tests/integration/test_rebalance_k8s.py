@@ -193,6 +193,68 @@ class Load:
             t.join()
 
 
+class Kubelet:
+    """Plays the kubelet for the expert server Deployments the operator adds and deletes
+    (kwok runs no containers): an added one gets a real server, booted with its template's
+    experts, named in the addresses file and Prometheus' targets; a deleted one leaves the
+    router's view, then stops. Servers go by index, as Deployments ``m-a-experts-<s>``."""
+
+    def __init__(self, plane: DataPlane, deployments: Any, addresses: Path,
+                 prometheus: PrometheusServer, labels: dict[str, str]) -> None:
+        self.plane, self.deployments, self.addresses = plane, deployments, addresses
+        self.prometheus, self.labels = prometheus, labels
+        self.started = self.stopped = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def publish(self) -> None:
+        plane, ns = self.plane, self.labels["namespace"]
+        assert plane.router is not None
+        self.addresses.write_text(json.dumps({
+            f"{ns}/m-a-experts-{s}": f"http://{x.server.http_url}"
+            for s, x in enumerate(plane.expert_servers)}))
+        self.prometheus.set_targets([
+            ({**self.labels, "component": "router"}, [f"127.0.0.1:{plane.router.metrics_port}"]),
+            ({**self.labels, "component": "expert"},
+             [f"127.0.0.1:{x.server.metrics_port}" for x in plane.expert_servers])])
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                wanted = [d for d in self.deployments()
+                          if not d["metadata"].get("deletionTimestamp")]
+            except Exception:
+                continue
+            if not wanted:
+                continue  # not created yet
+            plane = self.plane
+            try:
+                while len(plane.expert_servers) < len(wanted):
+                    plane.add_server(server_experts(wanted[len(plane.expert_servers)]) or
+                                     frozenset())
+                    self.started += 1
+                    self.publish()
+                while len(plane.expert_servers) > len(wanted):
+                    gone = plane.expert_servers[-1]
+                    plane.expert_servers = plane.expert_servers[:-1]
+                    plane.write_endpoints()
+                    self.publish()
+                    time.sleep(2 * plane.resolve_seconds)  # the router stopped asking it
+                    gone.server.stop()
+                    self.stopped += 1
+            except Exception as e:  # reported by the test
+                self.errors.append(repr(e))
+
+    def __enter__(self) -> Kubelet:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
 def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart(
         control_plane: ControlPlane, namespace: str, plane: DataPlane,
         prometheus: PrometheusServer, tmp_path: Path) -> None:
@@ -203,14 +265,7 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
     assert plane.router is not None
     cluster = Cluster(control_plane, namespace)
     base = {"deployment": "m", "namespace": namespace, "slot": "a", "version": "1"}
-    prometheus.set_targets([
-        ({**base, "component": "router"}, [f"127.0.0.1:{plane.router.metrics_port}"]),
-        ({**base, "component": "expert"},
-         [f"127.0.0.1:{x.server.metrics_port}" for x in plane.expert_servers])])
     addresses = tmp_path / "addresses.json"
-    addresses.write_text(json.dumps({
-        f"{namespace}/m-a-experts-{s}": f"http://{x.server.http_url}"
-        for s, x in enumerate(plane.expert_servers)}))
     # where requests go, measured on the router itself: random prompts, tokens per expert
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, MODEL.vocab_size, 16).tolist() for _ in range(16)]
@@ -267,6 +322,8 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
     watcher = threading.Thread(target=watch, daemon=True)
     with contextlib.ExitStack() as stack:
         stack.callback(gateway.stop)
+        kubelet = stack.enter_context(Kubelet(plane, deployments, addresses, prometheus, base))
+        kubelet.publish()
         op = stack.enter_context(running_operator(control_plane, tmp_path / "operator", env))
         load = stack.enter_context(Load(plane, gateway, plane.repository, tokens_for({0, 2})))
         watcher.start()
@@ -335,6 +392,67 @@ def test_the_operator_moves_experts_live_and_resumes_a_rebalance_after_a_restart
         eventually(lambda: all(a > b for a, b in zip(served(), was_served, strict=True)),
                    f"expert {e} served by both servers", 60)
         print(f"expert {e} replicated live on both servers: {held()}")
+
+        # one replica each again, then the hot pair drifts: each shift loads two experts
+        # that share a server, and a rebalance follows within seconds
+        obj["spec"]["experts"].update(maxReplicas=1, replicaBudget=4)
+        obj["spec"]["autoscaling"].update(target=1e6, rebalanceIntervalSeconds=3)
+        cluster.apply(obj)
+        eventually(lambda: (lambda h: h and sorted(e for x in h for e in x) == [0, 1, 2, 3])(
+            settled()), "one replica of each expert again, removed live", 120)
+        shifts = 0
+        while autoscaling().get("moves", 0) < 20:
+            now = eventually(settled, "the placement served, kept on the Deployments", 60)
+            pair = set(sorted(now[max(range(len(now)), key=lambda s: len(now[s]))])[:2])
+            done = autoscaling().get("moves", 0)
+            load.tokens = tokens_for(pair)
+            shifts += 1
+            assert shifts <= 20, f"{done} moves after {shifts} shifts"
+            eventually(lambda: autoscaling().get("moves", 0) > done  # noqa: B023
+                       and not autoscaling().get("rebalance"),
+                       f"a rebalance after shift {shifts} (hot {pair} on one server)", 90)
+        print(f"{autoscaling()['moves']} live moves after {shifts} shifts of the hot pair")
+        assert [d["spec"]["template"] for d in deployments()] == templates, "no pod restarted"
+
+        # the hottest expert needs 3 replicas: a third server, booted with its new
+        # replicas while the two there change live
+        hottest = max(autoscaling()["experts"], key=lambda e: e["load"] or 0)
+        obj["spec"]["experts"].update(maxReplicas=3, replicaBudget=7)
+        obj["spec"]["autoscaling"]["target"] = hottest["load"] * 0.34
+        cluster.apply(obj)
+        grown = eventually(lambda: (lambda h: h if h and len(h) == 3 else None)(settled()),
+                           "a third expert server added, serving what its Deployment says",
+                           150)
+        placing = [e["message"] for e in cluster.events("m") if e["reason"] == "Placing"]
+        assert any("added" in m for m in placing), placing
+        assert [d["spec"]["template"] for d in deployments()][:2] == templates, \
+            "the two servers there were not restarted"
+        added = plane.expert_servers[2].server
+        count = metric_value(urllib_get(added.metrics_url), "autoglm_expert_served_tokens_total",
+                             {"expert": str(min(grown[2]))}) or 0.0
+        eventually(lambda: (metric_value(urllib_get(added.metrics_url),
+                                         "autoglm_expert_served_tokens_total",
+                                         {"expert": str(min(grown[2]))}) or 0.0) > count,
+                   "the added server serving", 60)
+        print(f"expert server added live: {grown}")
+
+        # back to one replica each: the third server's experts move to the other two live,
+        # it drains, and only then is it deleted
+        obj["spec"]["experts"].update(maxReplicas=1, replicaBudget=4)
+        obj["spec"]["autoscaling"]["target"] = 1e6
+        cluster.apply(obj)
+        shrunk = eventually(lambda: (lambda h: h if h and len(h) == 2 and kubelet.stopped
+                                     else None)(settled()),
+                            "back on two expert servers, the third deleted and stopped", 150)
+        reasons = [e["reason"] for e in cluster.events("m")]
+        assert "Deleted" in reasons and kubelet.stopped == 1, (reasons, kubelet.stopped)
+        placing = [e["message"] for e in cluster.events("m") if e["reason"] == "Placing"]
+        assert any("retiring" in m for m in placing), placing
+        rolled = [e["message"] for e in cluster.events("m") if e["reason"] == "PlacingByRollout"]
+        assert not rolled, f"every placement goes live: {rolled}"
+        assert [d["spec"]["template"] for d in deployments()] == templates
+        assert not kubelet.errors, kubelet.errors
+        print(f"expert server removed live: {shrunk}")
     assert load.failed == 0, load.errors[:5]
     assert load.wrong == 0, f"{load.wrong} answers differ from the reference"
     assert moving, "moves under way were seen"

@@ -51,3 +51,6 @@ def test_quick_runs_and_prints_the_three_goal_lines(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     goals = re.findall(r"^(PASS|FAIL) (imbalance|moves|solve time):", out, re.MULTILINE)
     assert [g for _, g in goals] == ["imbalance", "moves", "solve time"]
+    # the scenarios no policy can pass (the forced new replicas alone over) counted apart
+    assert re.search(r"^(PASS|FAIL) moves: .* scenarios over: \d+ infeasible \(forced new "
+                     r"replicas alone over\), \d+ not;", out, re.MULTILINE), out

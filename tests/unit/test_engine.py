@@ -77,9 +77,11 @@ class CountingFanout:
 
 
 def engine(model: Model, capacity: int = 4096, batch: int = 64, chunk: int = 16,
-           fanout: CountingFanout | None = None, width: int | None = None) -> Engine:
+           fanout: CountingFanout | None = None, width: int | None = None,
+           prefix_caching: bool = True) -> Engine:
     return Engine(model.router, fanout or model.local_fanout, kv_capacity_tokens=capacity,
-                  max_batch_tokens=batch, prefill_chunk=chunk, row_width=width)
+                  max_batch_tokens=batch, prefill_chunk=chunk, row_width=width,
+                  prefix_caching=prefix_caching)
 
 
 def drain(eng: Engine, out: dict[int, list[int]] | None = None,

@@ -151,6 +151,12 @@ def test_a_rebalance_keeps_the_constraints_and_reaches_its_placement_by_its_move
         assert r.imbalance_before - r.imbalance_after > 0.02  # the default threshold
         if max_moves is not None:
             assert moves(forced, r.placement) <= max_moves
+        # the moves beyond the forced ones (counted against the current placement) paid
+        # their price: by default 0.25 of imbalance per whole placement moved, at most the
+        # threshold (0.02) a move
+        price = min(0.25 / sum(replicas), 0.02)
+        extra = moves(current, r.placement) - moves(current, forced)
+        assert r.imbalance_after + price * extra < r.imbalance_before + 1e-9
 
 
 def test_a_rebalance_moves_load_off_the_hot_server_and_small_gains_wait() -> None:
@@ -171,6 +177,35 @@ def test_a_rebalance_moves_load_off_the_hot_server_and_small_gains_wait() -> Non
     # a new replica of expert 0 is a forced change: placed whether or not the rest moves
     grown = rebalance([2, 1, 1, 1, 1, 1], 3, mild, current, threshold=1.0)
     assert not grown.acted and grown.moves == (Move(0, None, grown.placement.holders(0)[1]),)
+
+
+def test_a_skewed_live_load_is_evened_within_the_live_move_budget() -> None:
+    """8 experts on 4 servers of 2, the two of server 0 hot (imbalance 0.39): a live
+    rebalance (at most 4 moves) swaps one of them away."""
+    current = place([1] * 8, 2)
+    assert current.servers[0] == {0, 4}
+    hot = [16.0, 10.0, 10.0, 10.0, 16.0, 10.0, 10.0, 10.0]
+    r = rebalance([1] * 8, 2, hot, current, max_moves=4)
+    assert r.acted and r.imbalance_before == pytest.approx(9 / 23)
+    assert r.imbalance_after == pytest.approx(3 / 23) and len(r.moves) == 2
+
+
+def test_moves_that_buy_less_than_their_price_are_not_made() -> None:
+    """64 experts on 8 servers, placed for one load, then each expert's load off by up to
+    20% (noise): with no price the descent evens the servers with 9 moves; at the default
+    price (0.25 / 64 of imbalance a move) it stops after the 4 that pay for themselves."""
+    rng = random.Random(0)
+    base = [rng.uniform(1, 10) for _ in range(64)]
+    current = place([1] * 64, 8, base, servers=8)
+    noisy: list[float | None] = [x * rng.uniform(0.8, 1.2) for x in base]
+    priced = rebalance([1] * 64, 8, noisy, current)
+    free = rebalance([1] * 64, 8, noisy, current, move_cost=0)
+    assert priced.acted and free.acted
+    assert (len(priced.moves), len(free.moves)) == (4, 9)
+    assert free.imbalance_after < priced.imbalance_after
+    gained = priced.imbalance_after - free.imbalance_after
+    assert gained < 0.25 / 64 * (len(free.moves) - len(priced.moves))
+    assert rebalance([1] * 64, 8, noisy, current, move_cost=100).moves == ()
 
 
 @settings(max_examples=150, deadline=None)

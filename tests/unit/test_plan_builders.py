@@ -36,9 +36,14 @@ def test_plan_starts_in_slot_a_and_keeps_the_serving_version() -> None:
     topo = p.plan("tiny", bumped, p.RoutingState("b", {"b": p.SlotState(1, scaled)}))
     assert topo.active == "b" and topo.active_plan.version == 1
     assert topo.active_plan.placement.servers == scaled, "the live placement is kept"
-    # one replica too many (maxReplicas 3): placed again, what each server holds kept
+    # one replica too many (maxReplicas 3): the autoscaler's to remove, live, when it runs
     over = (*scaled, frozenset({0, 1}))
-    placed = p.plan("tiny", s, p.RoutingState("a", {"a": p.SlotState(1, over)})).active_plan
+    kept = p.plan("tiny", s, p.RoutingState("a", {"a": p.SlotState(1, over)})).active_plan
+    assert kept.placement.servers == over
+    # with no autoscaler: placed again, what each server holds kept
+    fixed = s.model_copy(update={"autoscaling": s.autoscaling.model_copy(
+        update={"enabled": False})})
+    placed = p.plan("tiny", fixed, p.RoutingState("a", {"a": p.SlotState(1, over)})).active_plan
     assert placed.placement.replicas(4) == [3, 2, 2, 1]
     assert len(placed.servers) == 5, "never fewer servers: removing them is the autoscaler's"
     assert all(len(h) <= 2 for h in placed.placement.servers)

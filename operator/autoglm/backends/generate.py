@@ -12,7 +12,8 @@ client's reads) at the price of burstier streams. No lock is held across a step 
 calls), so new requests are taken while a step runs. A cancelled request (a
 gRPC client that went away) is aborted within ``CANCEL_CHECK_SECONDS``, freeing its KV cache:
 each ``is_cancelled()``, like each metric update, is a blocking message to the Triton
-process, so neither is sent every step.
+process, so neither is sent every step. The engine reuses the KV blocks of cached prompt
+prefixes unless ``AUTOGLM_PREFIX_CACHING=0`` (benches compare).
 
 Inputs (exactly one): ``text_input`` BYTES [1] (a prompt), ``messages`` BYTES [1] (chat
 messages as JSON, rendered with the checkpoint's chat template), ``input_ids`` INT64 [-1].
@@ -78,6 +79,7 @@ class TritonPythonModel:
                         max_batch_tokens=_env_int("AUTOGLM_MAX_BATCH_TOKENS", 256),
                         prefill_chunk=_env_int("AUTOGLM_PREFILL_CHUNK", 128),
                         micro_batches=_env_int("AUTOGLM_MICRO_BATCHES", 1),
+                        prefix_caching=_env_int("AUTOGLM_PREFIX_CACHING", 1) != 0,
                         on_route=self._routed)
         self._metrics()
         self.text = TextEngine(engine, Tokenizer.from_dir(d / "hf"))
@@ -106,7 +108,13 @@ class TritonPythonModel:
                 ("autoglm_generate_waiting", "Sequences waiting for KV cache", gauge),
                 ("autoglm_kv_cache_used_tokens", "KV cache reserved, in tokens", gauge),
                 ("autoglm_kv_cache_capacity_tokens", "KV cache capacity, in tokens", gauge),
+                ("autoglm_kv_cache_cached_tokens", "KV cache held by no generation but kept "
+                 "for prefix reuse (reclaimable), in tokens", gauge),
                 ("autoglm_generated_tokens_total", "Tokens generated", counter),
+                ("autoglm_prompt_tokens_total", "Prompt tokens of admitted generations",
+                 counter),
+                ("autoglm_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix "
+                 "cache, not prefilled (hit rate: / autoglm_prompt_tokens_total)", counter),
                 ("autoglm_generate_steps_total", "Engine steps: batched forwards, each one "
                  "fan-out per MoE layer (expert server calls per step: "
                  "autoglm_expert_server_calls_total / this)", counter),
@@ -120,7 +128,7 @@ class TritonPythonModel:
                    "autoglm_inter_token_latency_seconds": ITL_BUCKETS}
         self.m = {name: fam.Metric(labels=labels, buckets=buckets[name]) if name in buckets
                   else fam.Metric(labels=labels) for name, fam in self._families.items()}
-        self._generated = self._steps = 0
+        self._generated = self._steps = self._prompt = self._hits = 0
         self._last: dict[int, float] = {}  # request → arrival, then its last token's time
 
     def _observe(self, force: bool = False) -> None:
@@ -139,6 +147,13 @@ class TritonPythonModel:
         self._generated = stats.generated_tokens
         self.m["autoglm_generate_steps_total"].increment(float(stats.steps - self._steps))
         self._steps = stats.steps
+        self.m["autoglm_kv_cache_cached_tokens"].set(float(stats.kv_cached_tokens))
+        self.m["autoglm_prompt_tokens_total"].increment(
+            float(stats.prompt_tokens - self._prompt))
+        self._prompt = stats.prompt_tokens
+        self.m["autoglm_prefix_cache_hit_tokens_total"].increment(
+            float(stats.prefix_hit_tokens - self._hits))
+        self._hits = stats.prefix_hit_tokens
 
     def _routed(self, layer: int, idx: torch.Tensor) -> None:
         """Prefill and decode tokens alike feed the autoscaling signal; a step of canaries

@@ -8,7 +8,9 @@ sequence, and each selected expert is called once with all of its tokens. Sequen
 the next step after they are admitted and leave when they finish. Admission is FIFO and
 reserves prompt + max_tokens of KV cache up front (:mod:`autoglm.engine.cache`), so a running
 sequence never runs out; at most ``max_batch_tokens`` sequences run, so each advances every
-step.
+step. With ``prefix_caching``, a prompt starting with blocks already in the cache shares them
+and is prefilled from there on; after each step the blocks it filled (prompt or generated
+tokens) are offered to the cache.
 
 Requests are token ids; text (tokenizer, stop strings) lives in the layer above.
 """
@@ -64,11 +66,13 @@ class Event:
 class EngineStats:
     running: int
     waiting: int
-    kv_used_tokens: int
+    kv_used_tokens: int      # held by running sequences
     kv_capacity_tokens: int
     steps: int
-    prompt_tokens: int       # prompt tokens computed so far
+    prompt_tokens: int       # prompt tokens of the admitted requests, cumulative
     generated_tokens: int
+    prefix_hit_tokens: int   # of prompt_tokens, found in the cache (not prefilled)
+    kv_cached_tokens: int    # in cached blocks no sequence holds: reusable, reclaimable
 
 
 class StepError(RuntimeError):
@@ -110,13 +114,14 @@ class Engine:
     """Continuous-batching generation over a :class:`RouterTier`, experts through ``fanout``.
 
     ``row_width`` fixes the width of the batch's rows (tests, tuning); None picks the
-    cheapest each step. Thread-safe: :meth:`add` and :meth:`abort` may be called while
+    cheapest each step. ``prefix_caching`` False: every prompt is computed whole (benches
+    compare). Thread-safe: :meth:`add` and :meth:`abort` may be called while
     another thread runs :meth:`step`; they take effect between steps."""
 
     def __init__(self, router: RouterTier, fanout: ExpertFanout, kv_capacity_tokens: int,
                  max_batch_tokens: int, prefill_chunk: int, *, block_size: int = 16,
                  row_width: int | None = None, on_route: RouteObserver | None = None,
-                 micro_batches: int = 1) -> None:
+                 micro_batches: int = 1, prefix_caching: bool = True) -> None:
         if max_batch_tokens < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and prefill_chunk "
                              f"({prefill_chunk}) must be >= 1")
@@ -130,14 +135,15 @@ class Engine:
         emb = router.w["model.embed_tokens.weight"]
         self.device = emb.device
         self.pool = KVPool.for_model(router.cfg, kv_capacity_tokens, block_size=block_size,
-                                     dtype=emb.dtype, device=emb.device)
+                                     dtype=emb.dtype, device=emb.device,
+                                     prefix_caching=prefix_caching)
         self._costs = _row_costs(router.cfg)
         self._ids = itertools.count()
         self._waiting: collections.OrderedDict[int, _Sequence] = collections.OrderedDict()
         self._running: dict[int, _Sequence] = {}  # admission order
         self._lock = threading.Lock()
         self.routed_tokens: collections.Counter[int] = collections.Counter()
-        self._steps = self._prompt_tokens = self._generated_tokens = 0
+        self._steps = self._prompt_tokens = self._generated_tokens = self._hit_tokens = 0
 
     @property
     def cfg(self) -> ModelConfig:
@@ -207,9 +213,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(len(self._running), len(self._waiting), self.pool.used_tokens,
-                               self.pool.capacity, self._steps, self._prompt_tokens,
-                               self._generated_tokens)
+            return EngineStats(
+                running=len(self._running), waiting=len(self._waiting),
+                kv_used_tokens=self.pool.used_tokens, kv_capacity_tokens=self.pool.capacity,
+                steps=self._steps, prompt_tokens=self._prompt_tokens,
+                generated_tokens=self._generated_tokens, prefix_hit_tokens=self._hit_tokens,
+                kv_cached_tokens=self.pool.cached_tokens)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -244,17 +253,19 @@ class Engine:
             for out in outs:
                 self.routed_tokens.update(out[1])
             for s in seqs:
-                n = counts[s.id]
-                self._prompt_tokens += max(0, min(s.computed + n, s.prompt_len) - s.computed)
-                s.computed += n
+                s.computed += counts[s.id]
+                self.pool.commit(s.id, s.tokens)  # written now: its full blocks are shareable
             return [self._emit(s, t) for s, t in zip(done, tokens, strict=True)]
 
     def _admit(self) -> None:
         # FIFO without overtaking: a large request is not starved by smaller ones behind it
         while self._waiting and len(self._running) < self.max_batch_tokens:
             seq = next(iter(self._waiting.values()))
-            if not self.pool.reserve(seq.id, seq.prompt_len + seq.max_tokens):
+            if not self.pool.reserve(seq.id, seq.prompt_len + seq.max_tokens, seq.tokens):
                 return
+            seq.computed = self.pool.length(seq.id)  # the prompt's cached prefix
+            self._prompt_tokens += seq.prompt_len
+            self._hit_tokens += seq.computed
             del self._waiting[seq.id]
             self._running[seq.id] = seq
 

@@ -1,8 +1,15 @@
 """Per-expert autoscaling on Kubernetes: Prometheus → :func:`autoscale.decide` → replicas
 per expert → :func:`autoglm.placement.place` → the active slot's expert servers (one
 Deployment each, naming the experts it holds; reconciliation builds its servers from the
-live ones, so it never undoes a decision). Servers no longer needed retire: they keep
-serving until every other server has rolled out, then they are deleted.
+live ones, so it never undoes a decision).
+
+A new placement is served live when every serving pod answers (k8s/rebalancing.py): the
+servers there load and drop experts with no restart, a server added boots holding its
+experts, and a server no longer needed retires: it serves on until its experts serve
+elsewhere, is told to drop them (the routers stop asking it), and is deleted once it
+reports nothing. Otherwise (a pod that does not answer) the servers roll, the new pod
+serving before the old one goes. With the replicas kept, a rebalance moves a few experts
+live when the servers' load is uneven.
 
 One step per ``spec.autoscaling.intervalSeconds``, under the resource's lock (the same as
 reconciliation's, so status writes never cross). Scaling pauses while a swap is under way:
@@ -14,7 +21,7 @@ scale-down comes before a full window has passed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from autoglm import autoscale, swap
@@ -25,6 +32,7 @@ from autoglm.k8s.reconcile import EventSink, Manifest, Reconciler
 from autoglm.metrics import ControlMetrics
 from autoglm.placement import (
     MOVES_PER_REBALANCE,
+    Move,
     Placement,
     PlacementError,
     balancedness,
@@ -108,13 +116,21 @@ class Autoscaler:
                 and was.rebalance.slot == state.active_slot else None
             fits = rollout.fits_per_server(spec, st, state.active_slot, ())
             capacity = p.experts_per_server(spec, fits)
+            busy = moving is not None
             if moving is not None or held_now != servers:
                 # moves under way, or pods to keep on the moved placement (one restarted)
                 moving, was = self._moves(live, spec, state.active_slot, servers[:serving],
                                           placement, moving, was, now, emit)
-            if moving is not None:
-                pass  # the next placement change waits for the moves under way
-            elif list(d.desired) != current:
+            if busy:
+                pass  # the next change waits for the moves under way, and what they made
+            elif serving < len(servers) and all(up[:serving]) and self._drained(
+                    live, state.active_slot, placement, len(servers)):
+                for s in range(serving, len(servers)):  # their experts serve elsewhere now
+                    if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
+                        emit("Normal", "Deleted", f"deleted Deployment {names[s]}: expert "
+                             f"server {s} retired, its experts serve on the others")
+            elif list(d.desired) != current and serving == len(servers):
+                # (a change waits for the retiring servers to go)
                 # more replicas that fit the servers there are stay on them (added live);
                 # otherwise the fewest servers that hold them
                 room = sum(d.desired) <= serving * capacity and max(d.desired) <= serving
@@ -126,36 +142,19 @@ class Autoscaler:
                 except PlacementError as e:  # the servers as they are keep serving
                     emit("Warning", "PlacementFailed", f"{e}; replicas held")
                 else:
-                    why = "" if len(target.servers) == serving == len(servers) else \
-                        f"{len(target.servers)} expert servers needed, {serving} serving"
-                    why = why or self._unreachable(live, state.active_slot, serving)
+                    why = self._unreachable(live, state.active_slot, serving)
                     if why:
                         emit("Normal", "PlacingByRollout",
                              f"replicas placed by rolling the expert servers: {why}")
                         self._place(live, spec, state, target, servers, deployments, emit)
                     else:
-                        # the servers there are take the new replicas and drop the old
-                        # ones live, as a rebalance moves them: no pod restarts
-                        changes = moves_between(placement, target)
-                        emit("Normal", "Placing", f"live: {rebalancing.describe(changes)}")
-                        loads = server_loads(placement, current, load)
-                        moving = RebalanceStatus(
-                            slot=state.active_slot, since=rollout.rfc3339(now),
-                            moves=rebalancing.from_moves(changes),
-                            imbalance_before=round(placement_imbalance(loads), 3),
-                            imbalance_after=round(placement_imbalance(server_loads(
-                                target, list(d.desired), load)), 3))
-                        moving, was = self._moves(live, spec, state.active_slot,
-                                                  servers[:serving], placement, moving, was,
-                                                  now, emit)
-            elif serving < len(servers) and all(up[:serving]):
-                for s in range(serving, len(servers)):  # their experts serve elsewhere now
-                    if self.r.api.delete("apps/v1", "Deployment", ns, names[s]):
-                        emit("Normal", "Deleted", f"deleted Deployment {names[s]}: expert "
-                             f"server {s} retired, its experts serve on the others")
+                        moving, was = self._reshape(live, spec, state, placement, target,
+                                                    servers, (current, list(d.desired)),
+                                                    load, was, now, emit)
             elif d.metrics_ok and serving == len(servers) and all(up) and (
                     was.last_rebalance_time is None or now - rollout.epoch(
-                        was.last_rebalance_time) >= autoscale.rate_window(spec, SCRAPE_SECONDS)):
+                        was.last_rebalance_time) >= autoscale.rebalance_interval(
+                            spec, SCRAPE_SECONDS)):
                 r = rebalance(current, capacity, load, placement, servers=serving,
                               max_moves=MOVES_PER_REBALANCE)
                 if r.acted and r.moves and not self._unreachable(live, state.active_slot,
@@ -195,6 +194,65 @@ class Autoscaler:
                                                               strict=True))]))
             self._write(live, st, new, emit)
             return new
+
+    def _reshape(self, live: Mapping[str, Any], spec: AutoGLMSpec, state: swap.SwapState,
+                 placement: Placement, target: Placement,
+                 servers: tuple[frozenset[int], ...], counts: tuple[list[int], list[int]],
+                 load: Sequence[float | None], was: AutoscalingStatus, now: float,
+                 emit: EventSink) -> tuple[RebalanceStatus | None, AutoscalingStatus]:
+        """Serve ``target`` with no pod restarted: the serving servers load and drop
+        experts live; a server ``target`` adds boots holding its experts (a new
+        Deployment), and its moves are done once its pods report them; a server it no
+        longer needs retires at once (it serves on, outside the placement, until its
+        experts serve elsewhere and a later step deletes it)."""
+        meta = live["metadata"]
+        name, ns, slot = meta["name"], meta["namespace"], state.active_slot
+        serving, n = len(placement.servers), len(target.servers)
+        plan = p.slot_plan(name, spec, slot, state.active_version, target.servers)
+        owner = builders.owner_reference(name, meta["uid"])
+        added = [o for w in plan.servers[serving:]
+                 for o in builders.workload_objects(name, ns, owner, spec, w)]
+        for c in converge(self.r.api, meta["uid"], added, {}):
+            emit("Normal", c.action.capitalize(), str(c))
+        for s in range(n, serving):
+            self.r.api.patch("apps/v1", "Deployment", ns, p.workload_name(name, slot, "expert", s),
+                             {"metadata": {"annotations": {status.RETIRING: "true"}}})
+        # a retiring server's copies leave with it: to the servers kept, a move from it is
+        # a new replica, and a replica it alone drops needs nothing
+        changes = tuple(Move(m.expert, m.source if m.source is not None and m.source < n
+                             else None, m.target)
+                        for m in moves_between(placement, target)
+                        if m.target is not None or (m.source is not None and m.source < n))
+        empty: tuple[frozenset[int], ...] = (frozenset(),) * max(0, n - serving)
+        kept = Placement(placement.servers[:n] + empty)
+        templates = servers[:min(n, serving)] + target.servers[serving:]
+        grew = f"; expert server(s) {serving}-{n - 1} added" if n > serving else ""
+        shrank = f"; expert server(s) {n}-{serving - 1} retiring" if n < serving else ""
+        emit("Normal", "Placing", f"live: {rebalancing.describe(changes)}{grew}{shrank}")
+        before, after = counts
+        moving = RebalanceStatus(
+            slot=slot, since=rollout.rfc3339(now), moves=rebalancing.from_moves(changes),
+            imbalance_before=round(placement_imbalance(server_loads(placement, before, load)),
+                                   3),
+            imbalance_after=round(placement_imbalance(server_loads(target, after, load)), 3))
+        return self._moves(live, spec, slot, templates, kept, moving, was, now, emit)
+
+    def _drained(self, live: Mapping[str, Any], slot: Slot, placement: Placement,
+                 servers: int) -> bool:
+        """Whether the retiring servers (those past ``placement``) serve nothing: their
+        pods are told to drop each expert that every pod of a serving server reports (the
+        routers stop asking them at once), and they are done once none reports anything
+        (a pod that does not answer serves nothing either)."""
+        meta = live["metadata"]
+        pods = self.r.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
+        addresses = rebalancing.pod_addresses(meta["name"], meta["namespace"], slot, servers,
+                                              pods)
+        held = rebalancing.reports(addresses)
+        serving = len(placement.servers)
+        rest: tuple[frozenset[int], ...] = (frozenset(),) * (servers - serving)
+        step = progress(Placement(placement.servers + rest), (), held)
+        rebalancing.send(addresses, {k: o for k, o in step.orders.items() if k[0] >= serving})
+        return not any(r for pods_of in held[serving:] for r in pods_of)
 
     def _unreachable(self, live: Mapping[str, Any], slot: Slot, servers: int) -> str:
         """Why the slot's serving expert server pods cannot be moved live ("" when every

@@ -2,9 +2,10 @@
 :class:`~autoglm.placement.Placement` (each holds the experts it was given in one
 ``experts`` model), wired by an endpoints file the router re-reads (the local counterpart
 of a headless Service); the router asks each server what it holds. The placement can change
-while serving (:meth:`DataPlane.reshape`: a server whose experts change is replaced, the new
-one serving before the old one stops), and a server that died is restarted in place
-(:meth:`DataPlane.restart`: its ports again, as a pod's Service keeps its address).
+while serving, no server restarted (:meth:`DataPlane.reshape`: servers added start first,
+the others load and drop experts live, servers no longer needed stop last), and a server
+that died is restarted in place (:meth:`DataPlane.restart`: its ports again, as a pod's
+Service keeps its address).
 """
 
 from __future__ import annotations
@@ -168,28 +169,52 @@ class DataPlane:
         return True
 
     def reshape(self, target: Placement, go_on: Callable[[], bool] = lambda: True,
-                say: Callable[[str], None] = lambda _: None) -> None:
-        """Serve ``target``: server ``s`` keeps running where it already holds
-        ``target.servers[s]``; every other server of the target starts (and serves) first,
-        then the servers it replaces leave the router's view and stop. ``go_on`` false
-        (a swap began): start nothing more."""
+                say: Callable[[str], None] = lambda _: None, timeout: float = 60.0) -> None:
+        """Serve ``target`` with no server restarted: the servers it adds start holding
+        their experts and serve first; the servers there load what they gain while they
+        serve, and once it is reported, drop what they lose; the servers it no longer needs
+        then leave the router's view and stop. A load not reported within ``timeout`` is
+        given up, and no server drops or stops with the last copy of an expert. ``go_on``
+        false (a swap began): start nothing more."""
         current = list(self.expert_servers)
-        final: list[ExpertServer | None] = [
-            current[s] if s < len(current) and current[s].held == held else None
-            for s, held in enumerate(target.servers)]
-        for s, held in enumerate(target.servers):
-            if final[s] is not None:
-                continue
+        for s in range(len(current), len(target.servers)):
             if not go_on():
                 return
-            self.add_server(held)
-            final[s] = self.expert_servers[-1]
-            say(f"expert server {s + 1} with experts {format_server_experts(held)} serving "
-                f"(started in {self.expert_servers[-1].server.startup_seconds:.1f} s)")
-        kept = [x for x in final if x is not None]
-        gone = [x for x in self.expert_servers if x not in kept]
+            self.add_server(target.servers[s])
+            say(f"expert server {s + 1} with experts {format_server_experts(target.servers[s])}"
+                f" serving (started in {self.expert_servers[-1].server.startup_seconds:.1f} s)")
+        kept = list(zip(current, target.servers, strict=False))
+        loading = {id(x): sorted(held - x.held) for x, held in kept if held - x.held}
+        for x, _ in kept:
+            with contextlib.suppress(InferenceServerException, OSError):
+                if loading.get(id(x)):
+                    control(x.server, load=loading[id(x)])
+        deadline = time.monotonic() + timeout
+        while loading and time.monotonic() < deadline:
+            time.sleep(0.1)
+            for x, _ in kept:
+                if id(x) in loading:
+                    with contextlib.suppress(InferenceServerException, OSError):
+                        got = set(control(x.server)) & set(loading[id(x)])
+                        x.held = x.held | got
+                        if got == set(loading[id(x)]):
+                            del loading[id(x)]
+        gone = current[len(target.servers):]
+        for x, held in kept:  # each dropped copy served elsewhere now
+            lose = [e for e in sorted(x.held - held)
+                    if any(e in y.held for y in self.expert_servers if y is not x
+                           and y not in gone)]
+            with contextlib.suppress(InferenceServerException, OSError):
+                if lose:
+                    control(x.server, drop=lose)
+                x.held = x.held - set(lose)
+            if x.held != held:
+                say(f"expert server {current.index(x) + 1} holds "
+                    f"{format_server_experts(x.held)} (live)")
+        stay = [x for x in self.expert_servers if x not in gone]
+        gone = [x for x in gone if all(any(e in y.held for y in stay) for e in x.held)]
         with self._lock:
-            self.expert_servers = kept
+            self.expert_servers = [x for x in self.expert_servers if x not in gone]
             self.write_endpoints()
             if not gone:
                 return

@@ -133,6 +133,7 @@ class Scaling:
     moves: int = 0  # live moves made by rebalances so far
     abandoned: int = 0  # and given up (the old replica kept serving)
     last_rebalance: str = ""
+    last_rebalance_at: float = 0.0  # time.monotonic() of the last rebalance that acted
 
 
 @dataclasses.dataclass
@@ -633,7 +634,9 @@ class LocalRuntime:
         moves, abandoned = sc.moves, sc.abandoned
         if d.changes:
             self._apply(plane, current, d.desired)
-        elif d.metrics_ok and self.state is not None and self.state.phase == swap.Phase.IDLE:
+        elif d.metrics_ok and self.state is not None and self.state.phase == swap.Phase.IDLE \
+                and time.monotonic() - sc.last_rebalance_at >= autoscale.rebalance_interval(
+                    spec, SCRAPE_SECONDS):
             self._rebalance(plane, current, load)
         if self.metrics is not None:
             per_server = server_loads(plane.placement, plane.replica_counts(), load) \
@@ -655,6 +658,7 @@ class LocalRuntime:
         done = [m for m in rb.moves if m.source is not None and m.target is not None
                 and plane.move(m.expert, servers[m.source], servers[m.target])]
         self.scaling.moves += len(done)
+        self.scaling.last_rebalance_at = time.monotonic()
         self.scaling.abandoned += len(rb.moves) - len(done)
         self.scaling.last_rebalance = (
             f"imbalance {rb.imbalance_before:.2f} -> {rb.imbalance_after:.2f}, "
@@ -666,8 +670,9 @@ class LocalRuntime:
 
     def _apply(self, plane: DataPlane, current: list[int], desired: tuple[int, ...]) -> None:
         """The replicas placed (what each server holds stays where it can; the load
-        balances the rest), the new servers serving before those they replace stop. A swap
-        that begins meanwhile stops what is left."""
+        balances the rest) live: servers added start first, the others load and drop
+        experts while serving, servers no longer needed stop last. A swap that begins
+        meanwhile stops what is left."""
         def go_on() -> bool:
             return not plane.closed and self.state is not None \
                 and self.state.phase == swap.Phase.IDLE

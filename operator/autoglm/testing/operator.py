@@ -54,7 +54,8 @@ class OperatorProcess:
         env = dict(os.environ, AUTOGLM_METRICS_PORT=str(self.metrics_port),
                    KUBECONFIG=str(self.kubeconfig),
                    AUTOGLM_RESYNC_SECONDS=str(self.resync_seconds),
-                   AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds), **self.env)
+                   AUTOGLM_DISCOVERY_SECONDS=str(self.resync_seconds),
+                   PYTHONFAULTHANDLER="1", **self.env)  # a crash's stack in the log
         with self.log_path.open("ab") as log:
             self.popen = spawn([sys.executable, "-m", "autoglm.cli", "operator",
                                 f"--liveness=http://127.0.0.1:{self.port}/healthz"], log, env)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoglm.procs import die_with_parent, free_port, processes_with
+from autoglm.procs import dying_with_parent, free_port, processes_with
 from autoglm.testing import eventually
 from autoglm.triton import SHM_PREFIX, shm_group_marker, shm_group_regions
 
@@ -43,10 +43,10 @@ class UpProcess:
         that was killed); ``echo`` prefixes a copy of each line on our stdout."""
         port, pport, gport = ports or (free_port(), free_port(), free_port())
         popen = subprocess.Popen(
-            [sys.executable, "-m", "autoglm.cli", "up", str(file), f"--port={port}",
-             f"--grpc-port={gport}", f"--prometheus-port={pport}", f"--home={home}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True, preexec_fn=die_with_parent)
+            **dying_with_parent([sys.executable, "-m", "autoglm.cli", "up", str(file),
+                                 f"--port={port}", f"--grpc-port={gport}",
+                                 f"--prometheus-port={pport}", f"--home={home}"]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         up = cls(popen, file, home, port, pport, gport)
 
         def read() -> None:
