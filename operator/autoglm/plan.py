@@ -233,8 +233,10 @@ def slot_placement(spec: AutoGLMSpec, servers: tuple[frozenset[int], ...],
     replicas = current.replicas(n) if servers else list(initial_expert_replicas(spec))
     bounded = [min(max(r, e.min_replicas), e.max_replicas) for r in replicas]
     fits = all(h and max(h) < n for h in servers) and all(len(h) <= capacity for h in servers)
-    # with autoscaling on, the autoscaler brings replicas within new bounds, live
-    autoscaled = spec.autoscaling.enabled and spec.autoscaling.prometheus_url is not None
+    # with autoscaling on, the autoscaler brings replicas within new bounds, live; an
+    # expert with no server at all (a reconciliation cut short) is placed here
+    autoscaled = spec.autoscaling.enabled and spec.autoscaling.prometheus_url is not None \
+        and min(replicas, default=0) >= 1
     if servers and fits and (bounded == replicas or autoscaled):
         return current
     needed = servers_needed(bounded, capacity)

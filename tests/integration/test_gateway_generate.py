@@ -530,3 +530,154 @@ def check_interval_four(served: Served, base: str, metrics_url: str) -> None:
                "the sequence's KV cache to be freed", timeout=30, interval=0.05)
     r2 = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=24, **GREEDY)
     assert r2.choices[0].text == text, "the router serves on"
+
+
+# A router that runs one generation at a time (its KV cache holds one: 128 tokens, as the
+# tiny model's context window) with one more waiting: a third at once is refused.
+SATURATING = {"AUTOGLM_MAX_WAITING": "1", "AUTOGLM_KV_CAPACITY_TOKENS": "128"}
+SATURATING_TOKENS = 80
+CHAT: list[dict[str, str]] = [{"role": "user", "content": "Hi"}]
+# Every HTTP surface that starts a generation: (path, body, streamed, OpenAI's shape).
+SURFACES: list[tuple[str, dict[str, Any], bool, bool]] = [
+    (f"/v1/{path}", {"model": MODEL, **prompt, "max_tokens": SATURATING_TOKENS,
+                     "temperature": 0, "ignore_eos": True, "stream": stream}, stream, True)
+    for path, prompt in (("completions", {"prompt": "Once"}), ("chat/completions",
+                                                                {"messages": CHAT}))
+    for stream in (False, True)] + [
+    (f"/v2/models/generate/{path}", {"text_input": "Once", "parameters": {
+        "max_tokens": SATURATING_TOKENS, "temperature": 0, "ignore_eos": True}},
+     path.endswith("stream"), False) for path in ("generate", "generate_stream")]
+
+
+def test_saturation_is_429_with_retry_after_then_served_on_retry(
+        served: Served, tmp_path: Path) -> None:
+    """A router on the same expert servers with ``AUTOGLM_MAX_WAITING=1`` and room for one
+    running generation: a burst on each surface gets 200s and 429s only; each 429 (a
+    stream's too, before any event) carries ``Retry-After`` and the surface's error shape,
+    the stock client raises ``RateLimitError``, the gateway counts code 429, and every
+    refused request gets the engine's tokens when retried."""
+    (tmp_path / "endpoints.json").symlink_to(served.plane.endpoints_file)  # its servers
+    plane = DataPlane(served.plane.repository, 1, tmp_path, router_env=SATURATING)
+    router = plane.start_router()
+    try:
+        gateway = GatewayServer(Routing(Target("a", 1, f"http://{router.http_url}",
+                                               router.grpc_url, model=MODEL)),
+                                free_port()).start()
+        try:
+            check_saturation(served, f"http://127.0.0.1:{gateway.port}")
+        finally:
+            gateway.stop()
+    finally:
+        plane.stop()
+
+
+def request(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of a POST."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), bytes(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), bytes(e.read())
+
+
+def check_saturation(served: Served, base: str) -> None:
+    def refused_total() -> float:
+        return sample(scrape(f"{base}/metrics"), "autoglm_gateway_requests_total", slot="a",
+                      code="429") or 0.0
+
+    _, text, _ = served.expect(SATURATING_TOKENS, text="Once")
+    _, chat_text, _ = served.expect(SATURATING_TOKENS, messages=CHAT)
+
+    def check_served(path: str, stream: bool, openai_shape: bool, raw: bytes) -> None:
+        """A 200: the whole of the engine's greedy text."""
+        want = chat_text if "chat" in path else text
+        if not stream:
+            answer = json.loads(raw)
+            got = answer["text_output"] if not openai_shape else (
+                answer["choices"][0]["message"]["content"] if "chat" in path
+                else answer["choices"][0]["text"])
+        else:
+            got_events = events(raw)
+            assert not any("error" in e for e in got_events if isinstance(e, dict)), raw
+            if openai_shape:
+                assert got_events[-1] == "[DONE]"
+                got = "".join((c["choices"][0]["delta"].get("content") or "")
+                              if "chat" in path else c["choices"][0]["text"]
+                              for c in got_events[:-1])
+            else:
+                got = "".join(e["text_output"] for e in got_events)
+        assert got == want, (path, stream)
+
+    refused_before, refused = refused_total(), 0
+    for path, body, stream, openai_shape in SURFACES:
+        n = 4
+        burst = threading.Barrier(n)
+
+        def one(_: int, path: str = path, body: dict[str, Any] = body,
+                burst: threading.Barrier = burst) -> tuple[int, dict[str, str], bytes]:
+            burst.wait()
+            return request(f"{base}{path}", body)
+
+        with ThreadPoolExecutor(n) as pool:
+            got = list(pool.map(one, range(n)))
+        statuses = sorted(status for status, _, _ in got)
+        # one runs, one waits, the rest arrive while they do: nothing else fails
+        assert set(statuses) <= {200, 429}, (path, stream, got)
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 1, (path, stream, got)
+        for status, headers, raw in got:
+            if status == 200:
+                check_served(path, stream, openai_shape, raw)
+                continue
+            refused += 1
+            assert headers["Retry-After"] == "1"
+            assert headers["Content-Type"].startswith("application/json")  # no SSE at all
+            if openai_shape:
+                error = json.loads(raw)["error"]
+                assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+                assert error["param"] is None
+                message = error["message"]
+            else:
+                message = json.loads(raw)["error"]
+            assert message.startswith("saturated: ") and "retry in 1 s" in message, message
+            # the others have finished: the retry is served
+            status, _, raw = request(f"{base}{path}", body)
+            assert status == 200, (path, stream, raw)
+            check_served(path, stream, openai_shape, raw)
+    eventually(lambda: refused_total() == refused_before + refused,
+               f"the gateway to count {refused} refusals as 429", timeout=10)
+
+    # the stock client: RateLimitError, then the same call succeeds
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    stock_start = threading.Barrier(4)
+
+    def stock(i: int) -> str:
+        stock_start.wait()
+        try:
+            return stock_call(client, i)
+        except openai.RateLimitError as e:
+            assert e.status_code == 429 and e.response.headers["Retry-After"] == "1"
+            assert e.code == "rate_limit_exceeded" and e.type == "requests"
+            return "refused"
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(stock, range(4)))
+    assert "refused" in answers and any(a != "refused" for a in answers), answers
+    for i, a in enumerate(answers):
+        want = chat_text if i % 2 else text
+        assert a in ("refused", want), (i, a)
+        if a == "refused":
+            assert stock_call(client, i) == want
+
+
+def stock_call(client: openai.OpenAI, i: int) -> str:
+    """A streamed chat (odd ``i``) or a whole completion (even), greedy."""
+    if i % 2:
+        chunks: Any = client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=SATURATING_TOKENS,  # type: ignore[arg-type]
+            stream=True, **GREEDY)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    r = client.completions.create(model=MODEL, prompt="Once", max_tokens=SATURATING_TOKENS,
+                                  **GREEDY)
+    return str(r.choices[0].text)

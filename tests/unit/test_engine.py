@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autoglm.engine.cache import KVPool, Row
-from autoglm.engine.errors import RequestError, SamplingError
+from autoglm.engine.errors import RETRY_AFTER_SECONDS, RequestError, SamplingError, Saturated
 from autoglm.engine.sampler import SamplingParams, generator_for, sample
 from autoglm.engine.scheduler import Engine, Event, Request
 from autoglm.models.decoder import Model
@@ -227,6 +227,40 @@ def test_requests_beyond_capacity_wait_and_all_complete(small: Model) -> None:
         assert out[i] == generate_alone(model, p, params)
     with pytest.raises(RequestError, match="KV cache capacity"):
         eng.add(Request([1] * 60, params))
+
+
+def test_a_full_waiting_queue_refuses_until_it_drains(small: Model) -> None:
+    """``max_waiting`` bounds the requests queued beyond the running ones: one more is refused
+    at once (Saturated, not a bad request), is taken again as the queue drains, and every
+    admitted request completes with the tokens it makes alone."""
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    # each reserves two 16-token blocks: 64 tokens run two at once
+    eng = Engine(small.router, small.local_fanout, kv_capacity_tokens=64, max_batch_tokens=16,
+                 prefill_chunk=4, max_waiting=2)
+    prompts = [[20 + k] * 5 for k in range(5)]
+    ids = [eng.add(Request(p, params)) for p in prompts[:2]]
+    with pytest.raises(Saturated, match=rf"2 requests are waiting .*at most 2.*retry in "
+                                        rf"{RETRY_AFTER_SECONDS} s") as refused:
+        eng.add(Request(prompts[2], params))
+    assert not isinstance(refused.value, RequestError), "busy, not a bad request"
+    with pytest.raises(RequestError, match="empty"):
+        eng.add(Request([], params))  # what can never be served says so, full or not
+    out: dict[int, list[int]] = {}
+    record(eng.step(), out)
+    assert (eng.running, eng.waiting) == (2, 0)
+    ids += [eng.add(Request(p, params)) for p in prompts[2:4]]  # room again
+    with pytest.raises(Saturated):
+        eng.add(Request(prompts[4], params))
+    assert eng.abort(ids[3]), "an aborted waiting request frees its place"
+    ids[3] = eng.add(Request(prompts[3], params))
+    drain(eng, out)
+    ids.append(eng.add(Request(prompts[4], params)))
+    drain(eng, out)
+    for i, p in zip(ids, prompts, strict=True):
+        assert out[i] == generate_alone(small, p, params)
+    with pytest.raises(ValueError, match="max_waiting"):
+        Engine(small.router, small.local_fanout, kv_capacity_tokens=64, max_batch_tokens=16,
+               prefill_chunk=4, max_waiting=0)
 
 
 def test_abort_returns_cache_use_to_baseline(small: Model) -> None:

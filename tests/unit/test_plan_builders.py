@@ -40,6 +40,10 @@ def test_plan_starts_in_slot_a_and_keeps_the_serving_version() -> None:
     over = (*scaled, frozenset({0, 1}))
     kept = p.plan("tiny", s, p.RoutingState("a", {"a": p.SlotState(1, over)})).active_plan
     assert kept.placement.servers == over
+    # but an expert on no server (a reconciliation cut short) is placed, autoscaler or not
+    partial = p.plan("tiny", s, p.RoutingState("a", {"a": p.SlotState(
+        1, (frozenset({0, 2}),))})).active_plan
+    assert partial.placement.replicas(4) == [1, 1, 1, 1]
     # with no autoscaler: placed again, what each server holds kept
     fixed = s.model_copy(update={"autoscaling": s.autoscaling.model_copy(
         update={"enabled": False})})

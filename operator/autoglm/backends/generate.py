@@ -15,6 +15,12 @@ each ``is_cancelled()``, like each metric update, is a blocking message to the T
 process, so neither is sent every step. The engine reuses the KV blocks of cached prompt
 prefixes unless ``AUTOGLM_PREFIX_CACHING=0`` (benches compare).
 
+Saturation: at most ``AUTOGLM_MAX_WAITING`` requests (default 256) wait for room in the
+engine (KV cache, batch) beyond those running; one more is refused at once with an error
+that begins with ``SATURATED`` (``"saturated: "``), which the gateway answers as 429 with
+``Retry-After``, rather than queued without bound (its client would wait for minutes, or
+time out). ``0`` lifts the bound (the queue grows as requests come, as before).
+
 Inputs (exactly one): ``text_input`` BYTES [1] (a prompt), ``messages`` BYTES [1] (chat
 messages as JSON, rendered with the checkpoint's chat template), ``input_ids`` INT64 [-1].
 Request parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``
@@ -44,7 +50,7 @@ import triton_python_backend_utils as pb_utils
 from autoglm.backends.expect import check_expectations
 from autoglm.backends.fanout import ExpertFanout
 from autoglm.backends.placement import placement
-from autoglm.engine.errors import FAILED, RequestError
+from autoglm.engine.errors import FAILED, SATURATED, RequestError, Saturated
 from autoglm.engine.scheduler import Engine, StepError
 from autoglm.engine.service import Chunk, TextEngine, merge
 from autoglm.engine.text import Tokenizer
@@ -56,6 +62,8 @@ from autoglm.repository import load_part_config, load_weights
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 ITL_BUCKETS = [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0]
 CANCEL_CHECK_SECONDS = 0.2
+MAX_WAITING_ENV = "AUTOGLM_MAX_WAITING"
+MAX_WAITING_DEFAULT = 256  # queued behind a full engine: beyond it a client is told to retry
 
 
 def _env_int(name: str, default: int) -> int:
@@ -73,6 +81,10 @@ class TritonPythonModel:
         self.interval = _env_int(STREAM_INTERVAL_ENV, 1)
         if self.interval < 1:
             raise ValueError(f"{STREAM_INTERVAL_ENV} must be at least 1, got {self.interval}")
+        max_waiting = _env_int(MAX_WAITING_ENV, MAX_WAITING_DEFAULT)
+        if max_waiting < 0:
+            raise ValueError(f"{MAX_WAITING_ENV} must be 0 (no bound) or more, got "
+                             f"{max_waiting}")
         self.fanout = ExpertFanout(cfg.num_experts, self.version)
         engine = Engine(RouterTier(cfg, load_weights(d, device, dtype)), self.fanout,
                         kv_capacity_tokens=_env_int("AUTOGLM_KV_CAPACITY_TOKENS", 16384),
@@ -80,6 +92,7 @@ class TritonPythonModel:
                         prefill_chunk=_env_int("AUTOGLM_PREFILL_CHUNK", 128),
                         micro_batches=_env_int("AUTOGLM_MICRO_BATCHES", 1),
                         prefix_caching=_env_int("AUTOGLM_PREFIX_CACHING", 1) != 0,
+                        max_waiting=max_waiting or None,
                         on_route=self._routed)
         self._metrics()
         self.text = TextEngine(engine, Tokenizer.from_dir(d / "hf"))
@@ -177,6 +190,11 @@ class TritonPythonModel:
         reason."""
         try:
             rid = self._submit(request)
+        except Saturated as e:  # not the request's fault: "retry later", not "bad request"
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                SATURATED + str(e), pb_utils.TritonError.UNAVAILABLE)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
         except (RequestError, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 str(e), pb_utils.TritonError.INVALID_ARG)),

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from autoglm.engine.cache import KVPool, Row, StepCache
-from autoglm.engine.errors import RequestError
+from autoglm.engine.errors import RETRY_AFTER_SECONDS, RequestError, Saturated
 from autoglm.engine.sampler import SamplingParams, generator_for, sample
 from autoglm.models.config import ModelConfig
 from autoglm.models.decoder import (
@@ -115,16 +115,22 @@ class Engine:
 
     ``row_width`` fixes the width of the batch's rows (tests, tuning); None picks the
     cheapest each step. ``prefix_caching`` False: every prompt is computed whole (benches
-    compare). Thread-safe: :meth:`add` and :meth:`abort` may be called while
-    another thread runs :meth:`step`; they take effect between steps."""
+    compare). ``max_waiting`` bounds the requests queued but not running: :meth:`add`
+    refuses more with :class:`Saturated` (None: unbounded). Thread-safe: :meth:`add` and
+    :meth:`abort` may be called while another thread runs :meth:`step`; they take effect
+    between steps."""
 
     def __init__(self, router: RouterTier, fanout: ExpertFanout, kv_capacity_tokens: int,
                  max_batch_tokens: int, prefill_chunk: int, *, block_size: int = 16,
                  row_width: int | None = None, on_route: RouteObserver | None = None,
-                 micro_batches: int = 1, prefix_caching: bool = True) -> None:
+                 micro_batches: int = 1, prefix_caching: bool = True,
+                 max_waiting: int | None = None) -> None:
         if max_batch_tokens < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and prefill_chunk "
                              f"({prefill_chunk}) must be >= 1")
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1 or None, got {max_waiting}")
+        self.max_waiting = max_waiting
         self.router = router
         self.fanout = fanout
         self.max_batch_tokens = max_batch_tokens
@@ -158,7 +164,8 @@ class Engine:
 
     def add(self, request: Request) -> int:
         """Queue a request; returns its id. Raises :class:`RequestError` (a ValueError) for a
-        request that can never be served as asked."""
+        request that can never be served as asked, :class:`Saturated` for one that could be
+        served later (``max_waiting`` requests wait already)."""
         prompt = [int(t) for t in request.prompt]
         if not prompt:
             raise RequestError("the prompt is empty")
@@ -184,6 +191,11 @@ class Engine:
                                f"({self.pool.capacity} tokens)")
         ends = frozenset(int(t) for t in (*(request.eos_ids or ()), *request.stop_ids))
         with self._lock:
+            # checked last: a request that can never be served hears why, not "retry"
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise Saturated(f"{len(self._waiting)} requests are waiting for the engine "
+                                f"(at most {self.max_waiting}): retry in "
+                                f"{RETRY_AFTER_SECONDS} s")
             seq = _Sequence(next(self._ids), prompt, len(prompt), params, ends,
                             generator_for(params), max_tokens)
             self._waiting[seq.id] = seq

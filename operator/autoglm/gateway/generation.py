@@ -10,6 +10,11 @@ engine frees its sequence at its next step. Each call asks for Triton's strict e
 (``triton_grpc_error``), so a refused request ends the stream with its gRPC status
 (INVALID_ARGUMENT for a bad request) instead of an untyped error message.
 
+A router whose waiting queue is full refuses a generation at once (its error begins with
+``SATURATED``): every HTTP surface answers that 429 with ``Retry-After``
+(:attr:`UpstreamError.headers`) before any byte of a stream, as the refusal is the
+generation's first response.
+
 :class:`Generation` is one HTTP request's generation: it pins the slot snapshot taken when the
 request arrived (every token from one slot and version), is counted in flight for that slot
 from start to end (draining waits for it), and cancels the upstream call when the client
@@ -33,7 +38,7 @@ import numpy as np
 from aiohttp import web
 from tritonclient.grpc import service_pb2
 
-from autoglm.engine.errors import FAILED
+from autoglm.engine.errors import FAILED, RETRY_AFTER_SECONDS, SATURATED
 from autoglm.gateway.grpc_proxy import HTTP_CODE, UNLIMITED
 from autoglm.plan import generate_model
 
@@ -65,6 +70,11 @@ class UpstreamError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response's extra headers: a 429 (saturated) says when to try again."""
+        return {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status == 429 else {}
 
 
 @dataclass(frozen=True)
@@ -178,8 +188,11 @@ def _output(message: Any) -> Output:
 
 
 def _error_status(message: str) -> int:
-    """The model refuses a request (400) or fails a running generation (``FAILED``: 503);
-    Triton's own "unknown model" (the slot's router serves no such version) is 503 too."""
+    """The model refuses a request (400), or refuses it for now (``SATURATED``: 429), or
+    fails a running generation (``FAILED``: 503); Triton's own "unknown model" (the slot's
+    router serves no such version) is 503 too."""
+    if message.startswith(SATURATED):
+        return 429
     if message.startswith(FAILED) or "unknown model" in message.lower():
         return 503
     return 400

@@ -8,7 +8,9 @@ best_of, penalties, tools, ...) are refused by name rather than ignored. ``top_k
 ``ignore_eos`` are accepted as extensions (the client sends them via ``extra_body``). Errors
 are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the engine's own
 refusals (a prompt beyond the context window, a parameter out of range) come back as 400
-with its one-line message.
+with its one-line message; a router too busy to queue one more (saturated) is 429 with
+``Retry-After``, type ``requests`` and code ``rate_limit_exceeded`` as OpenAI's own rate
+limits (the stock client raises ``RateLimitError``).
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ def served_model(target: Target) -> str:
 
 def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else \
-        ("service_unavailable" if status == 503 else "server_error")
+    if status == 429:  # as OpenAI's request rate limit
+        kind, code = "requests", code or "rate_limit_exceeded"
+    else:
+        kind = "invalid_request_error" if status < 500 else \
+            ("service_unavailable" if status == 503 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -88,7 +93,7 @@ def error(status: int, message: str, param: str | None = None,
 
 
 def _upstream_error_body(e: UpstreamError, prompt_param: str) -> dict[str, Any]:
-    if e.status >= 500 or e.status == 499:
+    if e.status >= 500 or e.status in (429, 499):
         return error_body(e.status, e.message)
     if "context window" in e.message:
         return error_body(e.status, e.message, prompt_param, "context_length_exceeded")
@@ -98,7 +103,8 @@ def _upstream_error_body(e: UpstreamError, prompt_param: str) -> dict[str, Any]:
 
 
 def _upstream_error(e: UpstreamError, prompt_param: str) -> web.Response:
-    return web.json_response(_upstream_error_body(e, prompt_param), status=e.status)
+    return web.json_response(_upstream_error_body(e, prompt_param), status=e.status,
+                             headers=e.headers)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

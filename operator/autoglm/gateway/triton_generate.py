@@ -7,7 +7,7 @@ other model's ``generate`` goes to the router as it is (the ``/v2`` forward).
 Body, as Triton's: the inputs by name (``text_input``; or ``messages``, a JSON string or a
 list; or ``input_ids``), ``parameters`` {...}; the request parameters are also accepted at
 the top level (``max_tokens`` …, as TensorRT-LLM's models take them). Errors are Triton's
-shape, ``{"error": "..."}``.
+shape, ``{"error": "..."}``; a saturated router's refusal is 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ INPUTS = ("text_input", "messages", "input_ids")
 PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None,
+           ) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def _request(body: Any) -> tuple[Prompt, dict[str, Any], str | None]:
@@ -137,7 +138,7 @@ class GenerateRoutes:
                         self._answer(name, version, rid, last, "".join(texts), ids))
             except UpstreamError as e:
                 gen.code = e.status
-                return _error(e.status, e.message)
+                return _error(e.status, e.message, e.headers)  # 429: with Retry-After
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"})
