@@ -193,8 +193,9 @@ class Engine:
         with self._lock:
             # checked last: a request that can never be served hears why, not "retry"
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise Saturated(f"{len(self._waiting)} requests are waiting for the engine "
-                                f"(at most {self.max_waiting}): retry in "
+                n = len(self._waiting)
+                raise Saturated(f"{n} request{' is' if n == 1 else 's are'} waiting for the "
+                                f"engine (at most {self.max_waiting}): retry in "
                                 f"{RETRY_AFTER_SECONDS} s")
             seq = _Sequence(next(self._ids), prompt, len(prompt), params, ends,
                             generator_for(params), max_tokens)
