@@ -7,6 +7,7 @@ the same tokens, several a response."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -448,15 +449,24 @@ def test_a_stream_interval_sends_the_same_tokens_four_a_response(
     same greedy tokens and text as the first (interval 1), the first token alone, then 4 a
     response, the rest with the last; every API's text, usage and stop strings as before;
     the latency histograms still count every token."""
+    with second_router(served, tmp_path, {STREAM_INTERVAL_ENV: "4"}) as (base, metrics_url):
+        check_interval_four(served, base, metrics_url)
+
+
+@contextlib.contextmanager
+def second_router(served: Served, tmp_path: Path,
+                  env: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """A router with ``env`` on the served expert servers, behind a gateway of its own: the
+    gateway's base URL and the router's metrics URL."""
     (tmp_path / "endpoints.json").symlink_to(served.plane.endpoints_file)  # its servers
-    plane = DataPlane(served.plane.repository, 1, tmp_path, router_env={STREAM_INTERVAL_ENV: "4"})
+    plane = DataPlane(served.plane.repository, 1, tmp_path, router_env=env)
     router = plane.start_router()
     try:
         gateway = GatewayServer(Routing(Target("a", 1, f"http://{router.http_url}",
                                                router.grpc_url, model=MODEL)),
                                 free_port()).start()
         try:
-            check_interval_four(served, f"http://127.0.0.1:{gateway.port}", router.metrics_url)
+            yield f"http://127.0.0.1:{gateway.port}", router.metrics_url
         finally:
             gateway.stop()
     finally:
@@ -556,19 +566,8 @@ def test_saturation_is_429_with_retry_after_then_served_on_retry(
     stream's too, before any event) carries ``Retry-After`` and the surface's error shape,
     the stock client raises ``RateLimitError``, the gateway counts code 429, and every
     refused request gets the engine's tokens when retried."""
-    (tmp_path / "endpoints.json").symlink_to(served.plane.endpoints_file)  # its servers
-    plane = DataPlane(served.plane.repository, 1, tmp_path, router_env=SATURATING)
-    router = plane.start_router()
-    try:
-        gateway = GatewayServer(Routing(Target("a", 1, f"http://{router.http_url}",
-                                               router.grpc_url, model=MODEL)),
-                                free_port()).start()
-        try:
-            check_saturation(served, f"http://127.0.0.1:{gateway.port}")
-        finally:
-            gateway.stop()
-    finally:
-        plane.stop()
+    with second_router(served, tmp_path, SATURATING) as (base, _):
+        check_saturation(served, base)
 
 
 def request(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:

@@ -237,16 +237,20 @@ class Autoscaler:
             imbalance_after=round(placement_imbalance(server_loads(target, after, load)), 3))
         return self._moves(live, spec, slot, templates, kept, moving, was, now, emit)
 
+    def _addresses(self, live: Mapping[str, Any], slot: Slot, servers: int,
+                   ) -> list[list[str]]:
+        """The HTTP address of each running pod of the slot's first ``servers`` servers."""
+        meta = live["metadata"]
+        pods = self.r.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
+        return rebalancing.pod_addresses(meta["name"], meta["namespace"], slot, servers, pods)
+
     def _drained(self, live: Mapping[str, Any], slot: Slot, placement: Placement,
                  servers: int) -> bool:
         """Whether the retiring servers (those past ``placement``) serve nothing: their
         pods are told to drop each expert that every pod of a serving server reports (the
         routers stop asking them at once), and they are done once none reports anything
         (a pod that does not answer serves nothing either)."""
-        meta = live["metadata"]
-        pods = self.r.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
-        addresses = rebalancing.pod_addresses(meta["name"], meta["namespace"], slot, servers,
-                                              pods)
+        addresses = self._addresses(live, slot, servers)
         held = rebalancing.reports(addresses)
         serving = len(placement.servers)
         rest: tuple[frozenset[int], ...] = (frozenset(),) * (servers - serving)
@@ -257,10 +261,7 @@ class Autoscaler:
     def _unreachable(self, live: Mapping[str, Any], slot: Slot, servers: int) -> str:
         """Why the slot's serving expert server pods cannot be moved live ("" when every
         one answers: each move must hear its target's pods report what they load)."""
-        meta = live["metadata"]
-        pods = self.r.api.list("v1", "Pod", meta["namespace"], selector(meta["name"]))
-        addresses = rebalancing.pod_addresses(meta["name"], meta["namespace"], slot, servers,
-                                              pods)
+        addresses = self._addresses(live, slot, servers)
         if not all(addresses):
             return f"expert server {[bool(a) for a in addresses].index(False)} has no " \
                    "running pod"
@@ -280,8 +281,7 @@ class Autoscaler:
         server's Deployment; moves not done in time given up (the old replica serves on)."""
         meta = live["metadata"]
         name, ns = meta["name"], meta["namespace"]
-        pods = self.r.api.list("v1", "Pod", ns, selector(name))
-        addresses = rebalancing.pod_addresses(name, ns, slot, len(templates), pods)
+        addresses = self._addresses(live, slot, len(templates))
         moves = rebalancing.to_moves(moving.moves) if moving is not None else ()
         timeout = max(MOVE_TIMEOUT_SECONDS, 6 * spec.autoscaling.interval_seconds)
         if moving is not None and now - rollout.epoch(moving.since) > timeout and moves:
