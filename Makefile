@@ -14,7 +14,7 @@ STAMP := .venv.$(DEPS_HASH).$(shell pwd | sha1sum | cut -c1-8).stamp
 PYTEST_ARGS ?=
 
 .PHONY: help venv k8s-assets prometheus images lint test test-unit run demo bench crd dashboard \
-	check-prometheus-operator
+	alerts check-prometheus-operator
 
 help:
 	@echo "make run    - set up, then 'autoglm up examples/tiny.yaml' (the local runtime)"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench  - every benchmark, printing its figures"
 	@echo "make crd    - regenerate crds/ from the typed spec"
 	@echo "make dashboard - regenerate the Grafana dashboard ConfigMap in manifests/grafana/"
+	@echo "make alerts - regenerate the SLO alerts' PrometheusRule in manifests/monitoring/"
 	@echo "make check-prometheus-operator - the PodMonitor under the real Prometheus Operator"
 
 # The shared virtualenv holds one editable install: point it at this checkout if another
@@ -91,6 +92,9 @@ crd: venv
 
 dashboard: venv
 	$(BIN)/python -m autoglm.dashboard > manifests/grafana/autoglm-dashboard.yaml
+
+alerts: venv
+	$(BIN)/python -m autoglm.alerts > manifests/monitoring/autoglm-rules.yaml
 
 # Debian's Prometheus, unpacked into ~/.cache/autoglm (no service is installed).
 prometheus:

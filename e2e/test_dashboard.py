@@ -1,6 +1,8 @@
-"""Every query of the Grafana dashboard answers on a real `autoglm up`: real Triton servers,
-the real Prometheus scraping them, traffic through the gateway, the autoscaler at work and
-one version rolled, so that every series the dashboard shows exists."""
+"""Every query of the Grafana dashboard, and the signal of every SLO alert
+(manifests/monitoring/autoglm-rules.yaml), answers on a real `autoglm up`: real Triton
+servers, the real Prometheus scraping them, traffic through the gateway, the autoscaler at
+work and one version rolled, so that every series the dashboard and the alerts read
+exists."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 import tritonclient.http as httpclient
 import yaml
 
-from autoglm import dashboard
+from autoglm import alerts, dashboard
 from autoglm.metrics import LOCAL_NAMESPACE
 from autoglm.models.tiny import PRESETS
 from autoglm.repository import build
@@ -106,7 +108,8 @@ def vector(prometheus_port: int, promql: str) -> list[dict[str, Any]]:
 
 
 def failures(prometheus_port: int) -> list[str]:
-    """Every dashboard query that does not answer with data, with why, at once."""
+    """Every dashboard query and alert signal that does not answer with data, with why, at
+    once."""
     failed = []
     # label_values(metric{sel}, label) is Grafana's call of the label values API
     for var, query, metric in (
@@ -117,8 +120,10 @@ def failures(prometheus_port: int) -> list[str]:
         values, why = api(prometheus_port, f"label/{var}/values", **{"match[]": metric})
         if not isinstance(values, list) or VARIABLES[var] not in values:
             failed.append(f"variable {var}: {query} -> {why or values}")
-    for title, q in dashboard.queries():
-        expr = dashboard.expand(q.expr, VARIABLES)
+    checks = [(title, dashboard.expand(q.expr, VARIABLES)) for title, q in dashboard.queries()]
+    # an alert's signal is its expression without the threshold: the series it could fire on
+    checks += [(f"alert {a.name}", a.signal) for a in alerts.alerts()]
+    for title, expr in checks:
         data, why = api(prometheus_port, "query", query=expr)
         result = data.get("result") if isinstance(data, dict) else None
         if why:
@@ -170,10 +175,12 @@ def test_every_dashboard_query_has_data(up: Up) -> None:
         stop.set()
         for c in clients:
             c.join(timeout=60)
+    total = len(dashboard.queries()) + 2 + len(alerts.alerts())
     if last:
-        pytest.fail("\n".join([*notes, f"{len(last)} of {len(dashboard.queries()) + 1} "
-                                "dashboard queries have no data:", *last]), pytrace=False)
+        pytest.fail("\n".join([*notes, f"{len(last)} of {total} dashboard queries and alert "
+                                "signals have no data:", *last]), pytrace=False)
     assert not errors, f"{len(errors)} requests failed, e.g. {errors[0]}"
     decisions = sum(float(v["value"][1]) for v in vector(up.prometheus_port, DECISIONS))
-    print(f"\nall {len(dashboard.queries())} dashboard queries and both variables "
-          f"answered with data ({decisions:.0f} scaling decision(s))")
+    print(f"\nall {len(dashboard.queries())} dashboard queries, both variables and "
+          f"{len(alerts.alerts())} alert signals answered with data ({decisions:.0f} scaling "
+          "decision(s))")

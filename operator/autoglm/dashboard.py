@@ -173,10 +173,20 @@ def generation_latency(title: str, metric: str, description: str) -> timeseries.
         for q, p in ((0.5, 50), (0.99, 99))), unit="s", width=8, description=description)
 
 
+def per_replica(q: float, metric: str) -> Query:
+    """Quantile ``q`` per router replica: its scrape target's ``instance`` (host:port, with
+    ``autoglm up`` and on a cluster alike; a pod's IP there)."""
+    return (quantile(q, metric, "slot, version, instance"),
+            f"{{{{slot}}}} v{{{{version}}}} {{{{instance}}}} p{round(q * 100)}")
+
+
 def rows() -> list[tuple[str, list[PanelBuilder]]]:
     """The dashboard's rows and their panels, in order (fresh builders at each call)."""
     errors = rate("autoglm_gateway_requests_total", 'code!~"2.."')
     requests = rate("autoglm_gateway_requests_total")
+    # 0, not no data, while nothing is refused: the other codes' series, times 0
+    refused = rate("autoglm_gateway_requests_total", 'code="429"')
+    saturated = f"{refused} or 0 * {requests}"
     return [
         ("Overview", [
             stat_panel("Active version", (f"autoglm_active_version{{{D}}}", "version"),
@@ -301,6 +311,40 @@ def rows() -> list[tuple[str, list[PanelBuilder]]]:
                 unit="percentunit", description="KV cache reserved by running generations "
                                                 "(prompt + max_tokens each, reserved at "
                                                 "admission)."),
+            timeseries_panel(
+                "Time to first token per replica",
+                *(per_replica(q, "autoglm_time_to_first_token_seconds") for q in (0.5, 0.9)),
+                unit="s", width=8,
+                description="Per router replica: its queue time and prefill."),
+            timeseries_panel(
+                "Inter-token latency p90 per replica",
+                per_replica(0.9, "autoglm_inter_token_latency_seconds"), unit="s", width=8,
+                description="Per router replica: one engine step of a running generation."),
+            timeseries_panel(
+                "Queue time p90 per replica",
+                per_replica(0.9, "autoglm_queue_seconds"), unit="s", width=8,
+                description="From a generation's arrival at a router replica to its admission "
+                            "into the running batch: waiting for KV cache or a batch place."),
+            timeseries_panel(
+                "Prefix cache hit rate",
+                (f"sum by (slot) ({rate('autoglm_prefix_cache_hit_tokens_total')}) / "
+                 f"sum by (slot) ({rate('autoglm_prompt_tokens_total')})", "{{slot}}"),
+                unit="percentunit", width=8,
+                description="Share of the admitted prompts' tokens found in the prefix cache "
+                            "(not prefilled)."),
+            timeseries_panel(
+                "KV cache tokens",
+                *((f"sum by (slot) (autoglm_kv_cache_{name}_tokens{{{D}}})",
+                   f"{{{{slot}}}} {name}") for name in ("used", "cached", "capacity")),
+                unit="short", width=8,
+                description="Reserved by running generations, held only for prefix reuse "
+                            "(reclaimable), and the capacity, per slot."),
+            timeseries_panel(
+                "Saturation (429)",
+                (f"sum by (slot) ({saturated}) / sum by (slot) ({requests})", "{{slot}}"),
+                unit="percentunit", width=8,
+                description="Share of the gateway's requests answered 429: a router's waiting "
+                            "queue was full (AUTOGLM_MAX_WAITING)."),
         ]),
         ("Swap", [
             state_timeline_panel(

@@ -8,7 +8,9 @@ it can be shown as it is in a status condition or on the runtime's output.
 Series and labels are those of the shared metrics contract: every scraped target carries
 ``deployment`` and ``component`` (router|expert|gateway), Triton servers also ``slot`` and
 ``version``; the router counts ``autoglm_expert_tokens_total{expert}`` and the time of its
-calls carrying each expert's rows (``autoglm_expert_call_seconds_total{expert}``).
+calls carrying each expert's rows (``autoglm_expert_call_seconds_total{expert}``), and its
+engine's load (``autoglm_kv_cache_used_tokens``/``_capacity_tokens``,
+``autoglm_generate_waiting``, the ``autoglm_time_to_first_token_seconds`` histogram).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from urllib3.exceptions import TimeoutError as TimeoutError_
 from urllib3.util.retry import Retry
 
 from autoglm.autoscale import Sample
+from autoglm.router_scale import RouterSample
 
 
 class MetricsError(RuntimeError):
@@ -62,6 +65,40 @@ def queue_query(labels: Mapping[str, str], window_seconds: float) -> str:
     s, w = label_selector(labels), _window(window_seconds)
     return (f"sum by (expert) (rate(autoglm_expert_call_seconds_total{s}[{w}])) / "
             f"sum by (expert) (rate(autoglm_expert_calls_total{s}[{w}])) * 1000")
+
+
+def router_pods_query(labels: Mapping[str, str]) -> str:
+    """Router pods reporting their KV cache (one series each)."""
+    return f"count(autoglm_kv_cache_capacity_tokens{label_selector(labels)})"
+
+
+def router_newest_query(labels: Mapping[str, str]) -> str:
+    """Epoch seconds of the newest scraped sample of the routers' KV cache gauges."""
+    return f"max(timestamp(autoglm_kv_cache_capacity_tokens{label_selector(labels)}))"
+
+
+def kv_utilization_query(labels: Mapping[str, str]) -> str:
+    """KV cache in use / capacity, over the routers (each reserves for its sequences)."""
+    s = label_selector(labels)
+    return (f"sum(autoglm_kv_cache_used_tokens{s}) / "
+            f"sum(autoglm_kv_cache_capacity_tokens{s})")
+
+
+def waiting_query(labels: Mapping[str, str]) -> str:
+    """Sequences waiting for KV cache, per router."""
+    return f"avg(autoglm_generate_waiting{label_selector(labels)})"
+
+
+def ttft_p90_query(labels: Mapping[str, str], window_seconds: float) -> str:
+    """The 90th percentile of the time to first token over the window, across the routers
+    (NaN when no generation started in it)."""
+    return ("histogram_quantile(0.9, sum by (le) (rate(autoglm_time_to_first_token_seconds_"
+            f"bucket{label_selector(labels)}[{_window(window_seconds)}])))")
+
+
+def ttft_series_query(labels: Mapping[str, str]) -> str:
+    """The routers' TTFT histograms (their count series), to tell none from an idle one."""
+    return f"count(autoglm_time_to_first_token_seconds_count{label_selector(labels)})"
 
 
 def _window(seconds: float) -> str:
@@ -173,6 +210,34 @@ class Prometheus:
             at=newest,
             tokens_per_s=tuple(value(tokens.get(str(i))) for i in range(num_experts)),
             queue_ms=tuple(value(queue.get(str(i))) for i in range(num_experts)))
+
+    def router_sample(self, selector: Mapping[str, str], slot: str, window_seconds: float,
+                      waiting: bool = False, ttft: bool = False) -> RouterSample:
+        """The router autoscaler's input for one slot of a deployment: the routers' KV cache
+        use, and if asked their waiting sequences per pod and TTFT p90 (None where a series
+        is missing; TTFT 0 when no generation started in the window), ``pods`` reporting,
+        and ``at``: when the newest KV cache sample was scraped.
+
+        ``selector``: the deployment's base labels, ``namespace`` and ``deployment``."""
+        router = slot_labels(selector, "router", slot)
+        newest = self.scalar(router_newest_query(router))
+        if newest is None:
+            raise MetricsError(f"no data: Prometheus at {self.url} has no "
+                               f"autoglm_kv_cache_capacity_tokens{label_selector(router)} "
+                               "(is the router scraped?)")
+
+        def value(promql: str) -> float | None:
+            v = self.scalar(promql)
+            return v if v is not None and math.isfinite(v) else None
+
+        p90: float | None = None
+        if ttft and self.scalar(ttft_series_query(router)):
+            p90 = value(ttft_p90_query(router, window_seconds)) or 0.0
+        return RouterSample(
+            at=newest, pods=round(self.scalar(router_pods_query(router)) or 0),
+            kv_cache_utilization=value(kv_utilization_query(router)),
+            waiting_per_replica=value(waiting_query(router)) if waiting else None,
+            ttft_p90_seconds=p90)
 
     def gateway_inflight(self, selector: Mapping[str, str], slot: str,
                          since: float) -> int | None:

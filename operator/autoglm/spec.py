@@ -354,12 +354,56 @@ class TritonSpec(_Object):
                                         description="More tritonserver flags.")
 
 
+class RouterAutoscalingSpec(_Object):
+    # (the description is RouterSpec.autoscaling's)
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("maxReplicas", "self.minReplicas <= self.maxReplicas",
+             "maxReplicas must be at least minReplicas",
+             lambda s: s.min_replicas <= s.max_replicas),
+    )
+    enabled: bool = Field(False, description="Off by default; on, spec.router.replicas is "
+                                             "only the initial count.")
+    min_replicas: int = Field(1, ge=1, le=64)
+    max_replicas: int = Field(4, ge=1, le=64, description="Most router replicas: the budget.")
+    kv_cache_utilization: float = Field(
+        0.7, gt=0, le=1,
+        description="Target fraction of the routers' KV cache in use (autoglm_kv_cache_used"
+                    "_tokens / autoglm_kv_cache_capacity_tokens over the slot's routers).")
+    waiting_per_replica: float | None = Field(
+        None, gt=0, le=100000,
+        description="Target sequences waiting for KV cache per router replica "
+                    "(autoglm_generate_waiting); unset: not a target.")
+    ttft_p90_seconds: float | None = Field(
+        None, gt=0, le=3600,
+        description="Target 90th percentile of the time to first token over the metrics' "
+                    "rate window (autoglm_time_to_first_token_seconds); unset: not a target.")
+    stabilization_seconds: int = Field(
+        300, ge=0, le=86400,
+        description="Scale-down stabilization window: replicas go down only as far as every "
+                    "recommendation of the window agrees.")
+    scale_up_limit: int = Field(2, ge=1, le=64,
+                                description="Most router replicas added per interval.")
+
+
 class RouterSpec(_Object):
-    replicas: int = Field(1, ge=1, le=64)
+    replicas: int = Field(
+        1, ge=1, le=64,
+        description="Router replicas; with autoscaling enabled, the initial count (within "
+                    "its minReplicas and maxReplicas): the autoscaler owns them after.")
     stream_interval: int = Field(
         1, ge=1, le=64,
         description="Tokens per streamed response: the first token is always sent at once; "
                     "larger values cut per-token costs at the price of burstier streams.")
+    drain_seconds: int = Field(
+        120, ge=0, le=3600,
+        description="A router pod that goes (scaled down, rolled, retired) first finishes its "
+                    "running and waiting generations, for at most this long.")
+    autoscaling: RouterAutoscalingSpec = Field(
+        default_factory=RouterAutoscalingSpec,
+        description="Router replicas follow the routers' load, read from the Prometheus at "
+                    "autoscaling.prometheusUrl every autoscaling.intervalSeconds: each target "
+                    "given recommends ceil(replicas * observed / target) (as HPA, with "
+                    "autoscaling.tolerance), the highest wins; missing metrics hold them.")
 
 
 class ExpertsSpec(_Object):
@@ -446,6 +490,12 @@ class AutoGLMSpec(_Object):
              "experts.perServer must not exceed model.numExperts",
              lambda s: s.experts.per_server is None
              or s.experts.per_server <= s.model.num_experts),
+        Rule("router.autoscaling.enabled",
+             "!self.router.autoscaling.enabled || has(self.autoscaling.prometheusUrl)",
+             "router autoscaling reads the routers' load from Prometheus: set "
+             "autoscaling.prometheusUrl",
+             lambda s: not s.router.autoscaling.enabled
+             or s.autoscaling.prometheus_url is not None),
     )
     model: ModelSpec
     triton: TritonSpec = Field(default_factory=TritonSpec)
@@ -575,6 +625,25 @@ class AutoscalingStatus(_StatusObject):
                                                 "serving).")
 
 
+class RouterStatus(_StatusObject):
+    """The router autoscaler's last decision, for the serving slot's router Deployment."""
+
+    slot: Slot
+    replicas: int = Field(description="Router replicas when it decided.")
+    ready_replicas: int = 0
+    desired_replicas: int = Field(description="What it decided (the Deployment's replicas "
+                                              "from then on).")
+    metrics_available: bool
+    reason: str = ""
+    kv_cache_utilization: float | None = Field(
+        None, description="KV cache used / capacity over the slot's router pods.")
+    waiting_per_replica: float | None = Field(None, description="Sequences waiting per pod.")
+    ttft_p90_seconds: float | None = Field(None, description="Time to first token, p90.")
+    last_decision: str | None = Field(None, description="RFC 3339.")
+    last_scale_time: str | None = Field(None, description="When it last changed the "
+                                                          "replicas (RFC 3339).")
+
+
 class AutoGLMStatus(_StatusObject):
     observed_generation: int | None = None
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"] | None = None
@@ -586,6 +655,8 @@ class AutoGLMStatus(_StatusObject):
     slots: dict[str, SlotStatus] = Field(default_factory=dict)
     swap: SwapStatus | None = None
     autoscaling: AutoscalingStatus | None = None
+    router: RouterStatus | None = Field(None, description="Router autoscaling "
+                                                          "(spec.router.autoscaling).")
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -1,5 +1,5 @@
-"""Per-expert autoscaling by the operator on the real control plane, from a real Prometheus
-scraping a real Triton router under load.
+"""Per-expert and router autoscaling by the operator on the real control plane, from a real
+Prometheus scraping a real Triton router under load.
 
 The router and its experts run on this machine (kwok runs no containers); Prometheus scrapes
 them with the labels the PodMonitor gives pods in a cluster (deployment, namespace,
@@ -8,6 +8,7 @@ component, slot, version), so the operator's queries are the ones it runs in pro
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -258,3 +259,90 @@ def test_experts_follow_their_load_hold_without_metrics_and_scale_down_after_sta
     with Prometheus(prometheus.url) as prom:
         assert prom.gateway_inflight(selector, "a", t1) == 0, "drained"
     print(f"load stop -> back to the minimum: {time.monotonic() - t1:.1f} s")
+
+
+class Generations:
+    """Generations streamed from the router's Triton, back to back on ``clients``
+    connections, until stopped: its KV cache holds their sequences meanwhile."""
+
+    def __init__(self, url: str, clients: int = 2) -> None:
+        self.url, self.stop, self.failed, self.done = url, threading.Event(), 0, 0
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _run(self) -> None:
+        body = json.dumps({"text_input": "Once upon a time",
+                           "parameters": {"max_tokens": 64, "ignore_eos": True}}).encode()
+        while not self.stop.is_set():
+            req = urllib.request.Request(f"{self.url}/v2/models/generate/generate_stream",
+                                         body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    r.read()
+                self.done += 1
+            except OSError:
+                self.failed += 1
+
+    def __enter__(self) -> Generations:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+ROUTER_STABILIZATION = 6
+
+
+def test_router_replicas_follow_kv_cache_use_and_scale_down_after_stabilization(
+        control_plane: ControlPlane, operator: OperatorProcess, namespace: str,
+        plane: DataPlane, prometheus: PrometheusServer) -> None:
+    """The routers' KV cache in use over the target: the router Deployment scales up at the
+    next decision, reconciliation leaves the autoscaler's replicas alone, and without load
+    it scales down once its stabilization window has passed since the scale-up."""
+    cluster = Cluster(control_plane, namespace)
+    assert plane.router is not None
+    prometheus.set_targets([
+        ({"deployment": "r", "namespace": namespace, "component": "router", "slot": "a",
+          "version": "1"}, [f"127.0.0.1:{plane.router.metrics_port}"])])
+    obj = tiny("r", model__numExperts=2, model__topK=1)
+    # the experts stay as they are: only the routers scale, from the same Prometheus
+    obj["spec"]["autoscaling"] = {"enabled": False, "prometheusUrl": prometheus.url,
+                                  "intervalSeconds": 1}
+    # any sequence running is far over the target (a tiny cache use)
+    obj["spec"]["router"] = {"replicas": 1, "autoscaling": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 2, "kvCacheUtilization": 0.0001,
+        "stabilizationSeconds": ROUTER_STABILIZATION}}
+    cluster.apply(obj)
+    cluster.wait_ready("r")
+
+    def router() -> dict[str, Any]:
+        return dict(cluster.resource("r")["status"].get("router") or {})
+
+    def replicas() -> int:
+        return int(cluster.get("deployments", "r-a-router")["spec"]["replicas"])
+
+    eventually(lambda: router().get("metricsAvailable"), "the router metrics", 60)
+    assert (cluster.condition("r", "RouterMetricsAvailable") or {}).get("status") == "True"
+    assert replicas() == 1 and router()["desiredReplicas"] == 1, router()
+    with Generations(f"http://{plane.router.http_url}") as load:
+        eventually(lambda: replicas() == 2, "the routers to scale up", 60)
+        up = router()
+        assert up["desiredReplicas"] == 2 and "1 -> 2 replicas" in up["reason"], up
+        scaled = [e for e in cluster.events("r") if e["reason"] == "RouterScaled"]
+        assert scaled and "r-a-router: KV cache use" in scaled[0]["message"], scaled
+        # a spec change reconciles: the autoscaler's replicas stay (spec.router.replicas: 1)
+        cluster.kubectl("patch", "autoglmdeployment", "r", "--type=merge", "-p",
+                        json.dumps({"spec": {"rollout": {"drainTimeoutSeconds": 5}}}))
+        cluster.wait_ready("r")
+        assert replicas() == 2, "reconciliation reset the router replicas"
+        assert load.done > 0
+    assert load.failed == 0
+    down = eventually(lambda: (st := router()).get("desiredReplicas") == 1 and st,
+                      "the routers to scale down", ROUTER_STABILIZATION + 60)
+    assert replicas() == 1
+    # the scale-up's recommendation stays in the window: the operator's own times
+    assert epoch(down["lastScaleTime"]) - epoch(up["lastScaleTime"]) \
+        >= ROUTER_STABILIZATION, "no scale-down within the stabilization window"

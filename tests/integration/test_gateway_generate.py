@@ -26,7 +26,7 @@ import pytest
 from autoglm.engine.scheduler import Engine
 from autoglm.engine.service import TextEngine
 from autoglm.engine.text import Tokenizer
-from autoglm.gateway.app import GatewayServer, Routing, Target
+from autoglm.gateway.app import GatewayServer, Replica, Routing, Target
 from autoglm.local.dataplane import DataPlane
 from autoglm.models.tiny import PRESETS
 from autoglm.plan import STREAM_INTERVAL_ENV
@@ -204,30 +204,41 @@ def test_eight_concurrent_streams_each_get_their_own_tokens(served: Served) -> N
 
 
 def test_latency_histograms_count_every_token(served: Served) -> None:
-    """Time to first token once per generation, inter-token latency once per later token,
-    labelled with the version (Prometheus adds the slot from the scrape target)."""
+    """Time to first token and queue time once per generation, inter-token latency once per
+    later token, labelled with the version (Prometheus adds the slot from the scrape target);
+    a generation's queue time is part of its time to first token (one arrival for both)."""
     router = served.plane.router
     assert router is not None
+    names = ("time_to_first_token", "inter_token_latency", "queue")
 
-    def counts() -> tuple[float, float]:
+    def counts() -> tuple[float, ...]:
         text = scrape(router.metrics_url)
-        first, later = (sample(text, f"autoglm_{name}_seconds_count", version="1") or 0.0
-                        for name in ("time_to_first_token", "inter_token_latency"))
-        return first, later
+        return tuple(sample(text, f"autoglm_{name}_seconds_count", version="1") or 0.0
+                     for name in names)
 
-    ttft, itl = counts()
+    def sums() -> dict[str, float]:
+        text = scrape(router.metrics_url)
+        return {name: sample(text, f"autoglm_{name}_seconds_sum", version="1") or 0.0
+                for name in names}
+
+    ttft, itl, queue = counts()
+    before = sums()
     client = served.client()
     for stream in (False, True):
         r = client.completions.create(model=MODEL, prompt="Tick", max_tokens=7, stream=stream,
                                       **GREEDY)
         if stream:
             list(r)
-    eventually(lambda: counts() == (ttft + 2, itl + 12),
-               "2 first tokens and 12 later ones observed", timeout=30)
+    eventually(lambda: counts() == (ttft + 2, itl + 12, queue + 2),
+               "2 first tokens, 12 later ones and 2 admissions observed", timeout=30)
+    after = sums()
+    assert 0 <= after["queue"] - before["queue"] \
+        <= after["time_to_first_token"] - before["time_to_first_token"]
     text = scrape(router.metrics_url)
-    buckets = [line for line in text.splitlines()
-               if line.startswith("autoglm_inter_token_latency_seconds_bucket")]
-    assert any('le="+Inf"' in b for b in buckets) and len(buckets) > 2
+    for name in names:
+        buckets = [line for line in text.splitlines()
+                   if line.startswith(f"autoglm_{name}_seconds_bucket")]
+        assert any('le="+Inf"' in b for b in buckets) and len(buckets) > 2, name
 
 
 def test_expert_calls_per_engine_step(served: Served) -> None:
@@ -680,3 +691,89 @@ def stock_call(client: openai.OpenAI, i: int) -> str:
     r = client.completions.create(model=MODEL, prompt="Once", max_tokens=SATURATING_TOKENS,
                                   **GREEDY)
     return str(r.choices[0].text)
+
+
+def test_generations_spread_over_router_replicas_and_follow_their_prefix(
+        served: Served, tmp_path: Path) -> None:
+    """A second router replica on the same expert servers, one gateway over both (as the
+    local runtime and the EndpointSlices give it): a tenant's chats go back to the replica
+    that holds its system prompt (that router counts prefix-cache hits), concurrent streams
+    spread over both, and a replica taken out of the target gets no new request while its
+    streams finish; every answer is the engine's."""
+    (tmp_path / "endpoints.json").symlink_to(served.plane.endpoints_file)
+    plane = DataPlane(served.plane.repository, 1, tmp_path)
+    second = plane.start_router()
+    first = served.plane.router
+    assert first is not None
+    both = tuple(Replica(f"http://{r.http_url}", r.grpc_url, r.metrics_url)
+                 for r in (first, second))
+    routing = Routing(Target("a", 1, both[0].url, both[0].grpc_url, MODEL, both))
+    gateway = GatewayServer(routing, free_port()).start()
+    base = f"http://127.0.0.1:{gateway.port}"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+    def hits() -> list[float]:
+        return [sample(scrape(r.metrics_url), "autoglm_prefix_cache_hit_tokens_total",
+                       version="1") or 0.0 for r in (first, second)]
+
+    def sent() -> list[float]:
+        text = scrape(f"{base}/metrics")
+        return [sample(text, "autoglm_gateway_replica_requests_total", slot="a",
+                       replica=r.url) or 0.0 for r in both]
+
+    try:
+        # two tenants, each with its system prompt (2 blocks of the gateway's index)
+        tenants = [f"You answer for tenant {t}; be brief and exact. " * 2 for t in "AB"]
+        before_hits, before_sent = hits(), sent()
+        for n in range(4):
+            for system in tenants:
+                messages = [{"role": "system", "content": system},
+                            {"role": "user", "content": f"Question {n}"}]
+                _, text, _ = served.expect(4, messages=messages)
+                r = client.chat.completions.create(
+                    model=MODEL, messages=messages,  # type: ignore[arg-type]
+                    max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+                assert r.choices[0].message.content == text
+        picks = gateway.gateway.hub.balancer.picks
+        assert picks["prefix"] == 6, picks  # each tenant's first chat picked by load only
+        # the replicas' own caches say so: each tenant's later chats hit there
+        gained = [a - b for a, b in zip(hits(), before_hits, strict=True)]
+        assert sum(gained) > 0 and all(g >= 0 for g in gained), gained
+        print(f"prefix-cache hit tokens per replica: {gained}; "
+              f"requests per replica: {[a - b for a, b in zip(sent(), before_sent, strict=True)]}")
+
+        # eight concurrent streams spread over both replicas
+        before_sent = sent()
+        prompts = [f"Story {i}:" for i in range(8)]
+        want = [served.expect(24, text=p)[1] for p in prompts]
+
+        def stream(prompt: str) -> str:
+            chunks = client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in chunks)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(stream, prompts)) == want
+        spread = [a - b for a, b in zip(sent(), before_sent, strict=True)]
+        assert sum(spread) == 8 and min(spread) >= 2, spread
+
+        # the second replica leaves the target (a scale-down): its streams finish there,
+        # new requests go to the first only
+        only = {r: Target("a", 1, r.url, r.grpc_url, MODEL, (r,)) for r in both}
+        routing.flip(only[both[1]])
+        before_sent = sent()
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(stream, p) for p in prompts[:2]]
+            eventually(lambda: sent()[1] - before_sent[1] == 2, "two streams on replica 2")
+            routing.flip(only[both[0]])
+            draining = gateway.gateway.hub.balancer.inflight.get(both[1], 0)
+            assert stream(prompts[5]) == want[5]
+            assert [f.result() for f in running] == want[:2]
+        after = [a - b for a, b in zip(sent(), before_sent, strict=True)]
+        assert after == [1, 2], after
+        assert gateway.gateway.hub.balancer.inflight.get(both[1], 0) == 0
+        print(f"streams still running on the replica taken out: {draining} of 2")
+    finally:
+        gateway.stop()
+        plane.stop()

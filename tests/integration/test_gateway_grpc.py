@@ -216,9 +216,7 @@ def test_a_stream_follows_the_flip_request_by_request(planes: dict[int, DataPlan
     arrives; the old slot is let go at once (its in-flight count drops while the stream
     stays open), so retiring it does not touch the stream."""
     gw = gateway.gateway
-    fixture_router = planes[1].router
     retiring = planes[1].start_router()  # version 1's own router, stopped in this test
-    planes[1].router = fixture_router
     try:
         gw.routing.flip(Target("a", 1, f"http://{retiring.http_url}", retiring.grpc_url))
         with grpcclient.InferenceServerClient(url(gateway)) as c:
@@ -235,7 +233,7 @@ def test_a_stream_follows_the_flip_request_by_request(planes: dict[int, DataPlan
             c.stop_stream()
             assert s.answers.empty()  # no error came after the last answer
     finally:
-        retiring.stop()
+        planes[1].stop_router(retiring)
         assert not retiring.shm_regions()
     eventually(lambda: gw.inflight.get("b") == 0, "the stream to end", timeout=60,
                interval=0.05)

@@ -74,9 +74,9 @@ def test_gateway_follows_the_active_slot(control_plane: ControlPlane, api: clien
             status, body = get(f"http://127.0.0.1:{port}/routing")
             return json.loads(body) if status == 200 else None
 
+        service_a = f"http://tiny-a-router.{namespace}.svc:{p.TRITON_HTTP_PORT}"
         r = eventually(lambda: (x := routing()) and x["slot"] == "a" and x, "slot a")
-        assert r == {"slot": "a", "version": 1,
-                     "url": f"http://tiny-a-router.{namespace}.svc:{p.TRITON_HTTP_PORT}"}
+        assert r == {"slot": "a", "version": 1, "url": service_a, "replicas": [service_a]}
         t0 = time.monotonic()
         set_active("b", 2)
         eventually(lambda: (routing() or {}).get("slot") == "b", "the flip to slot b",
@@ -100,6 +100,42 @@ def test_gateway_follows_the_active_slot(control_plane: ControlPlane, api: clien
         assert metric_value(text, "autoglm_gateway_requests_total", {**b2, "code": "502"}) == 1
         assert metric_value(text, "autoglm_gateway_requests_total", {**b2, "code": "503"}) == 1
         assert metric_value(text, "autoglm_gateway_retries_total", {"slot": "b"}) == 2
+
+        # The router pods, as the Service's EndpointSlice lists them: the gateway spreads
+        # over the ready ones itself. One ready pod at a time, and no request: nothing may
+        # be sent to these addresses, as no node here serves them (two ready pods would
+        # have their load read).
+        def endpoint(ip: str, ready: bool, terminating: bool = False) -> dict[str, Any]:
+            return {"addresses": [ip], "conditions": {"ready": ready, "serving": ready,
+                                                      "terminating": terminating}}
+
+        rest.create({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": "tiny-b-router-x", "namespace": namespace,
+                                  "labels": {"kubernetes.io/service-name": "tiny-b-router"}},
+                     "addressType": "IPv4",
+                     "ports": [{"name": "http", "port": p.TRITON_HTTP_PORT}],
+                     "endpoints": [endpoint("198.18.9.2", True),
+                                   endpoint("198.18.9.3", False),
+                                   endpoint("198.18.9.4", False, terminating=True)]})
+        pod = [f"http://198.18.9.2:{p.TRITON_HTTP_PORT}"]
+        eventually(lambda: (routing() or {}).get("replicas") == pod,
+                   "the gateway to list the ready router pod")
+        # that pod terminates (a router scaled down drains), another is ready
+        rest.patch("discovery.k8s.io/v1", "EndpointSlice", namespace, "tiny-b-router-x",
+                   {"endpoints": [endpoint("198.18.9.2", False, terminating=True),
+                                  endpoint("198.18.9.3", True)]})
+        eventually(lambda: (routing() or {}).get("replicas") ==
+                   [f"http://198.18.9.3:{p.TRITON_HTTP_PORT}"],
+                   "the terminating pod to get no more requests")
+        # slot a's slices are not slot b's: the active slot's replicas stay
+        rest.patch(API_VERSION, KIND, namespace, "tiny",
+                   {"status": {"activeSlot": "b", "activeVersion": 3}}, subresource="status")
+        eventually(lambda: (routing() or {}).get("version") == 3, "version 3")
+        assert (routing() or {})["replicas"] == [f"http://198.18.9.3:{p.TRITON_HTTP_PORT}"]
+        rest.delete("discovery.k8s.io/v1", "EndpointSlice", namespace, "tiny-b-router-x")
+        eventually(lambda: (routing() or {}).get("replicas") ==
+                   [f"http://tiny-b-router.{namespace}.svc:{p.TRITON_HTTP_PORT}"],
+                   "back to the Service once no pod is listed")
         # its Role grants reading this resource only
         sa = f"system:serviceaccount:{namespace}:tiny-gateway"
         for verb, what, allowed in (("get", "autoglmdeployments/tiny", "yes"),

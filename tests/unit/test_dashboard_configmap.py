@@ -217,7 +217,8 @@ def test_the_brief_s_metrics_are_shown() -> None:
                    "autoglm_autoscaler_metrics_available", "autoglm_autoscaler_decisions_total",
                    "autoglm_gateway_requests_total", "autoglm_gateway_request_seconds_bucket",
                    "autoglm_gateway_inflight", "autoglm_swap_phase", "autoglm_swap_events_total",
-                   "autoglm_active_version"):
+                   "autoglm_active_version", "autoglm_queue_seconds_bucket",
+                   "autoglm_prefix_cache_hit_tokens_total", "autoglm_kv_cache_cached_tokens"):
         assert metric in exprs, metric
 
 

@@ -217,12 +217,16 @@ def test_requests_beyond_capacity_wait_and_all_complete(small: Model) -> None:
     out: dict[int, list[int]] = {}
     record(eng.step(), out)
     assert (eng.running, eng.waiting) == (2, 4)
+    assert eng.admitted == tuple(ids[:2])  # what a step admits (its queue time ends)
+    admitted = list(eng.admitted)
     peak = 0
     while eng.has_work():
         record(eng.step(), out)
+        admitted += eng.admitted
         peak = max(peak, eng.pool.used_tokens)
         assert eng.running <= 2
     assert peak <= eng.pool.capacity == 64
+    assert admitted == ids, "each admitted once, in arrival order"
     for i, p in zip(ids, prompts, strict=True):
         assert out[i] == generate_alone(model, p, params)
     with pytest.raises(RequestError, match="KV cache capacity"):

@@ -28,10 +28,11 @@ Request parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``see
 ``output_ids`` (new token ids: one, up to the stream interval), ``finish_reason`` ("" until
 the last: "stop" or "length"), ``prompt_tokens``, ``completion_tokens`` (so far),
 ``model_version``. The latency histograms time the tokens as the engine makes them, not the
-responses. The parameter ``canary`` (no
-input) runs the version's stored prompt greedily; its last response adds
-``canary_expected``, the reference's greedy tokens, so a version's generation can be verified
-by whoever reaches the router.
+responses, from the request's arrival in ``execute``; the queue-time histogram, from arrival
+to admission into the running batch (the rest of the time to first token is prefill). The
+parameter ``canary`` (no input) runs the version's stored prompt greedily; its last response
+adds ``canary_expected``, the reference's greedy tokens, so a version's generation can be
+verified by whoever reaches the router.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from autoglm.repository import load_part_config, load_weights
 
 # Seconds. Time to first token spans queueing and prefill; inter-token latency one step.
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+QUEUE_BUCKETS = [0.001, 0.0025, 0.005, *TTFT_BUCKETS]  # most wait a step at most
 ITL_BUCKETS = [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0]
 CANCEL_CHECK_SECONDS = 0.2
 MAX_WAITING_ENV = "AUTOGLM_MAX_WAITING"
@@ -105,7 +107,7 @@ class TritonPythonModel:
         self.pending: dict[int, list[Chunk]] = {}  # chunks made, not yet sent (the interval)
         self._cancel_checked = self._observed = 0.0
         # Shared with execute(), under the lock: requests not yet admitted, and stopping.
-        self.inbox: list[tuple[Any, Any]] = []
+        self.inbox: list[tuple[Any, Any, float]] = []  # (request, sender, arrival)
         self.work = threading.Condition(threading.Lock())
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -133,16 +135,21 @@ class TritonPythonModel:
                  "autoglm_expert_server_calls_total / this)", counter),
                 ("autoglm_time_to_first_token_seconds",
                  "From a generation's arrival to its first token", histogram),
+                ("autoglm_queue_seconds", "From a generation's arrival to its admission "
+                 "into the running batch (waiting for KV cache or a batch place)",
+                 histogram),
                 ("autoglm_inter_token_latency_seconds",
                  "Between consecutive tokens of a generation, as the engine makes them "
                  "(a stream interval sends them in bursts)", histogram))}
         labels = {"version": str(self.version)}
         buckets = {"autoglm_time_to_first_token_seconds": TTFT_BUCKETS,
-                   "autoglm_inter_token_latency_seconds": ITL_BUCKETS}
+                   "autoglm_inter_token_latency_seconds": ITL_BUCKETS,
+                   "autoglm_queue_seconds": QUEUE_BUCKETS}
         self.m = {name: fam.Metric(labels=labels, buckets=buckets[name]) if name in buckets
                   else fam.Metric(labels=labels) for name, fam in self._families.items()}
         self._generated = self._steps = self._prompt = self._hits = 0
         self._last: dict[int, float] = {}  # request → arrival, then its last token's time
+        self._queued: dict[int, float] = {}  # request → arrival, until it is admitted
 
     def _observe(self, force: bool = False) -> None:
         """The engine's gauges, at most once a flush period unless ``force``."""
@@ -179,13 +186,14 @@ class TritonPythonModel:
     # -- requests in -------------------------------------------------------------------
 
     def execute(self, requests: list[Any]) -> None:
-        arrived = [(r, r.get_response_sender()) for r in requests]
+        now = time.monotonic()  # arrival: the engine thread may be in a step
+        arrived = [(r, r.get_response_sender(), now) for r in requests]
         with self.work:
             self.inbox.extend(arrived)
             self.work.notify()
         return None
 
-    def _admit(self, request: Any, sender: Any) -> None:
+    def _admit(self, request: Any, sender: Any, arrival: float) -> None:
         """Into the engine (on the engine thread, between steps), or refused with the
         reason."""
         try:
@@ -202,8 +210,8 @@ class TritonPythonModel:
             return
         self.requests[rid] = request
         self.senders[rid] = sender
-        if rid not in self.canaries:
-            self._last[rid] = time.monotonic()
+        if rid not in self.canaries:  # canaries are not user load: not timed
+            self._last[rid] = self._queued[rid] = arrival
 
     def _submit(self, request: Any) -> int:
         def text(name: str) -> str | None:
@@ -244,8 +252,8 @@ class TritonPythonModel:
                 if self.stopping:
                     return
                 arrived, self.inbox = self.inbox, []
-            for request, sender in arrived:
-                self._admit(request, sender)
+            for request, sender, arrival in arrived:
+                self._admit(request, sender, arrival)
             now = time.monotonic()
             if arrived or now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
                 self._cancel_checked = now
@@ -253,14 +261,24 @@ class TritonPythonModel:
                     self.text.abort(rid)
                     self._close(rid)
             self._observe()
+            started = time.monotonic()  # a step admits first: its admissions happen now
             try:
                 chunks = self.text.step()
             except StepError as e:  # an expert down: the step's requests end with it
+                self._admitted(started)
                 for rid in e.ids:
                     self._fail(rid, str(e.__cause__ or e))
                 continue
+            self._admitted(started)
             for c in chunks:
                 self._made(c)
+
+    def _admitted(self, at: float) -> None:
+        """Queue time of what the step that started ``at`` admitted."""
+        for rid in self.text.engine.admitted:
+            arrival = self._queued.pop(rid, None)
+            if arrival is not None:  # not a canary
+                self.m["autoglm_queue_seconds"].observe(at - arrival)
 
     def _made(self, c: Chunk) -> None:
         """A token made for request ``c.id``: timed now, then sent at once if it is the first
@@ -319,6 +337,7 @@ class TritonPythonModel:
         failed or was cancelled too: a leaked canary id would hide user load from
         ``_routed``); its sender, if it still had one."""
         self._last.pop(rid, None)
+        self._queued.pop(rid, None)
         self.pending.pop(rid, None)
         self.canaries.discard(rid)
         self.requests.pop(rid, None)

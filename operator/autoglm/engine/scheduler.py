@@ -149,6 +149,9 @@ class Engine:
         self._running: dict[int, _Sequence] = {}  # admission order
         self._lock = threading.Lock()
         self.routed_tokens: collections.Counter[int] = collections.Counter()
+        # ids the last step admitted into the running batch, in order: the layer above times
+        # their queueing (the engine keeps no clock)
+        self.admitted: tuple[int, ...] = ()
         self._steps = self._prompt_tokens = self._generated_tokens = self._hit_tokens = 0
 
     @property
@@ -236,9 +239,9 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        """One iteration: admit what fits, run every running sequence's next tokens in one
-        forward (or in interleaved micro-batches, see :meth:`_split`), sample, and retire
-        finished sequences. Returns the tokens made."""
+        """One iteration: admit what fits (:attr:`admitted`), run every running sequence's
+        next tokens in one forward (or in interleaved micro-batches, see :meth:`_split`),
+        sample, and retire finished sequences. Returns the tokens made."""
         with self._lock:
             self._admit()
             if not self._running:
@@ -271,16 +274,19 @@ class Engine:
             return [self._emit(s, t) for s, t in zip(done, tokens, strict=True)]
 
     def _admit(self) -> None:
+        admitted: list[int] = []
         # FIFO without overtaking: a large request is not starved by smaller ones behind it
         while self._waiting and len(self._running) < self.max_batch_tokens:
             seq = next(iter(self._waiting.values()))
             if not self.pool.reserve(seq.id, seq.prompt_len + seq.max_tokens, seq.tokens):
-                return
+                break
             seq.computed = self.pool.length(seq.id)  # the prompt's cached prefix
             self._prompt_tokens += seq.prompt_len
             self._hit_tokens += seq.computed
             del self._waiting[seq.id]
             self._running[seq.id] = seq
+            admitted.append(seq.id)
+        self.admitted = tuple(admitted)
 
     def _plan(self, seqs: Sequence[_Sequence]) -> dict[int, int]:
         """Tokens each sequence runs this step: one each, then prompt chunks oldest first."""

@@ -24,25 +24,27 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from autoglm.gateway.balance import Load, engine_load
 from autoglm.gateway.generation import GenerateClient
 from autoglm.gateway.grpc_proxy import GrpcProxy
 from autoglm.gateway.infer_check import HEADER_LENGTH, infer_refusal
 from autoglm.gateway.openai import OpenAIRoutes
 from autoglm.gateway.openai import error as openai_error
+from autoglm.gateway.routing import Hub, Limits, Replica, Routing, Target
 from autoglm.gateway.triton_generate import GenerateRoutes
+
+__all__ = ["GatewayServer", "Limits", "Replica", "Routing", "Target"]
 
 # Headers that describe one hop's connection or body, not the request (RFC 9110 §7.6.1).
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content-length",
@@ -53,91 +55,25 @@ NOT_FORWARDED = HOP_HEADERS | {"content-encoding"}
 RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
 log = logging.getLogger("autoglm.gateway")
 # Triton's answers (as 500) to a request whose JSON does not parse or has the wrong types
+LOAD_POLL_SECONDS = 0.25  # the routers' gauges change at most every flush (0.5 s)
 TRITON_PARSE_ERROR = re.compile(r"^(failed to parse the request JSON buffer|Unable to parse )")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one client may hold of the gateway (environment variables in parentheses)."""
-
-    max_body_bytes: int = 64 * 2**20  # AUTOGLM_GATEWAY_MAX_BODY_BYTES
-    idle_timeout: float = 60.0  # AUTOGLM_GATEWAY_IDLE_TIMEOUT: to a request's whole headers
-    body_timeout: float = 60.0  # AUTOGLM_GATEWAY_BODY_TIMEOUT: to its whole body
-    max_connections: int = 10_000  # AUTOGLM_GATEWAY_MAX_CONNECTIONS (HTTP, open at once)
-
-    ENV: ClassVar[dict[str, str]] = {"max_body_bytes": "AUTOGLM_GATEWAY_MAX_BODY_BYTES",
-           "idle_timeout": "AUTOGLM_GATEWAY_IDLE_TIMEOUT",
-           "body_timeout": "AUTOGLM_GATEWAY_BODY_TIMEOUT",
-           "max_connections": "AUTOGLM_GATEWAY_MAX_CONNECTIONS"}
-
-    def __post_init__(self) -> None:
-        for name in self.ENV:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
-        """The defaults, overridden by the environment's variables that are set."""
-        env = os.environ if environ is None else environ
-        given: dict[str, Any] = {}
-        for name, var in cls.ENV.items():
-            raw = env.get(var, "").strip()
-            if raw:
-                kind = int if name in ("max_body_bytes", "max_connections") else float
-                try:
-                    given[name] = kind(raw)
-                except ValueError:
-                    raise ValueError(f"{var} must be a {kind.__name__}, got {raw!r}") from None
-        return cls(**given)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A slot's router: where requests go while the slot is active."""
-
-    slot: str
-    version: int
-    url: str  # http://host:port of the router's Triton HTTP endpoint
-    grpc_url: str = ""  # host:port of its Triton gRPC endpoint ("": no gRPC)
-    model: str = ""  # the served model's name (spec.model.name): the OpenAI model id
-
-
-class Routing:
-    """The active-slot pointer. Assignment of one attribute is atomic for the event loop
-    and for threads alike; readers take one snapshot per request."""
-
-    def __init__(self, target: Target | None = None) -> None:
-        self.active = target
-        self.changed = threading.Event()
-
-    def flip(self, target: Target) -> None:
-        self.active = target
-        self.changed.set()
 
 
 class Gateway:
     def __init__(self, routing: Routing, upstream_timeout: float = 60.0,
                  limits: Limits | None = None) -> None:
-        self.routing = routing
-        self.limits = Limits.from_env() if limits is None else limits
+        self.hub = Hub(routing, Limits.from_env() if limits is None else limits,
+                       upstream_timeout)
+        self.routing, self.limits, self.traffic = routing, self.hub.limits, self.hub.traffic
+        self.registry = self.traffic.registry
         self.timeout = aiohttp.ClientTimeout(total=upstream_timeout)
-        self.registry = CollectorRegistry()
-        self.requests = Counter("autoglm_gateway_requests_total",
-                                "Requests by slot, model version and HTTP status",
-                                ["slot", "version", "code"], registry=self.registry)
-        self.latency = Histogram("autoglm_gateway_request_seconds",
-                                 "Request latency through the gateway", ["slot", "version"],
-                                 registry=self.registry,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.inflight_gauge = Gauge("autoglm_gateway_inflight",
-                                    "Requests in flight per slot", ["slot"],
-                                    registry=self.registry)
-        self.inflight: dict[str, int] = {}
-        self.retries = Counter("autoglm_gateway_retries_total",
-                               "Requests retried after the upstream connection failed",
-                               ["slot"], registry=self.registry)
         self._session: aiohttp.ClientSession | None = None
-        self.generate = GenerateClient(routing)  # gRPC streams to the routers' `generate`
+        self._poller: asyncio.Task[None] | None = None
+        self.generate = GenerateClient(self.hub)  # gRPC streams to the routers' `generate`
+
+    @property
+    def inflight(self) -> dict[str, int]:
+        return self.traffic.inflight
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_body_bytes,
@@ -146,8 +82,8 @@ class Gateway:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/routing", self._routing)
         # generation before the catch-all, which keeps forwarding everything else as it is
-        OpenAIRoutes(self).add_to(app.router)
-        GenerateRoutes(self).add_to(app.router)
+        OpenAIRoutes(self.generate).add_to(app.router)
+        GenerateRoutes(self.generate, self.forward).add_to(app.router)
         app.router.add_route("*", "/v2{tail:.*}", self._forward)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -157,8 +93,11 @@ class Gateway:
         self._session = aiohttp.ClientSession(
             timeout=self.timeout, connector=aiohttp.TCPConnector(limit=0),
             auto_decompress=False)
+        self._poller = asyncio.create_task(self._poll_loads())
 
     async def _close(self, _: web.Application) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         if self._session is not None:
             await self._session.close()
         await self.generate.close()
@@ -192,7 +131,8 @@ class Gateway:
 
     async def _routing(self, _: web.Request) -> web.Response:
         t = self.routing.active
-        body = {"slot": t.slot, "version": t.version, "url": t.url} if t else None
+        body = ({"slot": t.slot, "version": t.version, "url": t.url,
+                 "replicas": [r.url for r in t.endpoints]} if t else None)
         return web.Response(text=json.dumps(body), content_type="application/json")
 
     async def _metrics(self, _: web.Request) -> web.Response:
@@ -213,7 +153,7 @@ class Gateway:
         # Ask the router for exactly the encoding the client asked for (aiohttp would
         # otherwise request gzip and hand a client that cannot read it a compressed body).
         headers.setdefault("Accept-Encoding", "identity")
-        self.enter(target.slot)
+        self.traffic.enter(target.slot)
         status, t0 = 502, time.perf_counter()
         try:
             refusal = (infer_refusal(body, request.headers.get(HEADER_LENGTH))
@@ -226,44 +166,58 @@ class Gateway:
             status = response.status
             return response
         finally:
-            self.leave(target, str(status), time.perf_counter() - t0)
-
-    def enter(self, slot: str) -> None:
-        """A request (HTTP or gRPC) starts on ``slot``; only ever on the event loop."""
-        self.inflight[slot] = self.inflight.get(slot, 0) + 1
-        self.inflight_gauge.labels(slot).set(self.inflight[slot])
-
-    def leave(self, target: Target, code: str, seconds: float) -> None:
-        slot, version = target.slot, str(target.version)
-        self.inflight[slot] -= 1
-        self.inflight_gauge.labels(slot).set(self.inflight[slot])
-        self.latency.labels(slot, version).observe(seconds)
-        self.requests.labels(slot, version, code).inc()
+            self.traffic.leave(target, str(status), time.perf_counter() - t0)
 
     async def _upstream(self, target: Target, request: web.Request, body: bytes,
                         headers: dict[str, str]) -> web.Response:
         assert self._session is not None
-        url = target.url + request.rel_url.path_qs
-        for attempt in (1, 2):
+        failure = ""
+        for replica in self.hub.tries(target):
+            url = replica.url + request.rel_url.path_qs
             try:
-                async with self._session.request(request.method, url, data=body,
-                                                 headers=headers) as up:
-                    payload = await up.read()
-                    out = {k: v for k, v in up.headers.items()
-                           if k.lower() not in HOP_HEADERS}
-                    return web.Response(status=_client_error(up.status, payload),
-                                        body=payload, headers=out)
+                with self.hub.sending(target, replica):
+                    async with self._session.request(request.method, url, data=body,
+                                                     headers=headers) as up:
+                        payload = await up.read()
+                        out = {k: v for k, v in up.headers.items()
+                               if k.lower() not in HOP_HEADERS}
+                        return web.Response(status=_client_error(up.status, payload),
+                                            body=payload, headers=out)
             except RETRYABLE as e:
                 # nothing came back: the router never answered, so trying again is safe
-                if attempt == 2:
-                    return _error(502, f"slot {target.slot} unreachable: {e}")
-                self.retries.labels(target.slot).inc()
+                failure = str(e)
             except TimeoutError:
                 return _error(504, f"slot {target.slot} did not answer in time")
             except aiohttp.ClientError as e:  # the connection broke mid-answer
                 return _error(502, f"slot {target.slot} unavailable: its answer broke off: "
                                    f"{e!r}")
-        raise AssertionError("unreachable")
+        return _error(502, f"slot {target.slot} unreachable: {failure}")
+
+    async def _poll_loads(self) -> None:
+        """Each active replica's own load (running + waiting sequences), read from its
+        metrics every ``LOAD_POLL_SECONDS``: the balancer's view of other gateways' calls."""
+        assert self._session is not None
+        while True:
+            target = self.routing.active
+            replicas = target.replicas if target else ()
+            self.hub.balancer.forget(replicas)
+            if len(replicas) > 1:
+                loads = await asyncio.gather(*(self._load(r) for r in replicas))
+                for replica, load in zip(replicas, loads, strict=True):
+                    self.hub.balancer.report(replica, load)
+            await asyncio.sleep(LOAD_POLL_SECONDS)
+
+    async def _load(self, replica: Replica) -> Load | None:
+        if not replica.metrics_url:
+            return None
+        assert self._session is not None
+        try:
+            async with self._session.get(replica.metrics_url,
+                                         timeout=aiohttp.ClientTimeout(total=1)) as r:
+                text = (await r.read()).decode()
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+            return None
+        return engine_load(text)
 
 
 def _client_error(status: int, payload: bytes) -> int:
@@ -342,7 +296,7 @@ class GatewayServer:
         self.gateway = Gateway(routing, limits=limits)
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.grpc_port = grpc_port
-        self.grpc = GrpcProxy(self.gateway)
+        self.grpc = GrpcProxy(self.gateway.hub)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="gateway")

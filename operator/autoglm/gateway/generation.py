@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 import numpy as np
@@ -39,11 +39,8 @@ from aiohttp import web
 from tritonclient.grpc import service_pb2
 
 from autoglm.engine.errors import FAILED, RETRY_AFTER_SECONDS, SATURATED
-from autoglm.gateway.grpc_proxy import HTTP_CODE, UNLIMITED
+from autoglm.gateway.routing import HTTP_CODE, UNLIMITED, Hub, Replica, Routing, Target
 from autoglm.plan import generate_model
-
-if TYPE_CHECKING:
-    from autoglm.gateway.app import Gateway, Routing, Target
 
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Not Triton's strict error mode (triton_grpc_error: the first error closes the stream with
@@ -84,6 +81,13 @@ class Prompt:
     text: str | None = None
     messages: str | None = None
     ids: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        """What the balancer reads the prompt's prefix from."""
+        if self.ids is not None:
+            return ",".join(map(str, self.ids))
+        return self.messages if self.messages is not None else self.text or ""
 
 
 @dataclass(frozen=True)
@@ -198,11 +202,11 @@ def _error_status(message: str) -> int:
     return 400
 
 
-def _status(e: Any, target: Target) -> UpstreamError:
+def _status(e: Any, target: Target, replica: Replica) -> UpstreamError:
     code = e.code()
     details = e.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
-        return UpstreamError(503, f"slot {target.slot} ({target.grpc_url}) unavailable: "
+        return UpstreamError(503, f"slot {target.slot} ({replica.grpc_url}) unavailable: "
                                   f"{details}")
     if code == grpc.StatusCode.NOT_FOUND:  # the slot's router serves no `generate`
         return UpstreamError(503, f"slot {target.slot} serves no text generation: {details}")
@@ -210,14 +214,19 @@ def _status(e: Any, target: Target) -> UpstreamError:
 
 
 class GenerateClient:
-    """gRPC streams to the routers' ``generate`` models: a channel per router, reused by
-    every generation on it and closed once its slot is no longer active and serves none."""
+    """gRPC streams to the routers' ``generate`` models: a channel per router replica,
+    reused by every generation on it and closed once no active slot's replica is there and
+    no generation is left on it."""
 
-    def __init__(self, routing: Routing) -> None:
-        self.routing = routing
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
         self._channels: dict[str, Any] = {}  # router address -> grpc.aio channel
         self._methods: dict[str, Any] = {}  # router address -> ModelStreamInfer callable
         self._calls: dict[str, int] = {}  # generations in flight per address
+
+    @property
+    def routing(self) -> Routing:
+        return self.hub.routing
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -226,9 +235,9 @@ class GenerateClient:
         self._methods.clear()
 
     async def _sweep(self) -> None:
-        active = self.routing.active
-        for old in [a for a in self._channels if not self._calls.get(a)
-                    and (active is None or a != active.grpc_url)]:
+        active = self.hub.routing.active
+        wanted = {r.grpc_url for r in active.endpoints} if active else set()
+        for old in [a for a in self._channels if not self._calls.get(a) and a not in wanted]:
             self._methods.pop(old, None)
             await self._channels.pop(old).close()
 
@@ -243,41 +252,55 @@ class GenerateClient:
             self._methods[address] = method
         return method
 
+    def generation(self, request: web.Request, target: Target, prompt: Prompt,
+                   parameters: Mapping[str, Param]) -> Generation:
+        """One HTTP request's generation (an async context manager)."""
+        return Generation(self, request, target, prompt, parameters)
+
     async def stream(self, target: Target, prompt: Prompt,
                      parameters: Mapping[str, Param]) -> AsyncGenerator[Output, None]:
-        """The responses of one generation on ``target``; :class:`UpstreamError` if it is
-        refused or fails. Closing the iterator early cancels the upstream call."""
-        address = target.grpc_url
-        if not address:
+        """The responses of one generation on one of ``target``'s replicas;
+        :class:`UpstreamError` if it is refused or fails. It goes on to the next replica
+        only while nothing came back: when the replica was unreachable, or refused it as
+        saturated and another replica is left to try (all saturated: the 429). Closing the
+        iterator early cancels the upstream call."""
+        if not target.grpc_url and not target.replicas:
             raise UpstreamError(503, f"slot {target.slot} has no gRPC endpoint")
         request = infer_request(target, prompt, parameters)
         await self._sweep()
-        self._calls[address] = self._calls.get(address, 0) + 1
-        try:
-            for attempt in (1, 2):
-                call = self._method(address)()
-                received = False
-                try:
+        others = len(target.endpoints) - 1
+        refusal = UpstreamError(503, f"slot {target.slot} unavailable")
+        for n, replica in enumerate(self.hub.tries(target, prompt.key)):
+            address = replica.grpc_url
+            self._calls[address] = self._calls.get(address, 0) + 1
+            call = self._method(address)()
+            received = False
+            try:
+                with self.hub.sending(target, replica):
                     with contextlib.suppress(asyncio.InvalidStateError):  # already failed:
                         await call.write(request)  # its status comes out of the read below
                         await call.done_writing()
                     # Triton ends the stream right after the FINAL response (we half-closed)
                     async for message in call:
+                        if not received and n < others and \
+                                message.error_message.startswith(SATURATED):
+                            refusal = UpstreamError(429, message.error_message)
+                            break  # this replica is full: another may not be
                         received = True
                         yield _output(message)
-                    return
-                except grpc.aio.AioRpcError as e:
-                    # nothing came back: the router never took it, so trying again is safe
-                    if e.code() == grpc.StatusCode.UNAVAILABLE and not received \
-                            and attempt == 1:
-                        continue
-                    raise _status(e, target) from None
-                finally:
-                    if not call.done():
-                        call.cancel()  # closed early: the client went away
-        finally:
-            self._calls[address] -= 1
-            await self._sweep()
+                    else:
+                        return
+            except grpc.aio.AioRpcError as e:
+                # nothing came back: the router never took it, so trying again is safe
+                refusal = _status(e, target, replica)
+                if e.code() != grpc.StatusCode.UNAVAILABLE or received:
+                    raise refusal from None
+            finally:
+                if not call.done():
+                    call.cancel()  # closed early: the client went away
+                self._calls[address] -= 1
+                await self._sweep()
+        raise refusal
 
 
 class Generation:
@@ -287,19 +310,19 @@ class Generation:
     status, or 499 for a client that went away), cancelled upstream as soon as the client
     disconnects (the handler's task is cancelled; checked every 50 ms)."""
 
-    def __init__(self, gateway: Gateway, request: web.Request, target: Target,
+    def __init__(self, client: GenerateClient, request: web.Request, target: Target,
                  prompt: Prompt, parameters: Mapping[str, Param]) -> None:
-        self.gateway, self.request, self.target = gateway, request, target
+        self.traffic, self.request, self.target = client.hub.traffic, request, target
         self.code = 200
         self.disconnected = False
         self.complete = False  # the upstream stream ended: a disconnect now cancels nothing
-        self._upstream = gateway.generate.stream(target, prompt, parameters)
+        self._upstream = client.stream(target, prompt, parameters)
         self._outputs = self._until_complete()
         self._watcher: asyncio.Task[None] | None = None
         self._t0 = 0.0
 
     async def __aenter__(self) -> Generation:
-        self.gateway.enter(self.target.slot)
+        self.traffic.enter(self.target.slot)
         self._t0 = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
@@ -339,7 +362,7 @@ class Generation:
             await self._outputs.aclose()
             await self._upstream.aclose()  # cancels the upstream call if still open
         finally:
-            self.gateway.leave(self.target, str(self.code), time.perf_counter() - self._t0)
+            self.traffic.leave(self.target, str(self.code), time.perf_counter() - self._t0)
 
     def client_gone(self) -> None:
         """A write to the client failed: it went away."""

@@ -33,26 +33,18 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
-if TYPE_CHECKING:
-    from autoglm.gateway.app import Gateway, Target
+from autoglm.gateway.routing import HTTP_CODE, UNLIMITED, Hub, Replica, Target
 
 SERVICE = "inference.GRPCInferenceService"
 # Per-connection headers of HTTP/2 and gRPC's own: the channel sets them for each hop.
 HOP_METADATA = {"user-agent", "te", "content-type", "host", "grpc-accept-encoding",
                 "grpc-encoding", "grpc-timeout"}
-# The usual gRPC -> HTTP status mapping (google.rpc.Code); anything else is 500.
-HTTP_CODE = {"OK": 200, "CANCELLED": 499, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-             "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403,
-             "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409,
-             "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
-             "UNAUTHENTICATED": 401}
-UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 FLIP_POLL_SECONDS = 0.1  # how soon an idle client stream lets go of a slot no longer active
 EVENT_BUFFER = 64  # a stream's messages on their way through the gateway, both directions
 
@@ -81,8 +73,8 @@ class GrpcProxy:
     active target (``Target.grpc_url``). Runs on the gateway's event loop, which keeps the
     in-flight counts single-threaded."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
         self._server: Any = None
         self._channels: dict[str, Any] = {}  # router address -> grpc.aio channel
         self._methods: dict[tuple[str, str], Any] = {}  # (address, path) -> multicallable
@@ -94,7 +86,7 @@ class GrpcProxy:
         # a message over the gateway's body limit is refused (RESOURCE_EXHAUSTED) unread
         self._server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", -1),
-            ("grpc.max_receive_message_length", self.gateway.limits.max_body_bytes)])
+            ("grpc.max_receive_message_length", self.hub.limits.max_body_bytes)])
         self._server.add_generic_rpc_handlers((self._handler(),))
         if self._server.add_insecure_port(f"{host}:{port}") == 0:
             raise OSError(f"gRPC: cannot listen on {host}:{port}")
@@ -118,7 +110,7 @@ class GrpcProxy:
         holds no old slot's drain longer than ``FLIP_POLL_SECONDS`` after a flip."""
         while True:
             await asyncio.sleep(FLIP_POLL_SECONDS)
-            active = self.gateway.routing.active
+            active = self.hub.routing.active
             for stream in self._streams:
                 stream.let_go_unless(active)
 
@@ -144,9 +136,10 @@ class GrpcProxy:
         if channel is None:
             # Channels to routers that serve nothing any more and have no call left go
             # (a slot comes back on new ports, so they are not wanted again).
-            active = self.gateway.routing.active
-            for old in [a for a in self._channels if not self._calls.get(a)
-                        and (active is None or a != active.grpc_url)]:
+            active = self.hub.routing.active
+            wanted = {r.grpc_url for r in active.endpoints} if active else set()
+            for old in [a for a in self._channels
+                        if not self._calls.get(a) and a not in wanted]:
                 self._methods = {k: v for k, v in self._methods.items() if k[0] != old}
                 await self._channels.pop(old).close()
             channel = grpc.aio.insecure_channel(address, options=UNLIMITED)
@@ -157,51 +150,64 @@ class GrpcProxy:
         return method
 
     def _start(self, target: Target) -> float:
-        self._calls[target.grpc_url] = self._calls.get(target.grpc_url, 0) + 1
-        self.gateway.enter(target.slot)
+        self.hub.traffic.enter(target.slot)
         return time.perf_counter()
 
     def _end(self, target: Target, t0: float, code: Any) -> None:
-        self._calls[target.grpc_url] -= 1
-        self.gateway.leave(target, str(HTTP_CODE.get(code.name, 500)),
-                           time.perf_counter() - t0)
+        self.hub.traffic.leave(target, str(HTTP_CODE.get(code.name, 500)),
+                               time.perf_counter() - t0)
+
+    def _hold(self, target: Target, replica: Replica) -> None:
+        """A call or stream leg on ``replica`` starts (its channel is kept until it ends)."""
+        self._calls[replica.grpc_url] = self._calls.get(replica.grpc_url, 0) + 1
+        self.hub.balancer.started(replica)
+        self.hub.traffic.replica_requests.labels(target.slot, replica.url).inc()
+
+    def _release(self, replica: Replica) -> None:
+        self._calls[replica.grpc_url] -= 1
+        self.hub.balancer.ended(replica)
 
     def _timeout(self, context: Any) -> float:
         remaining = context.time_remaining()
-        limit = self.gateway.timeout.total or 60.0
+        limit = self.hub.upstream_timeout
         return limit if remaining is None else min(remaining, limit)
 
     def _unary_behavior(self, path: str) -> Callable[[bytes, Any], Any]:
         async def behavior(request: bytes, context: Any) -> bytes:
-            target = self.gateway.routing.active  # one snapshot: this call stays here
+            target = self.hub.routing.active  # one snapshot: this call stays here
             if target is None or not target.grpc_url:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "no active slot")
             assert target is not None
             metadata = _passable(context.invocation_metadata())
-            t0, code = self._start(target), grpc.StatusCode.UNKNOWN
+            t0, code, details = self._start(target), grpc.StatusCode.UNKNOWN, ""
             try:
-                for attempt in (1, 2):
-                    method = await self._method(target.grpc_url, path)
-                    call = method(request, metadata=metadata, timeout=self._timeout(context))
+                for replica in self.hub.tries(target):
+                    self._hold(target, replica)
                     try:
+                        method = await self._method(replica.grpc_url, path)
+                        call = method(request, metadata=metadata,
+                                      timeout=self._timeout(context))
                         response: bytes = await call
                     except asyncio.CancelledError:
                         code = grpc.StatusCode.CANCELLED  # the client went away
                         raise
                     except grpc.aio.AioRpcError as e:
-                        code = e.code()
-                        if code == grpc.StatusCode.UNAVAILABLE and attempt == 1:
-                            self.gateway.retries.labels(target.slot).inc()
-                            continue
-                        details = e.details() or ""
+                        code, details = e.code(), e.details() or ""
                         if code == grpc.StatusCode.UNAVAILABLE:
-                            details = (f"slot {target.slot} ({target.grpc_url}) unavailable, "
-                                       f"tried twice: {details}")
+                            continue  # unserved: the next try
                         await context.abort(_client_code(code, details), details,
                                             _passable(e.trailing_metadata()))
+                    finally:
+                        self._release(replica)
                     code = grpc.StatusCode.OK
                     await _relay_metadata(call, context)
                     return response
+                where, tried = ((target.endpoints[0].grpc_url, "twice")
+                                if len(target.endpoints) == 1
+                                else ("each replica", "each"))
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"slot {target.slot} ({where}) unavailable, tried {tried}: "
+                                    f"{details}")
                 raise AssertionError("not reached")
             finally:
                 self._end(target, t0, code)
@@ -229,6 +235,7 @@ class _Leg:
     that slot was active, and their responses."""
 
     target: Target
+    replica: Replica
     t0: float  # counted in flight on its slot since
     requests: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     call: Any = None
@@ -295,6 +302,7 @@ class _Stream:
                 leg.call.cancel()
             if leg.pump is not None:
                 leg.pump.cancel()
+            self.proxy._release(leg.replica)
             self.proxy._end(leg.target, leg.t0, grpc.StatusCode.CANCELLED)
         self.legs.clear()
         self.current = None
@@ -324,14 +332,16 @@ class _Stream:
         except DecodeError as e:
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                      f"Unable to parse request: not a ModelInferRequest ({e})")
-        target = self.proxy.gateway.routing.active
+        target = self.proxy.hub.routing.active
         if target is None or not target.grpc_url:
             await self.context.abort(grpc.StatusCode.UNAVAILABLE, "no active slot")
         assert target is not None
         if self.current is None or self.current.target != target:
             self._let_go()
-            method = await self.proxy._method(target.grpc_url, self.path, streaming=True)
-            leg = _Leg(target, self.proxy._start(target))
+            replica = next(self.proxy.hub.tries(target))  # a stream is never retried
+            method = await self.proxy._method(replica.grpc_url, self.path, streaming=True)
+            self.proxy._hold(target, replica)
+            leg = _Leg(target, replica, self.proxy._start(target))
             self.legs.append(leg)
             leg.call = method(_until_none(leg.requests), metadata=self.metadata,
                               timeout=self.context.time_remaining())
@@ -352,6 +362,7 @@ class _Stream:
 
     async def _ended(self, leg: _Leg, error: BaseException | None) -> None:
         self.legs.remove(leg)
+        self.proxy._release(leg.replica)
         if leg is self.current:  # ended by its router on its own: the next request reopens
             self.current = None
         if error is None:
@@ -365,7 +376,7 @@ class _Stream:
         self.proxy._end(leg.target, leg.t0, code)
         details = error.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
-            details = (f"slot {leg.target.slot} ({leg.target.grpc_url}) unavailable: "
+            details = (f"slot {leg.target.slot} ({leg.replica.grpc_url}) unavailable: "
                        f"{details}")
         await self.context.abort(_client_code(code, details),
                                  details, _passable(error.trailing_metadata()))

@@ -19,26 +19,25 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from autoglm.gateway.generation import (
     BadRequest,
-    Generation,
+    GenerateClient,
     Output,
     Param,
     Prompt,
     UpstreamError,
     upstream_parameters,
 )
-from autoglm.plan import generate_model
+from autoglm.gateway.routing import Target, served_model
+from autoglm.gateway.sse import EventStream
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import UrlDispatcher
-
-    from autoglm.gateway.app import Gateway, Target
 
 # The engine's sampling parameters, as OpenAI names them (top_k, ignore_eos: extensions).
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -70,11 +69,6 @@ UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
 }
 # "max_tokens must be ..." → param max_tokens
 PARAM_IN_MESSAGE = re.compile(r"^(\w+) (must|is|are) ")
-
-
-def served_model(target: Target) -> str:
-    """The model id clients use: the served model's name (the Triton model's without one)."""
-    return target.model or generate_model()
 
 
 def error_body(status: int, message: str, param: str | None = None,
@@ -120,11 +114,6 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _sse(payload: Mapping[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
 def _usage(last: Output | None) -> dict[str, int]:
     prompt = last.prompt_tokens if last else 0
     completion = last.completion_tokens if last else 0
@@ -137,9 +126,30 @@ def _finish(last: Output | None) -> str:
     return (last.finish_reason if last else "") or "stop"
 
 
+async def _events(events: EventStream, outputs: AsyncIterator[Output], reply: _Reply,
+                  ) -> web.StreamResponse:
+    """A generation's chunks as server-sent events, then ``[DONE]``. Nothing is sent before
+    the first response (a refusal is a plain 4xx) unless it takes longer than a heartbeat."""
+    out = await events.next(outputs)
+    reply.version(out)
+    if reply.chat:
+        await events.send(reply.chunk({"role": "assistant", "content": ""}))
+    last = out
+    while out is not None:
+        reply.version(out)
+        if out.text:
+            await events.send(reply.chunk({"content": out.text} if reply.chat else out.text))
+        last, out = out, await events.next(outputs)
+    await events.send(reply.chunk({} if reply.chat else "", _finish(last)))
+    if reply.usage_in_chunks:
+        await events.send(reply.usage_chunk(last))
+    await events.send("[DONE]")
+    return await events.done()
+
+
 class OpenAIRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, client: GenerateClient) -> None:
+        self.client = client
         self.created = int(time.time())
 
     def add_to(self, router: UrlDispatcher) -> None:
@@ -156,12 +166,12 @@ class OpenAIRoutes:
                 "owned_by": "autoglm"}
 
     async def models(self, _: web.Request) -> web.Response:
-        target = self.gateway.routing.active
+        target = self.client.routing.active
         return web.json_response({"object": "list",
                                   "data": [self._card(target)] if target else []})
 
     async def model(self, request: web.Request) -> web.Response:
-        target = self.gateway.routing.active
+        target = self.client.routing.active
         name = request.match_info["model"]
         if target is None or name != served_model(target):
             return error(404, f"The model `{name}` does not exist.", "model",
@@ -181,7 +191,7 @@ class OpenAIRoutes:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        target = self.gateway.routing.active  # one snapshot: this generation stays here
+        target = self.client.routing.active  # one snapshot: this generation stays here
         if target is None:
             return error(503, "no model is being served (no active slot)")
         prompt_param = "messages" if chat else "prompt"
@@ -199,50 +209,34 @@ class OpenAIRoutes:
             code = "model_not_found" if e.status == 404 else None
             return error(e.status, e.message, e.param, code)
         reply = _Reply(served_model(target), chat, usage_chunk)
-        async with Generation(self.gateway, request, target, prompt, params) as gen:
+        async with self.client.generation(request, target, prompt, params) as gen:
             outputs = aiter(gen)
+            if stream:
+                async with EventStream(request) as events:
+                    try:
+                        try:
+                            return await _events(events, outputs, reply)
+                        except UpstreamError as e:
+                            gen.code = e.status
+                            if not events.prepared:  # nothing sent yet: a plain 4xx
+                                return _upstream_error(e, prompt_param)
+                            # the status is sent already (mid-stream, or a heartbeat)
+                            await events.send(_upstream_error_body(e, prompt_param))
+                            await events.send("[DONE]")
+                            return await events.done()
+                    except ConnectionError:  # the client went away, or stalled (cut):
+                        gen.client_gone()  # leaving cancels upstream
+                        return events.response
             try:
-                # the first response before any byte goes out: a refusal is a plain 4xx
                 out = await anext(outputs, None)
-                if not stream:
-                    texts, last = [], out
-                    while out is not None:
-                        texts.append(out.text)
-                        last, out = out, await anext(outputs, None)
-                    return web.json_response(reply.whole("".join(texts), last))
+                texts, last = [], out
+                while out is not None:
+                    texts.append(out.text)
+                    last, out = out, await anext(outputs, None)
+                return web.json_response(reply.whole("".join(texts), last))
             except UpstreamError as e:
                 gen.code = e.status
                 return _upstream_error(e, prompt_param)
-            response = web.StreamResponse(headers={
-                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no"})
-            try:
-                await response.prepare(request)
-                reply.version(out)
-                if chat:
-                    await response.write(_sse(reply.chunk({"role": "assistant",
-                                                           "content": ""})))
-                last = out
-                try:
-                    while out is not None:
-                        reply.version(out)
-                        if out.text:
-                            await response.write(_sse(reply.chunk(
-                                {"content": out.text} if chat else out.text)))
-                        last, out = out, await anext(outputs, None)
-                except UpstreamError as e:  # mid-stream: the status is sent already
-                    gen.code = e.status
-                    await response.write(_sse(_upstream_error_body(e, prompt_param)))
-                    await response.write(_sse("[DONE]"))
-                    return response
-                await response.write(_sse(reply.chunk({} if chat else "", _finish(last))))
-                if usage_chunk:
-                    await response.write(_sse(reply.usage_chunk(last)))
-                await response.write(_sse("[DONE]"))
-                await response.write_eof()
-            except ConnectionError:  # the client went away: leaving cancels upstream
-                gen.client_gone()
-            return response
 
     def _check_model(self, body: Mapping[str, Any], target: Target) -> None:
         name = body.get("model")

@@ -13,26 +13,25 @@ shape, ``{"error": "..."}``; a saturated router's refusal is 429 with ``Retry-Af
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from autoglm.gateway.generation import (
     BadRequest,
-    Generation,
+    GenerateClient,
     Output,
     Prompt,
     UpstreamError,
     upstream_parameters,
 )
-from autoglm.gateway.openai import served_model
+from autoglm.gateway.routing import served_model
+from autoglm.gateway.sse import EventStream
 from autoglm.plan import generate_model
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import UrlDispatcher
-
-    from autoglm.gateway.app import Gateway
 
 INPUTS = ("text_input", "messages", "input_ids")
 PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -80,8 +79,9 @@ def _request(body: Any) -> tuple[Prompt, dict[str, Any], str | None]:
 
 
 class GenerateRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, client: GenerateClient,
+                 forward: Callable[[web.Request], Awaitable[web.Response]]) -> None:
+        self.client, self.forward = client, forward
 
     def add_to(self, router: UrlDispatcher) -> None:
         router.add_post("/v2/models/{model}/generate", self.generate)
@@ -104,10 +104,10 @@ class GenerateRoutes:
                 "completion_tokens": out.completion_tokens if out else 0}
 
     async def _serve(self, request: web.Request, stream: bool) -> web.StreamResponse:
-        target = self.gateway.routing.active  # one snapshot: this generation stays here
+        target = self.client.routing.active  # one snapshot: this generation stays here
         name = request.match_info["model"]
         if target is None or name not in (generate_model(), served_model(target)):
-            return await self.gateway.forward(request)  # the router's own, as before
+            return await self.forward(request)  # the router's own, as before
         try:
             try:
                 body = json.loads(await request.read())
@@ -120,45 +120,48 @@ class GenerateRoutes:
             params = upstream_parameters(given)
         except BadRequest as e:
             return _error(e.status, e.message)
-        async with Generation(self.gateway, request, target, prompt, params) as gen:
+        async with self.client.generation(request, target, prompt, params) as gen:
             outputs = aiter(gen)
             version = target.version
+            if stream:
+                async with EventStream(request) as events:
+                    try:
+                        try:
+                            await self._events(events, outputs, name, version, rid)
+                        except UpstreamError as e:
+                            gen.code = e.status
+                            if not events.prepared:  # nothing sent yet: 429 with Retry-After
+                                return _error(e.status, e.message, e.headers)
+                            # the status is sent already (mid-stream, or a heartbeat)
+                            await events.send({"error": e.message})
+                        return await events.done()
+                    except ConnectionError:  # the client went away, or stalled (cut):
+                        gen.client_gone()  # leaving cancels upstream
+                        return events.response
             try:
                 out = await anext(outputs, None)
-                if not stream:
-                    texts: list[str] = []
-                    ids: list[int] = []
-                    last = out
-                    while out is not None:
-                        texts.append(out.text)
-                        ids.extend(out.token_ids)
-                        version = out.model_version or version
-                        last, out = out, await anext(outputs, None)
-                    return web.json_response(
-                        self._answer(name, version, rid, last, "".join(texts), ids))
+                texts: list[str] = []
+                ids: list[int] = []
+                last = out
+                while out is not None:
+                    texts.append(out.text)
+                    ids.extend(out.token_ids)
+                    version = out.model_version or version
+                    last, out = out, await anext(outputs, None)
+                return web.json_response(
+                    self._answer(name, version, rid, last, "".join(texts), ids))
             except UpstreamError as e:
                 gen.code = e.status
                 return _error(e.status, e.message, e.headers)  # 429: with Retry-After
-            response = web.StreamResponse(headers={
-                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no"})
-            try:
-                await response.prepare(request)
-                try:
-                    while out is not None:
-                        if out.token_ids or out.text or out.finish_reason:
-                            answer = self._answer(name, out.model_version or version, rid,
-                                                  out, out.text, list(out.token_ids))
-                            await response.write(_event(answer))
-                        out = await anext(outputs, None)
-                except UpstreamError as e:  # mid-stream: the status is sent already
-                    gen.code = e.status
-                    await response.write(_event({"error": e.message}))
-                await response.write_eof()
-            except ConnectionError:
-                gen.client_gone()
-            return response
 
-
-def _event(payload: Mapping[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+    async def _events(self, events: EventStream, outputs: AsyncIterator[Output], name: str,
+                      version: int, rid: str | None) -> None:
+        """A generation's responses as server-sent events, one a response. Nothing is sent
+        before the first (a refusal is a plain 4xx) unless it takes longer than a
+        heartbeat."""
+        out = await events.next(outputs)
+        while out is not None:
+            if out.token_ids or out.text or out.finish_reason:
+                await events.send(self._answer(name, out.model_version or version, rid, out,
+                                               out.text, list(out.token_ids)))
+            out = await events.next(outputs)

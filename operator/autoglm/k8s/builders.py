@@ -7,9 +7,11 @@ rolls it with a surge, the new pod ready before the old one goes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from autoglm import plan as p
+from autoglm import router_scale
 from autoglm.spec import API_VERSION, GROUP, KIND, PLURAL, AutoGLMSpec, Resources, Slot
 
 Manifest = dict[str, Any]
@@ -187,7 +189,54 @@ def triton_pod_spec(instance: str, namespace: str, spec: AutoGLMSpec,
     if gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
                                "effect": "NoSchedule"}]
+    if w.component == "router":
+        router_drain(pod, spec.router.drain_seconds)
     return pod
+
+
+# A router pod's SIGTERM to its exit (tritonserver unloads and stops in about two seconds)
+ROUTER_STOP_SECONDS = 15
+
+
+def router_drain(pod: dict[str, Any], seconds: int) -> None:
+    """A router pod that goes (scaled down, rolled, its slot retired) first finishes its
+    generations: out of the endpoints, its preStop hook waits until none runs or waits, for
+    at most ``seconds`` (k8s/drain.py), and the grace period covers the hook and the stop.
+    0: no wait, the grace period of every server."""
+    if not seconds:
+        return
+    pod["terminationGracePeriodSeconds"] = seconds + ROUTER_STOP_SECONDS
+    pod["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": [
+        "python", "-m", "autoglm.k8s.drain", f"--timeout={seconds}",
+        f"--url=http://127.0.0.1:{p.TRITON_METRICS_PORT}/metrics"]}}}
+
+
+def replicas_of(d: Manifest) -> int:
+    return int((d.get("spec") or {}).get("replicas", 1))
+
+
+def router_replicas(spec: AutoGLMSpec, topology: p.Topology, desired: list[Manifest],
+                    deployments: Mapping[str, Manifest]) -> list[Manifest]:
+    """``desired`` with the router Deployments' replicas the autoscaler's when it is on
+    (k8s/router_scaling.py), so reconciling never undoes a decision: a router Deployment
+    that exists keeps its own, within the bounds; a new one (a standby being staged)
+    starts at the serving slot's, else at ``spec.router.replicas``, within the bounds."""
+    if not spec.router.autoscaling.enabled:
+        return desired
+    policy = router_scale.policy_for(spec)
+    serving = deployments.get(topology.active_plan.router.name)
+    start = (router_scale.bounded(policy, replicas_of(serving)) if serving is not None
+             else router_scale.initial_replicas(spec))
+    routers = {plan.router.name for plan in topology.slots}
+    out = []
+    for m in desired:
+        name = m["metadata"]["name"]
+        if m["kind"] == "Deployment" and name in routers:
+            live = deployments.get(name)
+            n = router_scale.bounded(policy, replicas_of(live)) if live is not None else start
+            m = {**m, "spec": {**m["spec"], "replicas": n}}
+        out.append(m)
+    return out
 
 
 def workload_objects(instance: str, namespace: str, owner: dict[str, Any],
@@ -248,7 +297,10 @@ def gateway_objects(instance: str, namespace: str, owner: dict[str, Any],
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": _meta(sa, namespace, owner, lbls),
          "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [instance],
-                    "verbs": ["get", "list", "watch"]}]},
+                    "verbs": ["get", "list", "watch"]},
+                   # the router pods behind each slot's Service: the gateway spreads over them
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": _meta(sa, namespace, owner, lbls),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},

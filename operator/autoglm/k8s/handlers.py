@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY, start_http_server
 from autoglm.k8s.api import Api, error_reason, load_client
 from autoglm.k8s.coalesce import Coalescer
 from autoglm.k8s.reconcile import EventSink, Reconciler
+from autoglm.k8s.router_scaling import RouterAutoscaler
 from autoglm.k8s.scaling import Autoscaler
 from autoglm.metrics import ControlMetrics
 from autoglm.spec import GROUP, KIND, PLURAL, VERSION
@@ -36,6 +37,7 @@ METRICS_PORT = int(os.environ.get("AUTOGLM_METRICS_PORT", "8081"))
 METRICS = ControlMetrics(REGISTRY)
 _reconciler: Reconciler | None = None
 _autoscaler: Autoscaler | None = None
+_router_autoscaler: RouterAutoscaler | None = None
 _child_changes = Coalescer()
 
 
@@ -52,6 +54,13 @@ def autoscaler() -> Autoscaler:
     if _autoscaler is None:
         _autoscaler = Autoscaler(reconciler(), METRICS)
     return _autoscaler
+
+
+def router_autoscaler() -> RouterAutoscaler:
+    global _router_autoscaler
+    if _router_autoscaler is None:
+        _router_autoscaler = RouterAutoscaler(reconciler())
+    return _router_autoscaler
 
 
 def _events(body: kopf.Body) -> EventSink:
@@ -103,11 +112,21 @@ def _interval(body: Mapping[str, Any]) -> float:
     return float(scaling.get("intervalSeconds", 15))
 
 
+def _scalers(body: Mapping[str, Any]) -> list[Autoscaler | RouterAutoscaler]:
+    """The autoscalers the spec turns on: the experts' (an autoscaling block), the
+    routers' (router.autoscaling.enabled)."""
+    spec = body.get("spec") or {}
+    scaling = spec.get("autoscaling")
+    router = (spec.get("router") or {}).get("autoscaling") or {}
+    return [*([autoscaler()] if scaling is not None and scaling.get("enabled", True) else []),
+            *([router_autoscaler()] if router.get("enabled") else [])]
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
 async def driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
                  **_: Any) -> None:
     """The resource's clock (``body`` is kept current by kopf): steps a swap under way every
-    few seconds, and the autoscaler every ``spec.autoscaling.intervalSeconds``."""
+    few seconds, and the autoscalers every ``spec.autoscaling.intervalSeconds``."""
     # The first decision one interval in (as HPA's): nothing serves yet at creation, and
     # on an operator restart the replicas stand as they were.
     next_scale = time.monotonic() + _interval(body)
@@ -116,11 +135,10 @@ async def driver(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logg
         try:
             if swapping(body):
                 await asyncio.to_thread(reconciler().reconcile, body, _events(body), "tick")
-            scaling = (body.get("spec") or {}).get("autoscaling")
-            if scaling is not None and scaling.get("enabled", True) \
-                    and time.monotonic() >= next_scale:
+            if time.monotonic() >= next_scale:
                 next_scale = time.monotonic() + _interval(body)
-                await asyncio.to_thread(autoscaler().step, body, _events(body))
+                for scaler in _scalers(body):
+                    await asyncio.to_thread(scaler.step, body, _events(body))
         except ApiException as e:
             logger.warning("periodic step failed, retrying: %s", error_reason(e))
 
@@ -152,4 +170,5 @@ def child_changed(body: kopf.Body, **_: Any) -> None:
 def deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     reconciler().forget(body.metadata.uid)
     autoscaler().forget(body.metadata.uid, body.metadata.namespace or "", body.metadata.name)
+    router_autoscaler().forget(body.metadata.uid)
     logger.info("deleted; the garbage collector removes its children")

@@ -44,6 +44,7 @@ from autoglm.spec import (
 EventSink = Callable[[str, str, str], None]
 Manifest = dict[str, Any]
 MONITORING_API = "monitoring.coreos.com/v1"
+ROUTER_METRICS_CONDITION = "RouterMetricsAvailable"  # the router autoscaler's
 
 
 def now_iso() -> str:
@@ -128,6 +129,8 @@ class Reconciler:
                                     converged=False, pods=pods if listed else None)
             desired = builders.desired_objects(meta["name"], meta["namespace"], meta["uid"],
                                                spec, topology, self.monitors_available())
+            # the router replicas are the autoscaler's when it runs (k8s/router_scaling.py)
+            desired = builders.router_replicas(spec, topology, desired, deployments)
             error: tuple[str, str] | None = None
             failure: ApiException | None = None
             changes: list[Change] = []
@@ -225,6 +228,9 @@ class Reconciler:
                                      state, rollout.to_status(state),
                                      self._pod_failures(meta, topology, deployments, pods),
                                      rollout.memory_limit(spec))
+        if not spec.router.autoscaling.enabled:  # what the router autoscaler said is past
+            new = new.model_copy(update={"router": None, "conditions": [
+                c for c in new.conditions if c.type != ROUTER_METRICS_CONDITION]})
         if new != prev:
             self.write(body, new)
         return new

@@ -21,8 +21,9 @@ scale-down comes before a full window has passed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from autoglm import autoscale, swap
 from autoglm import plan as p
@@ -50,6 +51,7 @@ from autoglm.spec import (
     AutoGLMSpec,
     AutoGLMStatus,
     AutoscalingStatus,
+    Condition,
     ExpertStatus,
     InvalidSpec,
     RebalanceStatus,
@@ -60,6 +62,62 @@ from autoglm.spec import (
 
 SCRAPE_SECONDS = 5.0  # the PodMonitor's interval (k8s/builders.py)
 MOVE_TIMEOUT_SECONDS = 120  # a rebalance's moves not done by then are given up
+
+
+Current = tuple[AutoGLMSpec, swap.SwapState, dict[str, Any], AutoGLMStatus]
+S = TypeVar("S")  # what an autoscaler reads from Prometheus
+
+
+def current(r: Reconciler, name: str, namespace: str, uid: str) -> Current | None:
+    """The resource as it is now (its spec, swap state, object and status); None when it
+    is gone, or its spec is invalid (reported by reconciliation)."""
+    live = r.api.get(API_VERSION, KIND, namespace, name)
+    if live is None or live["metadata"]["uid"] != uid:
+        return None
+    try:
+        spec = parse(live.get("spec") or {}, name)
+    except InvalidSpec:
+        return None
+    st = parse_status(live.get("status"))
+    return spec, rollout.from_status(st, spec), live, st
+
+
+@contextmanager
+def deciding(r: Reconciler, meta: Mapping[str, Any],
+             now: Callable[[str, str, str], Current | None],
+             sample: Callable[[AutoGLMSpec, str, str, Slot], tuple[S | None, str]],
+             ) -> Iterator[tuple[Current, S | None, str] | None]:
+    """Under the resource's lock, the resource as it is now (``now``: when there is
+    something to decide), the metrics (``sample``: what they say, or why not) and why not;
+    None when there is nothing to decide. Prometheus is asked outside the lock, so a slow
+    answer never holds up a swap; the decision waits if the serving slot changed
+    meanwhile."""
+    name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
+    found = now(name, ns, uid)
+    if found is None:
+        yield None
+        return
+    got, error = sample(found[0], name, ns, found[1].active_slot)
+    with r.lock(uid):
+        again = now(name, ns, uid)
+        yield (None if again is None or again[1].active_slot != found[1].active_slot
+               else (again, got, error))
+
+
+def metrics_condition(r: Reconciler, live: Mapping[str, Any], st: AutoGLMStatus, type_: str,
+                      available: bool, reason: str, was: bool | None,
+                      emit: EventSink) -> list[Condition]:
+    """The conditions with ``type_`` saying whether an autoscaler has its metrics (and if
+    not, why); an Event when that changes (``was``: what it said before, None: nothing)."""
+    if was is None or was != available:
+        if available:
+            emit("Normal", type_, "the autoscaler has its metrics")
+        else:
+            emit("Warning", type_.replace("Available", "Unavailable"), reason)
+    return status.set_condition(
+        st.conditions, type_, "True" if available else "False",
+        "MetricsFresh" if available else "MetricsUnavailable", "" if available else reason,
+        live["metadata"].get("generation"), r.clock())
 
 
 class Autoscaler:
@@ -80,17 +138,10 @@ class Autoscaler:
         """One decision for the resource, applied; None when there is nothing to decide."""
         meta = body["metadata"]
         name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
-        found = self._current(name, ns, uid)
-        if found is None:
-            return None
-        spec, state = found[0], found[1]
-        # Prometheus is asked outside the lock: a slow answer never holds up a swap.
-        sample, error = self._sample(spec, name, ns, state.active_slot)
-        with self.r.lock(uid):
-            again = self._current(name, ns, uid)
-            if again is None or again[1].active_slot != state.active_slot:
+        with deciding(self.r, meta, self._current, self._sample) as got:
+            if got is None:
                 return None
-            spec, state, live, st = again
+            (spec, state, live, st), sample, error = got
             deployments = self.r.deployments(name, ns)
             layout = rollout.live_servers(name, state.active_slot, deployments)
             if layout is None:
@@ -342,25 +393,19 @@ class Autoscaler:
              + "; ".join(f"{w.server}: {p.format_server_experts(w.experts)}"
                          for w in plan.servers))
 
-    def _current(self, name: str, namespace: str, uid: str,
-                 ) -> tuple[AutoGLMSpec, swap.SwapState, dict[str, Any], AutoGLMStatus] | None:
+    def _current(self, name: str, namespace: str, uid: str) -> Current | None:
         """The resource as it is, when the autoscaler has something to decide for it."""
-        live = self.r.api.get(API_VERSION, KIND, namespace, name)
-        if live is None or live["metadata"]["uid"] != uid:
+        found = current(self.r, name, namespace, uid)
+        if found is None:
             return None
-        try:
-            spec = parse(live.get("spec") or {}, name)
-        except InvalidSpec:
-            return None  # reported by reconciliation
-        st = parse_status(live.get("status"))
-        state = rollout.from_status(st, spec)
+        spec, state = found[0], found[1]
         self.metrics.swap((namespace, name), state.phase.value, state.active_version)
         if not spec.autoscaling.enabled or spec.autoscaling.prometheus_url is None \
                 or state.phase is not swap.Phase.IDLE:
             return None  # scaling pauses during a swap: the standby copied the counts
-        return spec, state, live, st
+        return found
 
-    def _sample(self, spec: AutoGLMSpec, name: str, namespace: str, slot: str,
+    def _sample(self, spec: AutoGLMSpec, name: str, namespace: str, slot: Slot,
                 ) -> tuple[autoscale.Sample | None, str]:
         url = spec.autoscaling.prometheus_url
         assert url is not None
@@ -375,15 +420,7 @@ class Autoscaler:
 
     def _write(self, live: Mapping[str, Any], st: AutoGLMStatus, new: AutoscalingStatus,
                emit: EventSink) -> None:
-        was = st.autoscaling
-        if was is None or was.metrics_available != new.metrics_available:
-            if new.metrics_available:
-                emit("Normal", "MetricsAvailable", "the autoscaler has its metrics")
-            else:
-                emit("Warning", "MetricsUnavailable", new.reason)
-        conds = status.set_condition(
-            st.conditions, "MetricsAvailable", "True" if new.metrics_available else "False",
-            "MetricsFresh" if new.metrics_available else "MetricsUnavailable",
-            "" if new.metrics_available else new.reason,
-            live["metadata"].get("generation"), self.r.clock())
+        was = st.autoscaling.metrics_available if st.autoscaling is not None else None
+        conds = metrics_condition(self.r, live, st, "MetricsAvailable", new.metrics_available,
+                                  new.reason, was, emit)
         self.r.write(live, st.model_copy(update={"autoscaling": new, "conditions": conds}))

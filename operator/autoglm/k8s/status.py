@@ -181,5 +181,6 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
         slots=slots,
         swap=swap_status if swap_status is not None else prev.swap,
         autoscaling=prev.autoscaling,  # the autoscaler's own (k8s/scaling.py)
+        router=prev.router,  # the router autoscaler's (k8s/router_scaling.py)
         conditions=conds,
     )

@@ -23,6 +23,7 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from autoglm.gateway.routing import Replica, Target
 from autoglm.placement import Placement, place
 from autoglm.plan import SERVER_EXPERTS_ENV, experts_model, format_server_experts
 from autoglm.repository import read_meta, router_server_models
@@ -59,12 +60,24 @@ class DataPlane:
     router_env: dict[str, str] = field(default_factory=dict)
     expert_env: dict[str, str] = field(default_factory=dict)
     shm_group: str = ""  # starts every server's shared-memory prefix (autoglm.triton)
-    router: TritonServer | None = field(default=None, init=False)
+    routers: list[TritonServer] = field(default_factory=list, init=False)  # first: primary
     closed: bool = field(default=False, init=False)  # stopped: starts nothing more
     expert_servers: list[ExpertServer] = field(default_factory=list, init=False)
     _started: int = field(default=0, init=False)  # servers started so far (log names)
     # held while a server is restarted or removed: one change of a server at a time
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    @property
+    def router(self) -> TritonServer | None:
+        """The first router (the one the slot starts with; the canary's)."""
+        return self.routers[0] if self.routers else None
+
+    def target(self, slot: str, model: str = "") -> Target:
+        """Where the gateway sends this slot's requests: every router replica."""
+        replicas = tuple(Replica(f"http://{r.http_url}", r.grpc_url,
+                                 r.metrics_url) for r in self.routers)
+        first = replicas[0]
+        return Target(slot, self.version, first.url, first.grpc_url, model, replicas)
 
     @property
     def num_experts(self) -> int:
@@ -111,9 +124,9 @@ class DataPlane:
         self.write_endpoints()
         return server
 
-    def start(self, layout: Placement | Sequence[int] | int = 1) -> DataPlane:
+    def start(self, layout: Placement | Sequence[int] | int = 1, routers: int = 1) -> DataPlane:
         """The expert servers of ``layout`` (a placement, or replicas per expert, or for
-        every expert, placed at this plane's capacity), then the router."""
+        every expert, placed at this plane's capacity), then ``routers`` router replicas."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if isinstance(layout, int):
             layout = [layout] * self.num_experts
@@ -122,24 +135,37 @@ class DataPlane:
         try:
             for held in target.servers:
                 self.add_server(held)
-            self.start_router()
+            for _ in range(routers):
+                self.start_router()
         except BaseException:
             self.stop()
             raise
         return self
     def start_router(self) -> TritonServer:
-        self.router = TritonServer(
+        """One more router replica (the first: the slot's router), serving once started."""
+        n = len(self.routers)
+        router = TritonServer(
             self.repository, router_server_models(self.repository, self.version),
             env={**self.router_env,
                  "AUTOGLM_EXPERT_ENDPOINTS_FILE": str(self.endpoints_file),
                  "AUTOGLM_RESOLVE_SECONDS": str(self.resolve_seconds),
                  "AUTOGLM_EXPERT_TIMEOUT_SECONDS": str(self.expert_timeout_seconds)},
-            log_path=self.workdir / "router.log", shm_group=self.shm_group)
-        self.router.start()
+            log_path=self.workdir / ("router.log" if not n else f"router-{n + 1}.log"),
+            shm_group=self.shm_group)
+        router.start()
+        self.routers.append(router)
         if self.closed:
-            self.router.stop()
+            router.stop()
             raise RuntimeError("slot stopped")
-        return self.router
+        return router
+
+    def stop_router(self, router: TritonServer) -> None:
+        """A router replica the gateway no longer sends to, stopped (never the last)."""
+        with self._lock:
+            if router not in self.routers or len(self.routers) == 1:
+                return
+            self.routers.remove(router)
+        router.stop()
 
     def move(self, expert: int, source: TritonServer, target: TritonServer,
              timeout: float = 60.0) -> bool:
@@ -230,8 +256,9 @@ class DataPlane:
 
     def role(self, server: TritonServer) -> str:
         """``router`` or ``expert server <s>/<n> (experts 0,1)``."""
-        if server is self.router:
-            return "router"
+        if server in self.routers:
+            n = self.routers.index(server)
+            return "router" if not n else f"router {n + 1}"
         for s, x in enumerate(self.expert_servers):
             if x.server is server:
                 return (f"expert server {s + 1}/{len(self.expert_servers)} "
@@ -263,7 +290,7 @@ class DataPlane:
             if self.closed:  # stopped meanwhile: it must not outlive the slot
                 server.stop()
                 return False
-            if server is not self.router:
+            if server not in self.routers:
                 self.write_endpoints()  # the same address, or the new ports
             return True
 
@@ -278,8 +305,7 @@ class DataPlane:
         return self.placement.replicas(self.num_experts)
 
     def servers(self) -> list[TritonServer]:
-        return [*(x.server for x in self.expert_servers),
-                *([self.router] if self.router else [])]
+        return [*(x.server for x in self.expert_servers), *self.routers]
 
     def stop(self) -> None:
         self.closed = True

@@ -30,8 +30,9 @@ def prometheus_binary() -> Path:
 
 class PrometheusServer:
     def __init__(self, workdir: Path, port: int, scrape_interval: str = "1s",
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", rule_files: Sequence[Path] = ()) -> None:
         self.workdir, self.port, self.interval, self.host = workdir, port, scrape_interval, host
+        self.rule_files = list(rule_files)  # evaluated every scrape interval
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -65,6 +66,7 @@ class PrometheusServer:
             # label is the model version, as the target's)
             "scrape_configs": [{"job_name": "autoglm", "honor_labels": True, "file_sd_configs": [
                 {"files": [str(self.targets_file)], "refresh_interval": "1s"}]}],
+            "rule_files": [str(f) for f in self.rule_files],
         }))
         self._log = (self.workdir / "prometheus.log").open("ab")
         self.popen = spawn(

@@ -27,6 +27,7 @@ import json
 import os
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,9 +36,10 @@ from typing import Any
 
 import yaml
 
-from autoglm import autoscale, canary, swap
+from autoglm import autoscale, canary, router_scale, swap
 from autoglm import plan as p
-from autoglm.gateway.app import GatewayServer, Routing, Target
+from autoglm.gateway.app import GatewayServer, Routing
+from autoglm.gateway.balance import Load, engine_load
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
@@ -112,6 +114,24 @@ def shape_from_repository(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "model": {**model, "numExperts": n}} if type(n) is int else spec
 
 
+@dataclasses.dataclass
+class RouterScaling:
+    """What the router autoscaler last saw and decided."""
+
+    state: autoscale.State | None = None  # None: no decision yet
+    metrics_ok: bool | None = None
+    reason: str = ""
+
+
+def router_load(metrics_url: str) -> Load | None:
+    """A router's own running and waiting sequences (None: it did not answer)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=2) as r:
+            return engine_load(r.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
 def default_home() -> Path:
     return Path.home() / ".cache" / "autoglm"
 
@@ -153,6 +173,7 @@ class LocalRuntime:
     routing: Routing = dataclasses.field(default_factory=Routing)
     metrics: ControlMetrics | None = None
     scaling: Scaling = dataclasses.field(default_factory=Scaling)
+    router_scaling: RouterScaling = dataclasses.field(default_factory=lambda: RouterScaling())
     _prom: Prometheus | None = None  # the client of our Prometheus
     _restart: Future[None] | None = None  # Prometheus being restarted
     _restarted_at: float = 0.0
@@ -297,10 +318,11 @@ class LocalRuntime:
             server = plane.add_server(held)
             self.say(f"  expert server {s + 1}/{len(target.servers)} (experts "
                      f"{p.format_server_experts(held)}) ready ({server.startup_seconds:.1f} s)")
-        router = plane.start_router()
-        self.say(f"  {slot.router.name} ready ({router.startup_seconds:.1f} s)")
-        self.routing.flip(Target(slot.slot, slot.version, f"http://{router.http_url}",
-                                 router.grpc_url, model=spec.model.name))
+        for n in range(router_scale.initial_replicas(spec)):
+            router = plane.start_router()
+            self.say(f"  {slot.router.name}{f' replica {n + 1}' if n else ''} ready "
+                     f"({router.startup_seconds:.1f} s)")
+        self.routing.flip(plane.target(slot.slot, spec.model.name))
         self.state = swap.SwapState(slot.slot, slot.version)
         self.metrics = ControlMetrics(self.gateway.gateway.registry)
         self.metrics.swap(self.key, self.state.phase.value, slot.version)
@@ -448,11 +470,9 @@ class LocalRuntime:
             self._jobs[f"canary:{action.slot}"] = self._pool.submit(
                 self._canary, action.slot, action.version)
         elif isinstance(action, swap.Flip):
-            router = self.slots[action.slot].router
-            assert router is not None
             assert self.spec is not None
-            self.routing.flip(Target(action.slot, action.version, f"http://{router.http_url}",
-                                     router.grpc_url, model=self.spec.model.name))
+            self.routing.flip(self.slots[action.slot].target(action.slot,
+                                                             self.spec.model.name))
         elif isinstance(action, swap.DeleteSlot):
             self._jobs.pop(f"create:{action.slot}", None)
             self._jobs.pop(f"canary:{action.slot}", None)
@@ -468,7 +488,10 @@ class LocalRuntime:
 
     def _create(self, slot: Slot, version: int, layout: Placement) -> None:
         t0 = time.monotonic()
-        self._plane(slot, version, self._model(version)).start(layout)
+        active = self.slots.get(self.state.active_slot) if self.state else None
+        routers = len(active.routers) if active is not None and active.routers else 1
+        # as many routers as serve now: the flip moves the same traffic
+        self._plane(slot, version, self._model(version)).start(layout, routers)
         self.say(f"slot {slot}: version {version} ready in {time.monotonic() - t0:.1f} s")
 
     def _canary(self, slot: Slot, version: int) -> tuple[bool, str]:
@@ -545,11 +568,10 @@ class LocalRuntime:
                 self.say(f"{slot}: {plane.role(server)} did not restart: {summary}")
             return False
         moved = before != (server.http_url, server.grpc_url, server.metrics_port)
-        if server is plane.router and moved and \
+        if server in plane.routers and moved and \
                 self.state is not None and self.state.active_slot == slot:
             assert self.spec is not None
-            self.routing.flip(Target(slot, plane.version, f"http://{server.http_url}",
-                                     server.grpc_url, model=self.spec.model.name))
+            self.routing.flip(plane.target(slot, self.spec.model.name))
         self.say(f"{slot}: {plane.role(server)} restarted "
                  f"{'on new ports' if moved else 'on its ports'}, gRPC {server.grpc_url} "
                  f"({server.startup_seconds:.1f} s)")
@@ -572,7 +594,7 @@ class LocalRuntime:
         while a swap is under way."""
         assert self.spec is not None and self.state is not None
         sc = self.scaling
-        if not self.spec.autoscaling.enabled:
+        if not (self.spec.autoscaling.enabled or self.spec.router.autoscaling.enabled):
             return
         now = time.monotonic()
         if now < sc.next_at or (sc.job is not None and not sc.job.done()):
@@ -589,8 +611,12 @@ class LocalRuntime:
         sc.job = self._pool.submit(self._scale_round, self.state.active_slot)
 
     def _scale_round(self, slot: Slot) -> None:
+        assert self.spec is not None
         try:
-            self._scale(slot)
+            if self.spec.router.autoscaling.enabled:
+                self._scale_routers(slot)
+            if self.spec.autoscaling.enabled:
+                self._scale(slot)
         except Exception as e:  # one failed round must not end the autoscaler
             plane = self.slots.get(slot)
             if plane is not None and not plane.closed:  # else: stopping, or swapped away
@@ -645,6 +671,74 @@ class LocalRuntime:
                 self.key, placement_imbalance(per_server) if per_server else None,
                 sc.moves - moves, sc.abandoned - abandoned)
         self.write_status()
+
+    def _scale_routers(self, slot: Slot) -> None:
+        """The active slot's router replicas follow their KV cache, waiting sequences and
+        TTFT (``spec.router.autoscaling``). One added serves at once (the gateway reads the
+        plane's routers); one removed first leaves the gateway's target, then finishes what
+        it runs (at most ``spec.router.drainSeconds``) and stops."""
+        assert self.spec is not None and self.prometheus is not None
+        spec, rs, plane = self.spec, self.router_scaling, self.slots.get(slot)
+        if plane is None or plane.closed or not plane.routers:
+            return
+        if self._prom is None:
+            self._prom = Prometheus(self.prometheus.url,
+                                    timeout=min(5.0, spec.autoscaling.interval_seconds))
+        policy, now = router_scale.policy_for(spec), time.time()
+        a, current = spec.router.autoscaling, len(plane.routers)
+        sample = None
+        try:
+            sample = self._prom.router_sample(
+                self.selector, slot, autoscale.rate_window(spec, SCRAPE_SECONDS),
+                waiting=a.waiting_per_replica is not None, ttft=a.ttft_p90_seconds is not None)
+        except MetricsError as e:
+            rs.reason = str(e)
+        if rs.state is None:
+            rs.state = autoscale.State(history=((now, (current,)),))
+        rs.state, d = router_scale.decide(policy, sample, current, rs.state, now)
+        if d.reason != rs.reason:
+            self.say(f"router autoscaler: {d.reason}")
+        rs.reason, rs.metrics_ok = d.reason, d.metrics_ok
+        while len(plane.routers) < d.replicas and self._idle(plane):
+            router = plane.start_router()
+            self._routers_changed(plane, slot)
+            self.say(f"router autoscaler: router replica {len(plane.routers)} serving "
+                     f"(started in {router.startup_seconds:.1f} s)")
+        while len(plane.routers) > max(d.replicas, 1) and self._idle(plane):
+            leaving = plane.routers[-1]
+            plane.routers.remove(leaving)  # out of the gateway's target first
+            self._routers_changed(plane, slot)
+            drained = self._drain_router(leaving, spec.router.drain_seconds)
+            leaving.stop()
+            self.say(f"router autoscaler: router replica {len(plane.routers) + 1} stopped "
+                     + ("(drained)" if drained else
+                        f"(still busy after {spec.router.drain_seconds} s)"))
+            self._update_targets()
+        self.write_status()
+
+    def _idle(self, plane: DataPlane) -> bool:
+        return not plane.closed and self.state is not None \
+            and self.state.phase == swap.Phase.IDLE
+
+    def _routers_changed(self, plane: DataPlane, slot: Slot) -> None:
+        assert self.spec is not None
+        if self.state is not None and self.state.active_slot == slot:
+            self.routing.flip(plane.target(slot, self.spec.model.name))
+        self._update_targets()
+
+    def _drain_router(self, router: TritonServer, seconds: float) -> bool:
+        """Wait until the router runs nothing and no gateway call is left on it (bounded)."""
+        replica = f"http://{router.http_url}"
+        balancer = self.gateway.gateway.hub.balancer if self.gateway else None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            inflight = 0 if balancer is None else sum(
+                n for r, n in list(balancer.inflight.items()) if r.url == replica)
+            load = router_load(router.metrics_url)
+            if not inflight and load is not None and load.busy == 0:
+                return True
+            time.sleep(0.2)
+        return False
 
     def _rebalance(self, plane: DataPlane, current: list[int],
                    load: Sequence[float | None]) -> None:
@@ -711,6 +805,9 @@ class LocalRuntime:
                          "warm" if st.previous and st.previous.slot == slot else "standby"),
                 "router": plane.router.http_url if plane.router else None,
                 "router_pid": _pid(plane.router),
+                "routers": [{"http": r.http_url, "grpc": r.grpc_url, "metrics": r.metrics_url,
+                             "pid": _pid(r)}
+                            for r in list(plane.routers)],
                 "expert_replicas": {str(e): len(s) for e, s in plane.experts.items()},
                 "experts_per_server": plane.capacity,
                 # the servers, and what each holds
@@ -723,6 +820,12 @@ class LocalRuntime:
                                    for e, s in plane.experts.items()},
             } for slot, plane in sorted(dict(self.slots).items())},
             "autoscaling": self._autoscaling_status(),
+            "router_autoscaling": {
+                "enabled": self.spec.router.autoscaling.enabled,
+                "replicas": len(self.slots[st.active_slot].routers)
+                if st.active_slot in self.slots else None,
+                "metrics_available": self.router_scaling.metrics_ok,
+                "reason": self.router_scaling.reason},
         }
 
     def _autoscaling_status(self) -> dict[str, Any]:
