@@ -2,7 +2,9 @@
 generation that waits (the router's KV cache is full of another) gets ``: keep-alive``
 comments before its first event, which the stock ``openai`` client ignores; a client that
 stops reading is cut after the write timeout, its sequence freed upstream and counted as 499.
-The gateway reads both settings from its environment at each stream."""
+The gateway reads both settings from its environment at each stream. Without Triton: each
+of the write timeout's two bounds (the kernel's, the event loop's) alone cuts a stalled
+reader of an :class:`EventStream`."""
 
 from __future__ import annotations
 
@@ -33,19 +35,20 @@ from test_gateway_generate import (
 )
 
 from autoglm.gateway import sse
-from autoglm.gateway.sse import HEARTBEAT, ClientStalled, EventStream, StreamLimits
+from autoglm.gateway.routing import Limits
+from autoglm.gateway.sse import HEARTBEAT, ClientStalled, EventStream
 from autoglm.testing import eventually
 from autoglm.triton import TritonServer
 
 __all__ = ["served"]  # the module's fixture, shared with test_gateway_generate
 
-HEARTBEAT_ENV, WRITE_TIMEOUT_ENV = (StreamLimits.ENV[k] for k in ("heartbeat_seconds",
+HEARTBEAT_ENV, WRITE_TIMEOUT_ENV = (Limits.ENV[k] for k in ("heartbeat_seconds",
                                                                     "write_timeout"))
 # A router whose KV cache holds one generation (128 tokens, the tiny model's context
 # window): a second one waits until the first ends.
 ONE_AT_A_TIME = {"AUTOGLM_KV_CAPACITY_TOKENS": "128"}
 HOLDING_TOKENS = 120  # the first one's, "Once" and these: 122 tokens
-WAITING_TOKENS = 24  # the second's: 26 more do not fit
+WAITING_TOKENS = 24  # the second's: with its prompt, more than the 6 left
 
 
 class Recording(httpx2.HTTPTransport):
@@ -93,9 +96,11 @@ def hold_the_engine(base: str) -> http.client.HTTPConnection:
          "temperature": 0, "ignore_eos": True}), {"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200
-    while not r.readline().startswith(b"data: "):  # heartbeats while the last one ends
-        pass
-    return conn
+    while True:  # heartbeats, while the last one ends
+        line = r.readline()
+        assert line, "the holding stream ended before its first event"
+        if line.startswith(b"data: "):
+            return conn
 
 
 @pytest.mark.triton
@@ -129,6 +134,7 @@ def test_a_stream_that_waits_gets_heartbeats(served: Served, tmp_path: Path,
                     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
             finally:
                 holder.close()
+                client.close()
             head = before_first_event(bytes(recording.raw))
             assert head and all(b == HEARTBEAT.decode().strip() for b in head), (kind, head)
             assert events(bytes(recording.raw))[-1] == "[DONE]"
@@ -236,7 +242,7 @@ def test_a_write_that_cannot_drain_is_cut(monkeypatch: pytest.MonkeyPatch,
     (``TCP_USER_TIMEOUT``: the connection dies while the handler waits to write more)."""
     if not kernel:
         monkeypatch.setattr(sse, "_kernel_write_timeout", lambda *_: None)
-    limits = StreamLimits(heartbeat_seconds=3600, write_timeout=0.5)
+    limits = Limits(heartbeat_seconds=3600, write_timeout=0.5)
     outcome: list[BaseException | str] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -285,10 +291,10 @@ def test_a_write_that_cannot_drain_is_cut(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_stream_limits_from_env() -> None:
-    assert StreamLimits.from_env({}) == StreamLimits(5.0, 30.0)
-    assert StreamLimits.from_env({HEARTBEAT_ENV: "0.2", WRITE_TIMEOUT_ENV: " 2 "}) == \
-        StreamLimits(0.2, 2.0)
+    assert Limits.from_env({}) == Limits(heartbeat_seconds=5.0, write_timeout=30.0)
+    assert Limits.from_env({HEARTBEAT_ENV: "0.2", WRITE_TIMEOUT_ENV: " 2 "}) == \
+        Limits(heartbeat_seconds=0.2, write_timeout=2.0)
     with pytest.raises(ValueError, match=WRITE_TIMEOUT_ENV):
-        StreamLimits.from_env({WRITE_TIMEOUT_ENV: "soon"})
+        Limits.from_env({WRITE_TIMEOUT_ENV: "soon"})
     with pytest.raises(ValueError, match="heartbeat_seconds must be positive"):
-        StreamLimits.from_env({HEARTBEAT_ENV: "0"})
+        Limits.from_env({HEARTBEAT_ENV: "0"})

@@ -94,7 +94,7 @@ def test_bad_blocks_name_the_field(router: dict[str, Any], field: str, message: 
 def test_router_autoscaling_needs_prometheus_and_the_crd_says_so() -> None:
     doc = tiny(autoscaling={"enabled": True})
     del doc["autoscaling"]
-    with pytest.raises(InvalidSpec, match="set autoscaling.prometheusUrl") as err:
+    with pytest.raises(InvalidSpec, match=r"set autoscaling\.prometheusUrl") as err:
         parse(doc, "tiny")
     assert err.value.field == "spec.router.autoscaling.enabled"
     assert parse({**doc, "autoscaling": {"enabled": False, "prometheusUrl": "http://p:9090"}},
@@ -270,8 +270,8 @@ def test_router_queries_read_the_slots_routers() -> None:
 
 # -- the router pods and their replicas -----------------------------------------------------
 
-def objects(spec: Any, routing: p.RoutingState = p.RoutingState()) -> dict[str, Any]:
-    topo = p.plan("tiny", spec, routing)
+def objects(spec: Any) -> dict[str, Any]:
+    topo = p.plan("tiny", spec, p.RoutingState())
     return {o["metadata"]["name"]: o for o in builders.desired_objects(
         "tiny", "ns", "uid", spec, topo, False) if o["kind"] == "Deployment"}
 
@@ -296,9 +296,9 @@ def test_reconciliation_leaves_router_replicas_to_the_autoscaler() -> None:
     fixed = parse(tiny(replicas=2), "tiny")
     on = parse(tiny(replicas=2, autoscaling={"enabled": True, "maxReplicas": 5}), "tiny")
 
-    def replicas(spec: Any, live: dict[str, int], routing: p.RoutingState = p.RoutingState(),
+    def replicas(spec: Any, live: dict[str, int], routing: p.RoutingState | None = None,
                  ) -> dict[str, int]:
-        topo = p.plan("tiny", spec, routing)
+        topo = p.plan("tiny", spec, routing or p.RoutingState())
         desired = builders.desired_objects("tiny", "ns", "uid", spec, topo, False)
         deployments = {n: {"spec": {"replicas": r}} for n, r in live.items()}
         return {o["metadata"]["name"]: o["spec"]["replicas"]

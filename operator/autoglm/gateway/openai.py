@@ -212,7 +212,7 @@ class OpenAIRoutes:
         async with self.client.generation(request, target, prompt, params) as gen:
             outputs = aiter(gen)
             if stream:
-                async with EventStream(request) as events:
+                async with EventStream(request, self.client.hub.limits) as events:
                     try:
                         try:
                             return await _events(events, outputs, reply)

@@ -80,11 +80,17 @@ class Limits:
     idle_timeout: float = 60.0  # AUTOGLM_GATEWAY_IDLE_TIMEOUT: to a request's whole headers
     body_timeout: float = 60.0  # AUTOGLM_GATEWAY_BODY_TIMEOUT: to its whole body
     max_connections: int = 10_000  # AUTOGLM_GATEWAY_MAX_CONNECTIONS (HTTP, open at once)
+    heartbeat_seconds: float = 5.0  # AUTOGLM_GATEWAY_HEARTBEAT_SECONDS: a stream idle before
+    # an SSE comment
+    write_timeout: float = 30.0  # AUTOGLM_GATEWAY_WRITE_TIMEOUT: a stream's client taking no
+    # data for this long is cut (its generation freed)
 
     ENV: ClassVar[dict[str, str]] = {"max_body_bytes": "AUTOGLM_GATEWAY_MAX_BODY_BYTES",
            "idle_timeout": "AUTOGLM_GATEWAY_IDLE_TIMEOUT",
            "body_timeout": "AUTOGLM_GATEWAY_BODY_TIMEOUT",
-           "max_connections": "AUTOGLM_GATEWAY_MAX_CONNECTIONS"}
+           "max_connections": "AUTOGLM_GATEWAY_MAX_CONNECTIONS",
+           "heartbeat_seconds": "AUTOGLM_GATEWAY_HEARTBEAT_SECONDS",
+           "write_timeout": "AUTOGLM_GATEWAY_WRITE_TIMEOUT"}
 
     def __post_init__(self) -> None:
         for name in self.ENV:

@@ -8,18 +8,19 @@ still a plain HTTP error; one that waits (in the router's queue, for room in its
 gets its headers after ``heartbeat_seconds`` and then a heartbeat, the SSE comment
 ``: keep-alive``, every ``heartbeat_seconds`` without an event, so that proxies and clients
 with read timeouts keep it (SSE clients ignore comments, the stock ``openai`` client
-included). A refusal that comes after that is an error event (none is expected).
+included). A refusal or failure after that is an error event, as one mid-stream is.
 
 Every write is bounded by ``write_timeout``: a client that takes no data for that long (it
 stopped reading) is cut, its connection aborted (:class:`ClientStalled`, a
 ``ConnectionError``: the handler's :class:`~autoglm.gateway.generation.Generation` cancels
 the generation upstream and counts 499). Two layers, one timeout:
 
-- the kernel's ``TCP_USER_TIMEOUT`` on the stream's connection (Linux): the socket's send
-  buffer alone takes megabytes of events (3 MB measured on loopback, autotuned) before a
-  write would wait in the event loop, which a stalled reader of a short generation never
-  fills; the kernel aborts a connection whose peer accepts nothing (zero window, or no
-  acknowledgement) for that long, and the generation's disconnect watch sees it closed;
+- the kernel's ``TCP_USER_TIMEOUT`` on the stream's connection (Linux; set when the stream
+  opens, kept for the connection's later requests): the socket's send buffer alone takes
+  megabytes of events (3 MB measured on loopback, autotuned) before a write would wait in
+  the event loop, which a stalled reader of a short generation never fills; the kernel
+  aborts a connection whose peer accepts nothing (zero window, or no acknowledgement) for
+  that long, and the generation's disconnect watch sees it closed;
 - each write in the event loop, with the transport drained after each one (aiohttp's
   ``write`` drains only past 64 KiB of its own count): once the kernel's buffer is full the
   transport's fills, and a write that cannot drain it within ``write_timeout`` aborts the
@@ -31,15 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+
+from autoglm.gateway.routing import Limits
 
 T = TypeVar("T")
 HEARTBEAT = b": keep-alive\n\n"
@@ -48,43 +50,13 @@ HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 
 class Bounds(Protocol):
-    """What a stream needs to know: :class:`StreamLimits` (or the gateway's limits)."""
+    """What a stream needs to know: :class:`~autoglm.gateway.routing.Limits`."""
 
     @property
     def heartbeat_seconds(self) -> float: ...
 
     @property
     def write_timeout(self) -> float: ...
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """A stream's heartbeat and write timeout (environment variables in parentheses)."""
-
-    heartbeat_seconds: float = 5.0  # AUTOGLM_GATEWAY_HEARTBEAT_SECONDS: idle before a comment
-    write_timeout: float = 30.0  # AUTOGLM_GATEWAY_WRITE_TIMEOUT: a client taking no data
-
-    ENV: ClassVar[dict[str, str]] = {"heartbeat_seconds": "AUTOGLM_GATEWAY_HEARTBEAT_SECONDS",
-                                     "write_timeout": "AUTOGLM_GATEWAY_WRITE_TIMEOUT"}
-
-    def __post_init__(self) -> None:
-        for name in self.ENV:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> StreamLimits:
-        """The defaults, overridden by the environment's variables that are set."""
-        env = os.environ if environ is None else environ
-        given: dict[str, float] = {}
-        for name, var in cls.ENV.items():
-            raw = env.get(var, "").strip()
-            if raw:
-                try:
-                    given[name] = float(raw)
-                except ValueError:
-                    raise ValueError(f"{var} must be a float, got {raw!r}") from None
-        return cls(**given)
 
 
 class ClientStalled(ConnectionResetError):
@@ -114,7 +86,7 @@ class EventStream:
 
     def __init__(self, request: web.Request, limits: Bounds | None = None) -> None:
         self.request = request
-        self.limits: Bounds = StreamLimits.from_env() if limits is None else limits
+        self.limits: Bounds = Limits.from_env() if limits is None else limits
         self.response = web.StreamResponse(headers=HEADERS)
         self._writer: AbstractStreamWriter | None = None
         self._loop = asyncio.get_running_loop()
@@ -237,7 +209,6 @@ class EventStream:
 def _kernel_write_timeout(request: web.Request, seconds: float) -> None:
     """``TCP_USER_TIMEOUT`` on the request's connection, where the platform has it: the
     kernel aborts it when sent data stays unaccepted that long."""
-    return  # BROKEN ON PURPOSE
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     option = getattr(socket, "TCP_USER_TIMEOUT", None)

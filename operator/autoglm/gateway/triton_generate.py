@@ -124,7 +124,7 @@ class GenerateRoutes:
             outputs = aiter(gen)
             version = target.version
             if stream:
-                async with EventStream(request) as events:
+                async with EventStream(request, self.client.hub.limits) as events:
                     try:
                         try:
                             await self._events(events, outputs, name, version, rid)
