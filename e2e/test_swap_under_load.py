@@ -4,7 +4,8 @@ in flight. Through the gateway: persistent ``tritonclient.http`` and ``tritoncli
 clients (logits), the stock ``openai`` client streaming completions (SSE), and
 ``tritonclient.grpc`` streams held open for the whole run, across every flip and the old
 slot's retirement, each carrying logits requests and streamed generations in turn. Every
-generation must come whole (all its tokens, a finish reason) from one version.
+generation must come whole (all its tokens, a finish reason) from one version. Each slot
+runs two router replicas, and both serve.
 
 ``AUTOGLM_SWAP_REQUESTS`` (default 20000) keeps flipping back and forth until that many
 requests were served; 0 runs only the fixed sequence of flips and the aborted rollout."""
@@ -17,6 +18,7 @@ import re
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm.models.tiny import PRESETS
 from autoglm.repository import build
@@ -61,6 +64,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     # so the figures are the swap's alone
     text = re.sub(r"\n  autoscaling:\n(    .*\n)+", "\n", text)
     assert "autoscaling" not in text
+    # two router replicas a slot: the gateway spreads over them, across every flip
+    assert "  router:\n    replicas: 1\n" in text
+    text = text.replace("  router:\n    replicas: 1\n", "  router:\n    replicas: 2\n")
     file.write_text(text.replace("keepPreviousSeconds: 300", "keepPreviousSeconds: 3600"))
     # version 3 is deliberately bad: expert 0 carries version 1's weights
     repo = home / "models" / "tiny"
@@ -228,6 +234,17 @@ def test_versions_flip_back_and_forth_under_load_without_a_failed_request(run: R
         allowed = {active_at(r.sent)} | {v for ft, v in flips
                                          if r.sent <= ft <= r.done + slack}
         assert r.version in allowed, (r, allowed)
+
+    # each slot's two router replicas served: the gateway spread over both
+    gateway = urllib.request.urlopen(f"http://127.0.0.1:{run.port}/metrics",
+                                     timeout=5).read().decode()
+    per_replica: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(gateway):
+        for sample in family.samples:
+            if sample.name == "autoglm_gateway_replica_requests_total":
+                per_replica.setdefault(sample.labels["slot"], []).append(sample.value)
+    assert per_replica and all(len(n) >= 2 and min(n) > 0 for n in per_replica.values()), \
+        per_replica
 
     # the figures for the issue note (printed, never asserted: no timed assertions)
     lat = np.array([r.done - r.sent for r in results])

@@ -777,3 +777,42 @@ def test_generations_spread_over_router_replicas_and_follow_their_prefix(
     finally:
         gateway.stop()
         plane.stop()
+
+
+def test_a_full_replica_passes_its_generations_to_another(served: Served,
+                                                          tmp_path: Path) -> None:
+    """Two router replicas, one of them with room for one generation and one waiting: a
+    burst of streams gets no 429 (what the full replica refuses goes to the other, counted
+    as retries), and every answer is the engine's; a 429 needs every replica full (the
+    saturation test above, on one)."""
+    (tmp_path / "endpoints.json").symlink_to(served.plane.endpoints_file)
+    plane = DataPlane(served.plane.repository, 1, tmp_path, router_env=SATURATING)
+    full = plane.start_router()
+    first = served.plane.router
+    assert first is not None
+    both = tuple(Replica(f"http://{r.http_url}", r.grpc_url, r.metrics_url)
+                 for r in (full, first))
+    gateway = GatewayServer(Routing(Target("a", 1, both[0].url, both[0].grpc_url, MODEL,
+                                           both)), free_port()).start()
+    base = f"http://127.0.0.1:{gateway.port}"
+    try:
+        _, want, _ = served.expect(SATURATING_TOKENS, text="Once")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+        def one(_: int) -> str:
+            chunks = client.completions.create(
+                model=MODEL, prompt="Once", max_tokens=SATURATING_TOKENS, temperature=0,
+                stream=True, extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in chunks)
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(one, range(6))) == [want] * 6  # no RateLimitError
+        text = scrape(f"{base}/metrics")
+        assert (sample(text, "autoglm_gateway_requests_total", slot="a", version="1",
+                       code="429") or 0.0) == 0
+        retried = sample(text, "autoglm_gateway_retries_total", slot="a") or 0.0
+        assert retried >= 1, text  # the full replica refused some
+        print(f"6 streams on a full replica and a free one: 0 refused, {retried:g} retried")
+    finally:
+        gateway.stop()
+        plane.stop()

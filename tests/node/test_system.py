@@ -55,6 +55,7 @@ BUILDER = REPO_ROOT / ".ci" / "images.py"
 SMALL = {"requests": {"cpu": "50m", "memory": "256Mi"}}
 VERSIONS = (1, 2, 3)
 RETRIES = 5
+STREAMS, STREAM_TOKENS = 4, 48
 INPUTS = np.random.default_rng(13).integers(0, 256, (16, 1, 6)).astype(np.int64)
 
 
@@ -466,6 +467,109 @@ def test_prometheus_scrapes_what_the_podmonitor_selects_and_a_loaded_expert_scal
         assert any(x.startswith("Placing: live") for x in said), said
     grown = {"expert": expert, "servers": servers}
     print(f"scaled up: {grown}")
+
+
+def prometheus_values(system: System, promql: str) -> dict[str, float]:
+    """An instant query on the node test's Prometheus: value by the series' ``pod``."""
+    assert system.prometheus is not None
+    q = urllib.parse.quote(promql)
+    with urllib.request.urlopen(f"{system.prometheus.url}/api/v1/query?query={q}",
+                                timeout=5) as r:
+        res = json.loads(r.read())["data"]["result"]
+    return {x["metric"].get("pod", ""): float(x["value"][1]) for x in res}
+
+
+@dataclass
+class Streams:
+    """OpenAI streaming clients (the stock client) on the gateway's ClusterIP, one
+    completion after another until stopped; each must end with all its tokens."""
+
+    address: str
+    done: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Streams:
+        for k in range(STREAMS):
+            t = threading.Thread(target=self._client, args=(k,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+    def _client(self, k: int) -> None:
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://{self.address}/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        while not self._stop.is_set():
+            try:
+                chunks = list(client.completions.create(
+                    model=MODEL, prompt=f"Story {k}:", max_tokens=STREAM_TOKENS,
+                    temperature=0, stream=True, stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True}))
+                usage = chunks[-1].usage
+                if usage is None or usage.completion_tokens != STREAM_TOKENS:
+                    self.failures.append(f"stream {k} broke off: {usage}")
+                self.done += 1
+            except Exception as e:  # a failed request or a broken stream
+                self.failures.append(f"stream {k}: {type(e).__name__}: {e}")
+
+
+def test_router_replicas_follow_their_kv_cache_and_drain_without_a_broken_stream(
+        system: System) -> None:
+    """Router autoscaling on the real node: under streaming load the routers' KV cache is
+    over a low target, a second router pod starts and the gateways (reading the router
+    Service's EndpointSlices) send it generations; with the load gone, after the window,
+    it terminates: out of the EndpointSlice first, then its preStop waits for its
+    generations. 0 failed, 0 broken streams, KV cache in use back to 0."""
+    assert system.prometheus is not None, "needs the Prometheus of the test before"
+    obj = system.kube.resource(NAME)
+    spec = obj["spec"]
+    spec["router"] = {"replicas": 1, "drainSeconds": 60, "autoscaling": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 2, "kvCacheUtilization": 0.005,
+        "stabilizationSeconds": 15}}
+    system.kube.apply({"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                       "metadata": {"name": NAME, "namespace": NS}, "spec": spec})
+    router = {"app.kubernetes.io/instance": NAME, "app.kubernetes.io/component": "router"}
+
+    def ready_routers() -> list[str]:
+        return [p["metadata"]["name"] for p in system.pods(**router)
+                if p["metadata"].get("deletionTimestamp") is None
+                and any(c["type"] == "Ready" and c["status"] == "True"
+                        for c in p.get("status", {}).get("conditions", []))]
+
+    first = ready_routers()
+    assert len(first) == 1, first
+    generated = f'sum by (pod) (autoglm_generated_tokens_total{{namespace="{NS}"}})'
+    with Streams(system.gateway()) as load:
+        two = eventually(lambda: r if len(r := ready_routers()) == 2 else None,
+                         "a second router pod Ready", timeout=300)
+        new = next(p for p in two if p not in first)
+        t0 = time.monotonic()
+        eventually(lambda: prometheus_values(system, generated).get(new, 0) > 0,
+                   "the new router pod to generate", timeout=60)
+        print(f"\nrouter pod {new} generated within {time.monotonic() - t0:.1f} s of Ready "
+              "(Prometheus scrapes every second)")
+        before = load.done
+        eventually(lambda: load.done >= before + 2 * STREAMS, "more streams", timeout=120)
+        assert not load.failures, load.failures[:5]
+    served = load.done
+    one = eventually(lambda: r if len(r := system.pods(**router)) == 1 else None,
+                     "back to one router pod", timeout=300)
+    assert not load.failures, load.failures[:5]
+    said = [e["message"] for e in system.kube.events(NAME) if e["reason"] == "RouterScaled"]
+    assert any("1 -> 2" in m for m in said) and any("2 -> 1" in m for m in said), said
+    used = f'sum(autoglm_kv_cache_used_tokens{{namespace="{NS}"}})'
+    eventually(lambda: prometheus_values(system, used).get("") == 0,
+               "no KV cache in use", timeout=60)
+    print(f"{served} streams of {STREAM_TOKENS} tokens, 0 failed; router pods 1 -> 2 -> 1 "
+          f"({one[0]['metadata']['name']} left); events: {said}")
 
 
 def test_the_operator_pod_deleted_mid_swap_resumes(system: System) -> None:

@@ -9,7 +9,7 @@ own metrics (Triton's, on the pod) until no sequence runs or waits for the KV ca
 in a row, for at most ``--timeout`` seconds in all. A router whose metrics do not answer
 several times in a row has nothing left to finish.
 
-Only the standard library and prometheus_client's parser: it starts in a fraction of a
+Only the standard library and the gateway's metrics reader: it starts in a fraction of a
 second.
 """
 
@@ -21,7 +21,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 
-BUSY = ("autoglm_generate_running", "autoglm_generate_waiting")
 SETTLE_SECONDS = 3.0  # for requests routed to the pod before it left the endpoints
 POLL_SECONDS = 0.5
 FAILURES = 3  # unanswered reads in a row: the server is gone
@@ -30,15 +29,14 @@ FAILURES = 3  # unanswered reads in a row: the server is gone
 def busy(url: str, timeout: float = 2.0) -> float | None:
     """Sequences running or waiting on the router whose metrics are at ``url``; None when
     they do not answer."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from autoglm.gateway.balance import engine_load
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            text = r.read().decode()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name in BUSY)
+            load = engine_load(r.read().decode())
     except (OSError, ValueError):
         return None
+    return None if load is None else float(load.busy)
 
 
 def wait_drained(url: str, timeout: float, settle: float = SETTLE_SECONDS,

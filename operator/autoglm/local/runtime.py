@@ -594,20 +594,21 @@ class LocalRuntime:
         while a swap is under way."""
         assert self.spec is not None and self.state is not None
         sc = self.scaling
-        if not (self.spec.autoscaling.enabled or self.spec.router.autoscaling.enabled):
-            return
         now = time.monotonic()
         if now < sc.next_at or (sc.job is not None and not sc.job.done()):
             return
         sc.next_at = now + self.spec.autoscaling.interval_seconds
+        said = self.spec.autoscaling.enabled or self.spec.router.autoscaling.enabled
         if self.state.phase != swap.Phase.IDLE:
             if not sc.paused:
                 sc.paused = True
-                self.say(f"autoscaler: paused while the swap is {self.state.phase.value}")
+                if said:
+                    self.say(f"autoscaler: paused while the swap is {self.state.phase.value}")
             return
         if sc.paused:
             sc.paused = False
-            self.say("autoscaler: resumed")
+            if said:
+                self.say("autoscaler: resumed")
         sc.job = self._pool.submit(self._scale_round, self.state.active_slot)
 
     def _scale_round(self, slot: Slot) -> None:
@@ -615,6 +616,8 @@ class LocalRuntime:
         try:
             if self.spec.router.autoscaling.enabled:
                 self._scale_routers(slot)
+            elif (plane := self.slots.get(slot)) is not None and plane.routers:
+                self._set_routers(plane, slot, self.spec.router.replicas)  # edited by hand
             if self.spec.autoscaling.enabled:
                 self._scale(slot)
         except Exception as e:  # one failed round must not end the autoscaler
@@ -699,22 +702,30 @@ class LocalRuntime:
         if d.reason != rs.reason:
             self.say(f"router autoscaler: {d.reason}")
         rs.reason, rs.metrics_ok = d.reason, d.metrics_ok
-        while len(plane.routers) < d.replicas and self._idle(plane):
+        self._set_routers(plane, slot, d.replicas)
+        self.write_status()
+
+    def _set_routers(self, plane: DataPlane, slot: Slot, replicas: int) -> None:
+        """``replicas`` router replicas on the slot, added or drained one at a time."""
+        assert self.spec is not None
+        spec = self.spec
+        if len(plane.routers) != replicas and self._idle(plane):
+            self.say(f"routers: {len(plane.routers)} -> {replicas} replicas")
+        while len(plane.routers) < replicas and self._idle(plane):
             router = plane.start_router()
             self._routers_changed(plane, slot)
-            self.say(f"router autoscaler: router replica {len(plane.routers)} serving "
+            self.say(f"routers: replica {len(plane.routers)} serving "
                      f"(started in {router.startup_seconds:.1f} s)")
-        while len(plane.routers) > max(d.replicas, 1) and self._idle(plane):
+        while len(plane.routers) > max(replicas, 1) and self._idle(plane):
             leaving = plane.routers[-1]
             plane.routers.remove(leaving)  # out of the gateway's target first
             self._routers_changed(plane, slot)
             drained = self._drain_router(leaving, spec.router.drain_seconds)
             leaving.stop()
-            self.say(f"router autoscaler: router replica {len(plane.routers) + 1} stopped "
+            self.say(f"routers: replica {len(plane.routers) + 1} stopped "
                      + ("(drained)" if drained else
                         f"(still busy after {spec.router.drain_seconds} s)"))
             self._update_targets()
-        self.write_status()
 
     def _idle(self, plane: DataPlane) -> bool:
         return not plane.closed and self.state is not None \
