@@ -281,8 +281,13 @@ def _status(args: argparse.Namespace) -> int:
         if auto.get("moves"):
             print(f"  placement: {auto['moves']} live move(s); last rebalance: "
                   f"{auto['last_rebalance']}")
+        routing = st.get("router_autoscaling") or {}
+        if routing.get("enabled"):
+            print(f"  router autoscaling: {routing.get('reason') or 'no decision yet'}")
         for slot, s in st["slots"].items():
-            print(f"  slot {slot} ({s['role']}): version {s['version']}, router {s['router']}")
+            routers = [r["http"] for r in s.get("routers") or []] or [s["router"]]
+            print(f"  slot {slot} ({s['role']}): version {s['version']}, router"
+                  f"{'s' if len(routers) > 1 else ''} {', '.join(map(str, routers))}")
             for i, server in enumerate(s.get("servers", [])):
                 print(f"    expert server {i + 1}: experts "
                       f"{','.join(map(str, server['experts']))} (gRPC {server['grpc']})")

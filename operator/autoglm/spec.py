@@ -652,6 +652,8 @@ class AutoGLMStatus(_StatusObject):
     ready: str | None = Field(None, description="Ready workloads / workloads, e.g. 5/5.")
     expert_servers: int | None = Field(None, description="Expert servers of the serving "
                                                          "slot.")
+    routers: str | None = Field(None, description="Ready / wanted router pods of the "
+                                                  "serving slot, e.g. 2/2.")
     slots: dict[str, SlotStatus] = Field(default_factory=dict)
     swap: SwapStatus | None = None
     autoscaling: AutoscalingStatus | None = None

@@ -112,6 +112,8 @@ PRINTER_COLUMNS = [
      "description": "Phase of the version swap"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready",
      "description": "Ready workloads of the serving slot"},
+    {"name": "Routers", "type": "string", "jsonPath": ".status.routers",
+     "description": "Ready / wanted router pods of the serving slot"},
     {"name": "Servers", "type": "integer", "jsonPath": ".status.expertServers",
      "description": "Expert servers of the serving slot"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -178,9 +178,18 @@ def observed_status(prev: AutoGLMStatus, generation: int | None, topology: Topol
         active_version=active.version,
         ready=f"{len(names) - len(waiting)}/{len(names)}",
         expert_servers=len(active.servers),
+        routers=_router_pods(deployments.get(active.router.name)),
         slots=slots,
         swap=swap_status if swap_status is not None else prev.swap,
         autoscaling=prev.autoscaling,  # the autoscaler's own (k8s/scaling.py)
         router=prev.router,  # the router autoscaler's (k8s/router_scaling.py)
         conditions=conds,
     )
+
+
+def _router_pods(d: Mapping[str, Any] | None) -> str | None:
+    """Ready / wanted router pods of a Deployment, e.g. ``2/2`` (None: not there yet)."""
+    if d is None:
+        return None
+    ready = int((d.get("status") or {}).get("readyReplicas") or 0)
+    return f"{ready}/{int((d.get('spec') or {}).get('replicas') or 0)}"
