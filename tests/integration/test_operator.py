@@ -109,8 +109,9 @@ def test_tiny_example_is_provisioned_wired_and_ready(cluster: Cluster,
     out = cluster.kubectl("get", "autoglm", "tiny").stdout
     header, row = out.splitlines()
     assert header.split() == ["NAME", "MODEL", "VERSION", "SERVING", "SLOT", "PHASE", "SWAP",
-                              "READY", "SERVERS", "AGE"]
-    assert row.split()[:9] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "Idle", "4/4", "2"]
+                              "READY", "ROUTERS", "SERVERS", "AGE"]
+    assert row.split()[:10] == ["tiny", "tiny-moe", "1", "1", "a", "Ready", "Idle", "4/4",
+                                "1/1", "2"]
     reasons = {e["reason"] for e in cluster.events("tiny")}
     assert "Created" in reasons
 
