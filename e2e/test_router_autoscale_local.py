@@ -132,7 +132,9 @@ def test_routers_scale_up_under_streams_and_back_down_without_a_failure(up: Up) 
     served = load.done
     one = eventually(lambda: r if len(r := routers(up)) == 1 else None,
                      "back to one router replica", timeout=120)
-    assert one == first  # the replica added is the one that left
+    assert one == first  # the replica added is the one that left (out of the target first)
+    eventually(lambda: up.said("routers: replica 2 stopped"), "the replica to stop",
+               timeout=60)
     assert up.said("routers: replica 2 stopped (drained)"), up.text[-20:]
     assert not load.failures, load.failures
     st = status(up)
