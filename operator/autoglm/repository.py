@@ -365,12 +365,16 @@ def build(repository: Path, name: str, version: int, spec: TinySpec,
 
 
 def router_server_models(repository: Path, version: int) -> dict[str, int]:
-    """What a router server loads: ``router``, and ``generate`` where the version has it
-    and a tokenizer to go with it (a checkpoint without one serves logits only)."""
-    models = {router_model(): version}
+    """What a router server loads, in order: ``generate`` where the version has it and a
+    tokenizer to go with it (a checkpoint without one serves logits only), then ``router``.
+    Router last: the models load one after another, and a router pod is Ready once its
+    ``router`` version is, so by then every model it serves is (a pod that took generations
+    before its ``generate`` was loaded answered 503, seen on the real node)."""
+    models: dict[str, int] = {}
     if (repository / generate_model() / str(version)).is_dir() and \
             (repository / router_model() / str(version) / "hf" / "tokenizer.json").is_file():
         models[generate_model()] = version
+    models[router_model()] = version
     return models
 
 

@@ -94,9 +94,14 @@ def initial_replicas(spec: AutoGLMSpec) -> int:
     return min(max(spec.router.replicas, a.min_replicas), a.max_replicas)
 
 
+def _percent(x: float) -> str:
+    """70%, 2%, 0.5%: whole percents where they say enough."""
+    return f"{x:.0%}" if x >= 0.01 or x == 0 else f"{x:.1%}"
+
+
 def describe(metric: str, observed: float, target: float) -> str:
     if metric == KV:
-        return f"{metric} {observed:.0%} (target {target:.0%})"
+        return f"{metric} {_percent(observed)} (target {_percent(target)})"
     if metric == TTFT:
         return f"{metric} {observed:.2f} s (target {target:g} s)"
     return f"{observed:.1f} {metric} per replica (target {target:g})"

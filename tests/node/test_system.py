@@ -298,8 +298,9 @@ def test_requests_through_clusterip_nodeport_and_port_forward_equal_the_referenc
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://{system.gateway()}/v1", api_key="none")
-    chat = client.chat.completions.create(model=MODEL, max_tokens=8,
-                                          messages=[{"role": "user", "content": "Hi"}])
+    chat = client.chat.completions.create(  # all 8 tokens: an unseeded sample may end early
+        model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}],
+        extra_body={"ignore_eos": True})
     assert chat.usage is not None and chat.usage.completion_tokens == 8
 
 
@@ -536,7 +537,8 @@ def test_router_replicas_follow_their_kv_cache_and_drain_without_a_broken_stream
         "stabilizationSeconds": 15}}
     system.kube.apply({"apiVersion": obj["apiVersion"], "kind": obj["kind"],
                        "metadata": {"name": NAME, "namespace": NS}, "spec": spec})
-    router = {"app.kubernetes.io/instance": NAME, "app.kubernetes.io/component": "router"}
+    router = {"app.kubernetes.io/instance": NAME, "app.kubernetes.io/component": "router",
+              "autoglm.io/slot": obj["status"]["activeSlot"]}  # (the other slot is warm)
 
     def ready_routers() -> list[str]:
         return [p["metadata"]["name"] for p in system.pods(**router)
