@@ -689,19 +689,20 @@ class LocalRuntime:
                                     timeout=min(5.0, spec.autoscaling.interval_seconds))
         policy, now = router_scale.policy_for(spec), time.time()
         a, current = spec.router.autoscaling, len(plane.routers)
-        sample = None
+        sample, error = None, ""
         try:
             sample = self._prom.router_sample(
                 self.selector, slot, autoscale.rate_window(spec, SCRAPE_SECONDS),
                 waiting=a.waiting_per_replica is not None, ttft=a.ttft_p90_seconds is not None)
         except MetricsError as e:
-            rs.reason = str(e)
+            error = str(e)
         if rs.state is None:
             rs.state = autoscale.State(history=((now, (current,)),))
         rs.state, d = router_scale.decide(policy, sample, current, rs.state, now)
-        if d.reason != rs.reason:
-            self.say(f"router autoscaler: {d.reason}")
-        rs.reason, rs.metrics_ok = d.reason, d.metrics_ok
+        reason = f"{error}: holding {d.replicas} router replicas" if error else d.reason
+        if reason != rs.reason:
+            self.say(f"router autoscaler: {reason}")
+        rs.reason, rs.metrics_ok = reason, d.metrics_ok
         self._set_routers(plane, slot, d.replicas)
         self.write_status()
 
