@@ -192,8 +192,12 @@ def _up(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
+    from autoglm.gateway.routing import environment_error
     from autoglm.local.runtime import LocalError, LocalRuntime, default_home
 
+    if (wrong := environment_error()) is not None:
+        print(f"error: {wrong}", file=sys.stderr)
+        return 2
     rt = LocalRuntime(Path(args.file), gateway_port=args.port, grpc_port=args.grpc_port,
                       prometheus_port=args.prometheus_port,
                       home=Path(args.home) if args.home else default_home(),
@@ -334,7 +338,12 @@ def _gateway(args: argparse.Namespace) -> int:
     import logging
 
     from autoglm.gateway.k8s import run
+    from autoglm.gateway.routing import environment_error
     from autoglm.k8s.api import load_client
+
+    if (wrong := environment_error()) is not None:
+        print(f"error: {wrong}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return run(args.deployment, args.namespace, args.port, args.metrics_port, load_client(),

@@ -7,7 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoglm.gateway.balance import Balancer, Load, prefix_keys
-from autoglm.gateway.routing import Hub, Replica, Routing, Target, balancing_policy
+from autoglm.gateway.routing import (
+    Hub,
+    Replica,
+    Routing,
+    Target,
+    balancing_policy,
+    environment_error,
+)
 
 A, B, C = "a", "b", "c"
 TENANT = "You are the assistant of tenant one. " * 5  # 180 characters: 2 blocks of 64
@@ -45,13 +52,18 @@ def test_a_busy_prefix_replica_is_passed_over() -> None:
     assert b.pick([A, B], TENANT + "q4") != owner
 
 
-def test_a_queueing_replica_is_passed_over_for_one_that_is_not() -> None:
-    b: Balancer[str] = Balancer()
+def test_a_prefix_replica_busy_by_its_own_report_is_passed_over() -> None:
+    b: Balancer[str] = Balancer(slack=4)
     owner = b.pick([A, B], TENANT)
-    b.report(owner, Load(running=8, waiting=1))
     other = B if owner == A else A
-    b.report(other, Load(running=8, waiting=0))
+    b.report(owner, Load(running=3, waiting=1))  # arrivals wait a step: not saturated
+    assert b.pick([A, B], TENANT + "more") == owner
+    b.report(owner, Load(running=8, waiting=3))  # other gateways' load
+    b.report(other, Load(running=2, waiting=0))
     assert b.pick([A, B], TENANT + "more") == other
+    b.report(other, Load(running=0, waiting=0))
+    b.report(owner, Load(running=1, waiting=0))
+    assert b.pick([A, B], "a request without a prefix") == other  # the least busy
 
 
 def test_reported_load_counts_other_gateways_calls() -> None:
@@ -118,3 +130,14 @@ def test_any_sequence_picks_a_candidate_and_keeps_counts_whole(
             b.ended(held.pop())
     for replica in (A, B):
         assert b.inflight.get(replica, 0) == held.count(replica)
+
+
+def test_a_wrong_gateway_environment_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOGLM_GATEWAY_BALANCE", "least-load")
+    assert environment_error() is None
+    monkeypatch.setenv("AUTOGLM_GATEWAY_BALANCE", "fastest")
+    assert environment_error() == ("AUTOGLM_GATEWAY_BALANCE must be one of prefix-load, "
+                                   "least-load, round-robin, got 'fastest'")
+    monkeypatch.delenv("AUTOGLM_GATEWAY_BALANCE")
+    monkeypatch.setenv("AUTOGLM_GATEWAY_HEARTBEAT_SECONDS", "-1")
+    assert environment_error() == "heartbeat_seconds must be positive, got -1.0"

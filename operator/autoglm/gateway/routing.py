@@ -124,6 +124,17 @@ def balancing_policy(environ: Mapping[str, str] | None = None) -> Policy:
                      f"got {raw!r}")
 
 
+def environment_error() -> str | None:
+    """What is wrong with the gateway's environment variables (None: nothing), checked
+    before anything starts so that a bad value is one line, not a traceback."""
+    try:
+        Limits.from_env()
+        balancing_policy()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class Traffic:
     """Requests in flight per slot (exact draining) and the gateway's request metrics;
     touched only on the gateway's event loop."""
