@@ -9,9 +9,10 @@ whole stream INTERNAL on one (measured).
 As on the HTTP side, a unary call reads the active slot once and is served entirely by it, is
 counted in flight for that slot (exact drain) and in the same metrics, its status as the
 equivalent HTTP ``code`` (OK is 200, so ``code!~"2.."`` stays the error rate of both
-protocols). A unary call that ends UNAVAILABLE (the router unreachable or its connection
-lost; Triton also answers so when it served nothing) is tried once more, then fails
-UNAVAILABLE naming the slot.
+protocols). A unary call goes to the least busy of the slot's router replicas; one that
+ends UNAVAILABLE (the router unreachable or its connection lost; Triton also answers so when
+it served nothing) is tried on the next replica (on the only one: once more), then fails
+UNAVAILABLE naming the slot. A stream's leg picks its replica when it opens.
 
 A ``ModelStreamInfer`` stream carries independent requests, so each request goes to the slot
 active when it arrives: the stream is served by one sub-stream ("leg") per slot, opened with
