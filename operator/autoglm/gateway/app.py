@@ -6,8 +6,9 @@ client's keep-alive connection (those end here). In-flight requests are counted 
 which makes draining exact. Within the slot, requests are spread over its router replicas
 (``balance``); a request whose upstream connection failed before any response is tried on
 the next replica (on the only one: once more). Metrics:
-``autoglm_gateway_requests_total{slot,version,code}``, a latency histogram and an in-flight gauge per slot. The gRPC side (``grpc_proxy``) shares the pointer,
-the counts and the metrics, as does text generation: the OpenAI-compatible ``/v1`` API
+``autoglm_gateway_requests_total{slot,version,code}``, a latency histogram and an in-flight
+gauge per slot. The gRPC side (``grpc_proxy``) shares the pointer, the counts and the
+metrics, as does text generation: the OpenAI-compatible ``/v1`` API
 (``openai``) and Triton's generate extension (``triton_generate``), streamed from the slot's
 ``generate`` model over gRPC (``generation``), one generation counted until its last token.
 
