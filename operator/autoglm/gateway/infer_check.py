@@ -11,9 +11,10 @@ read differently from us (duplicate keys: rapidjson takes the first, Python the 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
+
+from autoglm.gateway.routing import parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 
@@ -43,7 +44,7 @@ def infer_refusal(body: bytes, header_length: str | None) -> str | None:
             return f"{HEADER_LENGTH} must be in (0, {len(body)}], got {n}"
         head = body[:n]
     try:
-        request = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        request = parse_json(head.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
         return str(e)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -33,7 +33,7 @@ from autoglm.gateway.generation import (
     UpstreamError,
     upstream_parameters,
 )
-from autoglm.gateway.routing import Target, served_model
+from autoglm.gateway.routing import Target, parse_json, served_model
 from autoglm.gateway.sse import EventStream
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def _upstream_error(e: UpstreamError, prompt_param: str) -> web.Response:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError as e:  # UnicodeDecodeError included
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
     except RecursionError:

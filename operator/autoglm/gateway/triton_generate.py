@@ -26,7 +26,7 @@ from autoglm.gateway.generation import (
     UpstreamError,
     upstream_parameters,
 )
-from autoglm.gateway.routing import served_model
+from autoglm.gateway.routing import parse_json, served_model
 from autoglm.gateway.sse import EventStream
 from autoglm.plan import generate_model
 
@@ -110,7 +110,7 @@ class GenerateRoutes:
             return await self.forward(request)  # the router's own, as before
         try:
             try:
-                body = json.loads(await request.read())
+                body = parse_json(await request.read())
             except ValueError as e:
                 raise BadRequest(f"the request body is not valid JSON: {e}") from None
             except RecursionError:
