@@ -5,7 +5,7 @@ Three policies (``AUTOGLM_GATEWAY_BALANCE``):
 
 - ``prefix-load`` (default): a generation goes to the replica that most likely holds its
   prompt's prefix in its KV cache, unless that replica is busier than the least busy one by
-  more than ``slack`` (or half again); otherwise to the least busy.
+  more than ``slack`` (or queues while another does not); otherwise to the least busy.
   Prefix scoring alone overloads the replica of a popular prefix (llm-d measured about 55% of
   requests succeeding); load alone scatters a tenant's system prompt over every replica's
   cache, which then holds each prefix once per replica and evicts them sooner.
@@ -176,10 +176,10 @@ class Balancer(Generic[R]):
         return owner
 
     def _has_room(self, owner: R, least: R) -> bool:
-        """The prefix's replica is not saturated: it is not busier (running + waiting)
-        than the least busy by more than ``slack``, nor by half again. Waiting alone does
-        not say saturated: every arrival waits for the engine's next step (seen under
-        `autoglm up`: a tenant's concurrent chats split over both replicas)."""
+        """The prefix's replica is not saturated: it does not queue while the least busy
+        does not, and is not busier than it by more than ``slack`` (nor by half again)."""
+        if self.queueing(owner) and not self.queueing(least):
+            return False
         base = self.load(least)
         return self.load(owner) <= base + max(self.slack, base // 2)
 
