@@ -27,7 +27,6 @@ import json
 import os
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +38,7 @@ import yaml
 from autoglm import autoscale, canary, router_scale, swap
 from autoglm import plan as p
 from autoglm.gateway.app import GatewayServer, Routing
-from autoglm.gateway.balance import Load, engine_load
+from autoglm.k8s.drain import busy
 from autoglm.local.dataplane import DataPlane
 from autoglm.local.prometheus_server import PrometheusServer
 from autoglm.metrics import LOCAL_NAMESPACE, ControlMetrics
@@ -121,15 +120,6 @@ class RouterScaling:
     state: autoscale.State | None = None  # None: no decision yet
     metrics_ok: bool | None = None
     reason: str = ""
-
-
-def router_load(metrics_url: str) -> Load | None:
-    """A router's own running and waiting sequences (None: it did not answer)."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=2) as r:
-            return engine_load(r.read().decode())
-    except (OSError, ValueError):
-        return None
 
 
 def default_home() -> Path:
@@ -746,8 +736,7 @@ class LocalRuntime:
         while time.monotonic() < deadline:
             inflight = 0 if balancer is None else sum(
                 n for r, n in list(balancer.inflight.items()) if r.url == replica)
-            load = router_load(router.metrics_url)
-            if not inflight and load is not None and load.busy == 0:
+            if not inflight and busy(router.metrics_url) == 0:
                 return True
             time.sleep(0.2)
         return False
